@@ -1,0 +1,5 @@
+import sys
+
+from natpool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""Exception types, split the way h11 splits them.
+
+*Local misuse* — a bad argument or an operation the caller may not do now —
+raises a subclass of :class:`LocalError`. *Remote bad input* — a malformed or
+unexpected datagram or signal — never raises out of the library: it is
+dropped, counted under a :class:`DropReason` and logged. Inside the codecs a
+:class:`RemoteProtocolError` carries the reason up to the code that counts it.
+Handover failures reach the caller of ``take`` as :class:`HandoverError`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class NatPoolError(Exception):
+    """Base of every exception natpool raises on purpose."""
+
+
+# --- local misuse -----------------------------------------------------------
+
+
+class LocalError(NatPoolError):
+    """The caller did something the API does not allow."""
+
+
+class InvalidPair(LocalError, ValueError):
+    """``add`` got a pair that can never be valid (bad nonce, endpoints, identities)."""
+
+
+class DuplicateNonce(LocalError, KeyError):
+    """``add`` got a nonce that the pool already holds."""
+
+
+class UnknownPair(LocalError, KeyError):
+    """No entry with that nonce is in the pool."""
+
+
+class InvalidState(LocalError):
+    """The operation is not allowed in the entry's current lifecycle state."""
+
+
+class PoolClosed(LocalError):
+    """The pool was closed; no further operation is accepted."""
+
+
+# --- remote bad input -------------------------------------------------------
+
+
+class DropReason(enum.Enum):
+    """Why an inbound datagram or signal was discarded (the key of drop counters)."""
+
+    MALFORMED = "malformed"  # wrong length / bad flag byte / undecodable signal
+    WRONG_NONCE = "wrong_nonce"  # well-formed frame for another pair
+    FOREIGN_ADDRESS = "foreign_address"  # not from the pair's remote endpoint
+    UNEXPECTED = "unexpected"  # valid frame the current state does not expect (e.g. pong with none outstanding)
+    SILENT_STATE = "silent_state"  # arrived while Locked/InUse/Expired: never answered
+    BAD_MAC = "bad_mac"
+    REPLAY = "replay"
+    OVERSIZED = "oversized"
+
+
+class RemoteProtocolError(NatPoolError):
+    """Input from the network or the signalling channel violated the protocol."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+# --- handover outcomes reported to take() callers ---------------------------
+
+
+class HandoverError(NatPoolError):
+    """A take/handover did not produce a lease. The entry was returned or expired per spec."""
+
+
+class PairBusy(HandoverError):
+    """No Idle pair was available locally, or the peer refused (its side is claimed / it won the tie-break)."""
+
+
+class PeerRefused(HandoverError):
+    """The peer does not know the pair or aborted the session."""
+
+
+class HandoverTimeout(HandoverError):
+    """The handover did not complete within the lock timeout."""
+
+
+class ChannelBroken(HandoverError):
+    """The signalling channel closed or failed mid-handover."""
+
+
+class SignalProtocolError(HandoverError):
+    """The peer sent a malformed, unexpected, replayed or mismatched signal; the session was ended."""

@@ -1,0 +1,1 @@
+"""Byte-level codecs: keepalive frames (UDP) and handover signals (signalling channel)."""
