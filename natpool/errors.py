@@ -44,6 +44,10 @@ class PoolClosed(LocalError):
     """The pool was closed; no further operation is accepted."""
 
 
+class BindFailed(LocalError, OSError):
+    """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
+
+
 # --- remote bad input -------------------------------------------------------
 
 
