@@ -1,0 +1,172 @@
+"""Simulated signalling: reliable, ordered, breakable byte channels between nodes.
+
+The handover runs over a channel like a TCP connection: messages arrive
+intact and in order after ``delay``, or not at all once the channel is
+broken. Delivery is driven by the simulation's scheduler, never inline, so
+a session never re-enters itself from inside ``send``.
+
+Each :class:`ChannelEnd` reports to ``on_receive`` / ``on_closed`` callbacks
+when set (the node driver sets them); otherwise messages pile up in
+``inbox`` and ``closed_by_peer`` flips, for tests that poll.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from natpool.sim.clock import Scheduler, SimulationError
+
+
+@dataclass(slots=True)
+class SignalStats:
+    sent: int = 0
+    delivered: int = 0
+    lost: int = 0  # sent on/after close or break, or in flight when the channel broke
+
+
+class ChannelEnd:
+    """One side of a :class:`Channel`, owned by node ``owner``."""
+
+    def __init__(self, channel: Channel, owner: str, side: int) -> None:
+        self.channel = channel
+        self.owner = owner
+        self.side = side
+        self.on_receive: Callable[[bytes], None] | None = None
+        self.on_closed: Callable[[], None] | None = None
+        self.inbox: deque[bytes] = deque()
+        self.closed = False  # this end can no longer send or receive
+        self.closed_by_peer = False  # the close was observed (peer closed, or the channel broke)
+        self.received: list[bytes] = []  # every message delivered to this end, for assertions
+
+    @property
+    def peer(self) -> ChannelEnd:
+        return self.channel.ends[1 - self.side]
+
+    def send(self, data: bytes) -> bool:
+        """Queue ``data`` for the peer; False (and counted as lost) if this end or the channel is closed."""
+        return self.channel._send(self, bytes(data))
+
+    def close(self) -> None:
+        """Graceful close: messages already sent still arrive, then the peer observes the close."""
+        self.channel._close(self)
+
+    def recv_all(self) -> list[bytes]:
+        """Pop everything queued in ``inbox`` (only used when ``on_receive`` is None)."""
+        out = list(self.inbox)
+        self.inbox.clear()
+        return out
+
+    def __repr__(self) -> str:
+        return f"ChannelEnd({self.owner}, #{self.channel.id}, closed={self.closed})"
+
+
+class Channel:
+    """A bidirectional FIFO link between two nodes with a fixed one-way ``delay``."""
+
+    def __init__(self, signalling: SimSignalling, cid: int, a: str, b: str, delay: float) -> None:
+        self.signalling = signalling
+        self.id = cid
+        self.delay = delay
+        self.broken = False
+        self.ends = (ChannelEnd(self, a, 0), ChannelEnd(self, b, 1))
+        self._last = [0.0, 0.0]  # last scheduled arrival per direction (index = receiving side), keeps FIFO
+
+    def _arrival(self, to_side: int) -> float:
+        t = max(self.signalling.scheduler.clock.now() + self.delay, self._last[to_side])
+        self._last[to_side] = t
+        return t
+
+    def _send(self, src: ChannelEnd, data: bytes) -> bool:
+        stats = self.signalling.stats
+        stats.sent += 1
+        if src.closed or self.broken:
+            stats.lost += 1
+            return False
+        dst = src.peer
+        self.signalling.scheduler.call_at(self._arrival(dst.side), partial(self._deliver, dst, data))
+        return True
+
+    def _deliver(self, dst: ChannelEnd, data: bytes) -> None:
+        stats = self.signalling.stats
+        if self.broken or dst.closed:
+            stats.lost += 1
+            return
+        stats.delivered += 1
+        dst.received.append(data)
+        if dst.on_receive is not None:
+            dst.on_receive(data)
+        else:
+            dst.inbox.append(data)
+
+    def _close(self, src: ChannelEnd) -> None:
+        if src.closed:
+            return
+        src.closed = True
+        dst = src.peer
+        if not dst.closed:
+            self.signalling.scheduler.call_at(self._arrival(dst.side), partial(self._notify_closed, dst))
+
+    def _notify_closed(self, end: ChannelEnd) -> None:
+        if end.closed_by_peer or (end.closed and not self.broken):
+            return  # closed itself meanwhile: it does not "observe" the peer's close
+        end.closed = True
+        end.closed_by_peer = True
+        if end.on_closed is not None:
+            end.on_closed()
+
+    def break_(self) -> None:
+        """Abrupt failure: everything in flight is lost, both ends close and observe it (as the next events)."""
+        if self.broken:
+            return
+        self.broken = True
+        for end in self.ends:
+            if not end.closed:  # an end that closed itself has nothing to observe
+                end.closed = True
+                self.signalling.scheduler.call_later(0.0, partial(self._notify_closed, end))
+
+    def __repr__(self) -> str:
+        a, b = self.ends
+        return f"Channel(#{self.id} {a.owner}<->{b.owner}, delay={self.delay}, broken={self.broken})"
+
+
+class SimSignalling:
+    """Factory and registry of channels; ``delay`` is the default one-way latency."""
+
+    def __init__(self, scheduler: Scheduler, delay: float = 0.02) -> None:
+        if delay < 0:
+            raise SimulationError("signalling delay must be >= 0")
+        self.scheduler = scheduler
+        self.delay = delay
+        self.channels: list[Channel] = []
+        self.stats = SignalStats()
+
+    def open(self, from_node: object, to_node: object, delay: float | None = None) -> tuple[ChannelEnd, ChannelEnd]:
+        """Open a channel; returns (end at ``from_node``, end at ``to_node``). Nodes may be identities or SimNodes."""
+        ch = Channel(self, len(self.channels) + 1, _ident(from_node), _ident(to_node),
+                     self.delay if delay is None else delay)
+        self.channels.append(ch)
+        return ch.ends
+
+    def break_all(self, node: object | None = None) -> int:
+        """Break every open channel (touching ``node`` if given); returns how many were broken."""
+        ident = None if node is None else _ident(node)
+        n = 0
+        for ch in self.channels:
+            if ch.broken or all(e.closed for e in ch.ends):
+                continue
+            if ident is None or ident in (ch.ends[0].owner, ch.ends[1].owner):
+                ch.break_()
+                n += 1
+        return n
+
+
+def _ident(node: object) -> str:
+    if isinstance(node, str):
+        return node
+    ident = getattr(node, "identity", None)
+    if not isinstance(ident, str):
+        raise SimulationError(f"{node!r} is neither an identity nor a node")
+    return ident
