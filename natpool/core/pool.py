@@ -1,0 +1,285 @@
+"""The registry of pair entries on one node: lookup, claim (CAS) and one scheduler.
+
+Sans-IO and thread-safe: one ``threading.Lock`` guards the registry and every
+transition the pool makes; nothing blocks or awaits while holding it. Entries
+report each event to the pool as it happens (:class:`EntryObserver`), which is
+how the indexes, the timer heap and the event queue stay consistent even when
+a handover session drives an entry directly (it must hold :attr:`PairPool.lock`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
+
+from natpool.config import PairConfig
+from natpool.core.entry import (
+    TIMER_SLACK,
+    EntryOutput,
+    ExpiryReason,
+    PairEntry,
+    StateChanged,
+)
+from natpool.endpoints import EndpointPair
+from natpool.errors import DropReason, DuplicateNonce, PairBusy, UnknownPair
+from natpool.machines.tables import ENTRY
+
+_log = logging.getLogger(__name__)
+
+_IDLE = ENTRY.initial
+_FINAL = ENTRY.final
+
+
+class _Observer:
+    """The pool's side of :class:`EntryObserver`, kept off the public API."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: PairPool) -> None:
+        self._pool = pool
+
+    def entry_event(self, entry: PairEntry, event: EntryOutput) -> None:
+        self._pool._on_event(entry, event)
+
+    def entry_drop(self, entry: PairEntry, reason: DropReason) -> None:
+        self._pool.drops[reason] += 1
+
+
+class PairPool:
+    """All pairs this node holds, indexed by nonce and by peer identity.
+
+    Per peer the pool keeps an insertion-ordered index of the Idle nonces
+    (an ``OrderedDict``: a plain dict's ``next(iter(d))`` degrades to O(n)
+    after deletions at its front), so ``claim_any`` is O(1).
+    """
+
+    def __init__(
+        self, local_identity: str, config: PairConfig | None = None, listeners: Sequence[object] = ()
+    ) -> None:
+        self.local_identity = local_identity
+        self.config = config if config is not None else PairConfig()
+        self.listeners = tuple(listeners)
+        self.drops: Counter[DropReason] = Counter()
+        self.lock = threading.Lock()
+        self._observer = _Observer(self)
+        self._entries: dict[int, PairEntry] = {}
+        self._by_peer: dict[str, dict[int, PairEntry]] = {}
+        self._idle: dict[str, OrderedDict[int, None]] = {}
+        self._events: deque[EntryOutput] = deque()
+        self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
+        self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce), lazily invalidated
+        self._armed: dict[int, float] = {}  # nonce -> the deadline its live heap item carries
+        self._seq = itertools.count()
+
+    # --- registry ---------------------------------------------------------------
+
+    def add(self, pair: EndpointPair, is_pinger: bool, now: float) -> PairEntry:
+        """Register a freshly punched pair as Idle; raises InvalidPair/DuplicateNonce, changing nothing."""
+        pair.validate()
+        pair.local(self.local_identity)
+        with self.lock:
+            if pair.nonce in self._entries:
+                raise DuplicateNonce(f"pair {pair.nonce:#x} is already in the pool")
+            entry = PairEntry(
+                pair, self.local_identity, is_pinger, self.config, now, self.listeners, observer=self._observer
+            )
+            peer = entry.remote.identity
+            self._entries[pair.nonce] = entry
+            self._by_peer.setdefault(peer, {})[pair.nonce] = entry
+            self._idle.setdefault(peer, OrderedDict())[pair.nonce] = None
+            self._touched(entry)
+            return entry
+
+    def get(self, nonce: int) -> PairEntry:
+        with self.lock:
+            return self._get(nonce)
+
+    def entries(self, peer: str | None = None) -> list[PairEntry]:
+        """Live entries, all or with one peer."""
+        with self.lock:
+            if peer is None:
+                return list(self._entries.values())
+            return list(self._by_peer.get(peer, {}).values())
+
+    def idle_count(self, peer: str | None = None) -> int:
+        with self.lock:
+            if peer is None:
+                return sum(len(idle) for idle in self._idle.values())
+            return len(self._idle.get(peer, ()))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, nonce: object) -> bool:
+        return nonce in self._entries
+
+    def remove(self, nonce: int, now: float) -> PairEntry:
+        """Close a pair for good: expire(CLOSED), which also drops it from the pool."""
+        with self.lock:
+            entry = self._get(nonce)
+            entry.expire(ExpiryReason.CLOSED, now)
+            return entry
+
+    def _get(self, nonce: int) -> PairEntry:
+        entry = self._entries.get(nonce)
+        if entry is None:
+            raise UnknownPair(f"no pair {nonce:#x} in the pool")
+        return entry
+
+    # --- claim (the CAS of Take) -------------------------------------------------
+
+    def claim(self, nonce: int, now: float) -> PairEntry:
+        """Claim one pair (Idle -> InLocking); UnknownPair, or PairBusy if not Idle."""
+        with self.lock:
+            return self._claim_locked(nonce, now)
+
+    def claim_any(self, peer: str, now: float) -> PairEntry:
+        """Claim the longest-idle pair with ``peer``; PairBusy if none is Idle."""
+        with self.lock:
+            return self._claim_any_locked(peer, now)
+
+    def _claim_locked(self, nonce: int, now: float) -> PairEntry:
+        """``claim`` body; the caller holds :attr:`lock`."""
+        entry = self._get(nonce)
+        if not entry.begin_lock(now):
+            raise PairBusy(f"pair {nonce:#x} is {entry.state}, not Idle")
+        return entry
+
+    def _claim_any_locked(self, peer: str, now: float) -> PairEntry:
+        """``claim_any`` body; the caller holds :attr:`lock`."""
+        idle = self._idle.get(peer)
+        if not idle:
+            raise PairBusy(f"no Idle pair with peer {peer!r}")
+        nonce = next(iter(idle))
+        entry = self._entries[nonce]
+        if not entry.begin_lock(now):  # pragma: no cover - the index follows every transition
+            raise AssertionError(f"idle index lists pair {nonce:#x} in state {entry.state}")
+        return entry
+
+    # --- aggregate sans-IO driving -------------------------------------------------
+
+    def receive_datagram(self, nonce: int, data: bytes, addr: tuple[str, int], now: float) -> None:
+        """Hand a datagram that arrived on pair ``nonce``'s socket to its entry; never raises on bad input."""
+        with self.lock:
+            entry = self._entries.get(nonce)
+            if entry is None:
+                self.drops[DropReason.WRONG_NONCE] += 1
+                _log.debug("dropped datagram from %s for unknown pair %#x", addr, nonce)
+                return
+            entry.receive_datagram(data, addr, now)
+            self._touched(entry)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[int, bytes, tuple[str, int]]]:
+        """Every frame due now, as (nonce, data, addr); only entries with queued output are visited."""
+        with self.lock:
+            out: list[tuple[int, bytes, tuple[str, int]]] = []
+            for nonce in self._outbox:
+                entry = self._entries.get(nonce)
+                if entry is not None:
+                    out.extend((nonce, data, addr) for data, addr in entry.datagrams_to_send(now))
+            self._outbox.clear()
+            return out
+
+    def send_failed(self, nonce: int, now: float) -> None:
+        """The driver could not send on pair ``nonce``; a stale nonce (already gone) is ignored."""
+        with self.lock:
+            entry = self._entries.get(nonce)
+            if entry is not None:
+                entry.send_failed(now)
+                self._touched(entry)
+
+    def get_timer(self) -> float | None:
+        """Earliest deadline of any entry."""
+        with self.lock:
+            heap, armed = self._heap, self._armed
+            while heap:
+                deadline, _, nonce = heap[0]
+                if armed.get(nonce) == deadline:
+                    return deadline
+                heapq.heappop(heap)
+            return None
+
+    def handle_timer(self, now: float) -> None:
+        """Run every entry due by ``now`` (+ :data:`TIMER_SLACK`), each once; others are not touched."""
+        with self.lock:
+            heap, armed = self._heap, self._armed
+            limit = now + TIMER_SLACK
+            due: dict[int, None] = {}
+            while heap and heap[0][0] <= limit:
+                deadline, _, nonce = heapq.heappop(heap)
+                if armed.get(nonce) == deadline:
+                    del armed[nonce]
+                    due[nonce] = None
+            for nonce in due:
+                entry = self._entries.get(nonce)
+                if entry is not None:
+                    entry.handle_timer(now)
+                    self._touched(entry)
+
+    def next_event(self) -> EntryOutput | None:
+        """Oldest undelivered event of any entry (including the final one of removed entries)."""
+        with self.lock:
+            return self._events.popleft() if self._events else None
+
+    # --- bookkeeping (caller holds the lock) -----------------------------------------
+
+    def _touched(self, entry: PairEntry) -> None:
+        """After any call into ``entry``: re-arm its heap slot and note queued output."""
+        nonce = entry.nonce
+        if self._entries.get(nonce) is not entry:
+            return  # expired and gone meanwhile
+        if entry.has_output:
+            self._outbox[nonce] = None
+        deadline = entry.get_timer()
+        armed = self._armed
+        if deadline is None:
+            armed.pop(nonce, None)
+            return
+        if armed.get(nonce) == deadline:
+            return
+        armed[nonce] = deadline
+        heap = self._heap
+        heapq.heappush(heap, (deadline, next(self._seq), nonce))
+        if len(heap) > 2 * len(armed) + 1024:  # too many stale items: rebuild
+            self._heap = [(d, next(self._seq), n) for n, d in armed.items()]
+            heapq.heapify(self._heap)
+
+    def _on_event(self, entry: PairEntry, event: EntryOutput) -> None:
+        """Keep the indexes and the scheduler in step with every transition."""
+        self._events.append(event)
+        if not isinstance(event, StateChanged):
+            return
+        nonce = entry.nonce
+        peer = entry.remote.identity
+        if event.source == _IDLE:
+            idle = self._idle.get(peer)
+            if idle is not None:
+                idle.pop(nonce, None)
+        if event.target in _FINAL:
+            self._forget(entry, peer)
+            return
+        if event.target == _IDLE:
+            self._idle.setdefault(peer, OrderedDict())[nonce] = None
+        self._touched(entry)
+
+    def _forget(self, entry: PairEntry, peer: str) -> None:
+        nonce = entry.nonce
+        if self._entries.get(nonce) is not entry:
+            return
+        del self._entries[nonce]
+        self._armed.pop(nonce, None)
+        self._outbox.pop(nonce, None)
+        peer_entries = self._by_peer.get(peer)
+        if peer_entries is not None:
+            peer_entries.pop(nonce, None)
+            if not peer_entries:
+                del self._by_peer[peer]
+        idle = self._idle.get(peer)
+        if idle is not None:
+            idle.pop(nonce, None)
+            if not idle:
+                del self._idle[peer]
