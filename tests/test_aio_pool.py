@@ -1,0 +1,178 @@
+"""The asyncio driver on real loopback UDP: add, keepalive, bind failure, close, bad input.
+
+Synchronisation is by events/futures only; ``wait_for`` bounds are failure
+bounds, never timing assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from natpool.aio.pool import AsyncPairPool
+from natpool.config import PairConfig
+from natpool.core.entry import StateChanged
+from natpool.endpoints import Endpoint, EndpointPair
+from natpool.errors import BindFailed, DropReason, DuplicateNonce, PoolClosed
+
+BOUND = 10.0
+FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=5.0)
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, BOUND)
+
+    return asyncio.run(bounded())
+
+
+def bound_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def make_pair(nonce: int) -> tuple[EndpointPair, socket.socket, socket.socket]:
+    """A pair alice<->bob on two freshly bound loopback sockets (no port races)."""
+    sa, sb = bound_socket(), bound_socket()
+    a = Endpoint("alice", "127.0.0.1", sa.getsockname()[1])
+    b = Endpoint("bob", "127.0.0.1", sb.getsockname()[1])
+    return EndpointPair(a, b, nonce), sa, sb
+
+
+async def wait_until(pool: AsyncPairPool, predicate: Callable[[], bool]) -> None:
+    """Wait for driver input until ``predicate`` holds (bounded by the test's wait_for)."""
+    while not predicate():
+        await pool.wait_changed()
+
+
+def test_add_and_keepalive_exchange_over_real_udp() -> None:
+    async def main() -> None:
+        async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
+            pair, sa, sb = make_pair(7)
+            ea = await alice.add(pair, is_pinger=True, sock=sa)
+            eb = await bob.add(pair, is_pinger=False, sock=sb)
+            assert len(alice) == 1 and len(bob) == 1
+            await wait_until(alice, lambda: ea.stats.received >= 3)
+            assert eb.stats.received >= 3 and eb.stats.sent >= 3
+            snap = alice.snapshot(7)
+            assert snap.state == "Idle" and snap.srtt is not None and snap.frames_received >= 3
+            assert alice.stats.datagrams_out >= 3 and bob.stats.datagrams_in >= 3
+
+    run(main())
+
+
+def test_add_binds_the_local_endpoint_itself() -> None:
+    async def main() -> None:
+        pair, sa, sb = make_pair(9)
+        sa.close()  # free alice's port: the pool binds it itself
+        async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
+            ea = await alice.add(pair, is_pinger=True)
+            await bob.add(pair, is_pinger=False, sock=sb)
+            assert alice.transport(9).get_extra_info("sockname")[1] == pair.a.port
+            await wait_until(alice, lambda: ea.stats.received >= 1)
+
+    run(main())
+
+
+def test_bind_failure_leaves_the_pool_unchanged() -> None:
+    async def main() -> None:
+        pair, sa, sb = make_pair(11)  # sa still holds alice's port
+        sb.close()
+        events: list[object] = []
+        async with AsyncPairPool("alice", FAST) as alice:
+            alice.on_event(events.append)
+            with pytest.raises(BindFailed) as info:
+                await alice.add(pair, is_pinger=True)
+            assert info.value.errno is not None
+            assert len(alice) == 0 and alice.entries() == [] and events == []
+            assert alice.stats.sockets_opened == 0
+            sa.close()
+            # The same pair can be added once the port is free.
+            await alice.add(pair, is_pinger=True)
+            assert len(alice) == 1
+            with pytest.raises(DuplicateNonce):
+                await alice.add(pair, is_pinger=True)
+            assert len(alice) == 1
+
+    run(main())
+
+
+def test_close_closes_every_socket_and_refuses_further_use() -> None:
+    async def main() -> None:
+        alice = AsyncPairPool("alice", FAST)
+        expired: list[StateChanged] = []
+        alice.on_event(lambda ev: expired.append(ev) if isinstance(ev, StateChanged) else None)
+        socks = []
+        for n in range(1, 6):
+            pair, sa, sb = make_pair(n)
+            socks.append(sb)
+            await alice.add(pair, is_pinger=n % 2 == 0, sock=sa)
+        transports = [alice.transport(n) for n in range(1, 6)]
+        await alice.close()
+        assert all(t.is_closing() for t in transports)
+        assert all(t.get_extra_info("socket").fileno() == -1 for t in transports)
+        assert alice.stats.sockets_opened == alice.stats.sockets_closed == 5
+        assert len(alice) == 0 and alice.entries() == []
+        assert sorted(ev.nonce for ev in expired if ev.target == "Expired") == [1, 2, 3, 4, 5]
+        with pytest.raises(PoolClosed):
+            await alice.add(make_pair(99)[0], is_pinger=True)
+        await alice.close()  # idempotent
+        for s in socks:
+            s.close()
+
+    run(main())
+
+
+def test_garbage_datagrams_are_dropped_and_counted() -> None:
+    async def main() -> None:
+        async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
+            pair, sa, sb = make_pair(21)
+            ea = await alice.add(pair, is_pinger=True, sock=sa)
+            await bob.add(pair, is_pinger=False, sock=sb)
+            attacker = bound_socket()
+            target = pair.a.addr
+            # From a foreign address: counted as FOREIGN_ADDRESS whatever the content.
+            for junk in (b"", b"\x00" * 9, b"x" * 1500):
+                attacker.sendto(junk, target)
+            await wait_until(alice, lambda: ea.stats.drops[DropReason.FOREIGN_ADDRESS] >= 3)
+            attacker.close()
+            # From the right address (bob's port): malformed / wrong nonce / unexpected ping.
+            bob_sock = bob.transport(21)
+            for junk in (b"\x01\x02", b"\xff" * 9, (22).to_bytes(8, "big") + b"\x00", b"\x00" * 8 + b"\x05"):
+                bob_sock.sendto(junk, target)
+            await wait_until(alice, lambda: ea.stats.drops[DropReason.MALFORMED] >= 3
+                             and ea.stats.drops[DropReason.WRONG_NONCE] >= 1)
+            # The pair survives and keeps exchanging frames.
+            received = ea.stats.received
+            await wait_until(alice, lambda: ea.stats.received > received + 2)
+            assert alice.snapshot(21).state == "Idle"
+            assert alice.core.drops[DropReason.FOREIGN_ADDRESS] >= 3
+
+    run(main())
+
+
+def test_event_subscription_sees_expiry_and_ends_on_close() -> None:
+    async def main() -> None:
+        cfg = PairConfig(ping_interval=0.01, no_inbound_timeout=0.05, ping_lifespan=0.02)
+        alice = AsyncPairPool("alice", cfg)
+        sub = alice.subscribe()
+        pair, sa, sb = make_pair(31)
+        await alice.add(pair, is_pinger=True, sock=sa)  # nobody answers on sb
+        seen: list[StateChanged] = []
+        async for ev in sub:
+            if isinstance(ev, StateChanged):
+                seen.append(ev)
+                if ev.target == "Expired":
+                    break
+        assert seen[-1].reason is not None and seen[-1].reason.value == "no_inbound"
+        assert len(alice) == 0 and alice.stats.sockets_closed == 1
+        await alice.close()
+        assert [ev async for ev in sub] == []
+        sb.close()
+
+    run(main())
