@@ -24,10 +24,16 @@ FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0,
 
 
 def run(coro: Awaitable[Any]) -> Any:
+    """Run bounded; any exception the loop swallowed (e.g. in a protocol callback) fails the test."""
+    errors: list[dict[str, Any]] = []
+
     async def bounded() -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
         return await asyncio.wait_for(coro, BOUND)
 
-    return asyncio.run(bounded())
+    result = asyncio.run(bounded())
+    assert errors == []
+    return result
 
 
 def bound_socket() -> socket.socket:
@@ -62,6 +68,8 @@ def test_add_and_keepalive_exchange_over_real_udp() -> None:
             snap = alice.snapshot(7)
             assert snap.state == "Idle" and snap.srtt is not None and snap.frames_received >= 3
             assert alice.stats.datagrams_out >= 3 and bob.stats.datagrams_in >= 3
+            # The receive-buffer fix took effect (private attribute: absent on uvloop).
+            assert getattr(alice.transport(7), "max_size", 2048) == 2048
 
     run(main())
 

@@ -39,7 +39,7 @@ import socket
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from natpool.config import PairConfig
 from natpool.core.entry import Drained, PairEntry, StateChanged
@@ -100,8 +100,8 @@ class _EntryProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # No isinstance check: CPython 3.11's selector datagram transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
         # Private asyncio attribute (see module docstring): guarded, absent on uvloop.
         if hasattr(transport, "max_size"):
             transport.max_size = RECV_BUFFER
