@@ -4,20 +4,32 @@ Everything is driven by one seeded scheduler, so a run is a pure function of
 its seed: tests replay failures exactly and never sleep on the wall clock.
 """
 
+from natpool.sim.bench import SimBenchResult, bench_ratio
 from natpool.sim.clock import Scheduler, SimulationError, TimerHandle, VirtualClock
 from natpool.sim.network import InFlight, NetConfig, NetStats, Network
+from natpool.sim.node import SimNode
+from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, frame_kind
 from natpool.sim.signalling import Channel, ChannelEnd, SimSignalling
+from natpool.sim.simulation import Simulation
 
 __all__ = [
+    "INJECTED",
     "Channel",
     "ChannelEnd",
+    "DeliveredDatagram",
     "InFlight",
     "NetConfig",
     "NetStats",
     "Network",
     "Scheduler",
+    "SentDatagram",
+    "SimBenchResult",
+    "SimNode",
     "SimSignalling",
+    "Simulation",
     "SimulationError",
     "TimerHandle",
     "VirtualClock",
+    "bench_ratio",
+    "frame_kind",
 ]

@@ -1,0 +1,60 @@
+"""What the simulator records: every datagram sent, and every one delivered to an owner.
+
+Later properties (StrictSilence, CleanHandover) are checked against these
+logs after a run, so each record carries the entry state *at that moment*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from natpool.errors import RemoteProtocolError
+from natpool.wire.frame import Kind, decode
+
+Addr = tuple[str, int]
+FrameKind = Literal["ping", "pong", "garbage"]
+
+#: Sender of datagrams injected by a test rather than sent by a pool.
+INJECTED = "<injected>"
+
+
+def frame_kind(data: bytes) -> FrameKind:
+    """Classify a datagram as the codec would: anything it rejects is garbage."""
+    try:
+        frame = decode(data)
+    except RemoteProtocolError:
+        return "garbage"
+    return "ping" if frame.kind is Kind.PING else "pong"
+
+
+@dataclass(frozen=True, slots=True)
+class SentDatagram:
+    """One datagram handed to the network.
+
+    ``nonce`` is the sending entry's (0 for injected datagrams); ``state`` is
+    the sending entry's lifecycle state right after it produced the datagram
+    (None if injected). ``id`` matches :attr:`natpool.sim.network.InFlight.id`.
+    """
+
+    time: float
+    sender: str
+    nonce: int
+    kind: FrameKind
+    state: str | None
+    src: Addr
+    dst: Addr
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredDatagram:
+    """One datagram that reached a bound address; ``state`` is the receiving entry's state before it was handled."""
+
+    time: float
+    receiver: str
+    nonce: int
+    kind: FrameKind
+    state: str | None
+    src: Addr
+    dst: Addr

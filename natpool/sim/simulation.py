@@ -1,0 +1,149 @@
+"""The simulation: one seed, one virtual clock, one network, many nodes.
+
+Determinism: all randomness comes from ``random.Random`` instances seeded
+from ``seed`` (one stream for network fates, one for nonces, so adding a
+pair does not shift which datagrams get lost), time only moves through the
+scheduler, and nodes/ports/hosts are allocated in call order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import overload
+
+from natpool.config import PairConfig
+from natpool.endpoints import NONCE_MAX, EndpointPair
+from natpool.sim.clock import Scheduler, SimulationError, VirtualClock
+from natpool.sim.network import Addr, NetConfig, Network
+from natpool.sim.node import SimNode
+from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, frame_kind
+from natpool.sim.signalling import SimSignalling
+
+
+class Simulation:
+    """Entry point of the simulator; see the package docstring."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        net: NetConfig | None = None,
+        *,
+        config: PairConfig | None = None,
+        signalling_delay: float = 0.02,
+        record_deliveries: bool = True,
+    ) -> None:
+        self.seed = seed
+        self.config = config if config is not None else PairConfig()
+        self.clock = VirtualClock()
+        self.scheduler = Scheduler(self.clock)
+        # Not cryptographic: reproducibility from the seed is the whole point.
+        self.network = Network(self.scheduler, random.Random(f"natpool.sim.net/{seed}"), net)  # noqa: S311
+        self.signalling = SimSignalling(self.scheduler, signalling_delay)
+        self._nonce_rng = random.Random(f"natpool.sim.nonce/{seed}")  # noqa: S311
+        self._nonces: set[int] = set()
+        self.nodes: dict[str, SimNode] = {}
+        self.log: list[SentDatagram] = []
+        self.record_deliveries = record_deliveries
+        self.deliveries: list[DeliveredDatagram] = []
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # --- topology ----------------------------------------------------------------
+
+    def add_node(
+        self,
+        identity: str,
+        host: str | None = None,
+        *,
+        config: PairConfig | None = None,
+        listeners: Sequence[object] = (),
+    ) -> SimNode:
+        """Create a node; hosts default to 10.0.x.y in creation order."""
+        if identity in self.nodes:
+            raise SimulationError(f"node {identity!r} already exists")
+        if host is None:
+            n = len(self.nodes)
+            host = f"10.0.{n // 250}.{n % 250 + 1}"
+        if any(node.host == host for node in self.nodes.values()):
+            raise SimulationError(f"host {host} is already taken")
+        node = SimNode(self, identity, host, config if config is not None else self.config, listeners)
+        self.nodes[identity] = node
+        return node
+
+    def node(self, identity: str) -> SimNode:
+        return self.nodes[identity]
+
+    def new_nonce(self) -> int:
+        """A fresh non-zero 64-bit nonce from the seeded nonce stream."""
+        while True:
+            nonce = self._nonce_rng.randint(1, NONCE_MAX)
+            if nonce not in self._nonces:
+                self._nonces.add(nonce)
+                return nonce
+
+    def punch(self, a: SimNode, b: SimNode, nonce: int | None = None, pinger: SimNode | None = None) -> EndpointPair:
+        """Simulate a successful hole punch: the same pair is added on both nodes (``pinger`` defaults to ``a``)."""
+        if pinger is None:
+            pinger = a
+        if pinger is not a and pinger is not b:
+            raise SimulationError("the pinger must be one of the two nodes")
+        if nonce is None:
+            nonce = self.new_nonce()
+        else:
+            self._nonces.add(nonce)
+        pair = EndpointPair(a.endpoint(), b.endpoint(), nonce)
+        a.add(pair, is_pinger=pinger is a)
+        b.add(pair, is_pinger=pinger is b)
+        return pair
+
+    # --- traffic from outside any pool -------------------------------------------------
+
+    def inject(self, src: Addr, dst: Addr, data: bytes, sender: str = INJECTED) -> int:
+        """Send an arbitrary datagram (spoofed, malformed, replayed...); it is logged like any other."""
+        now = self.now()
+        dg_id = self.network.send(src, dst, data)
+        self.log.append(SentDatagram(now, sender, 0, frame_kind(data), None, src, dst, dg_id))
+        return dg_id
+
+    @property
+    def unowned(self) -> int:
+        """Datagrams that reached an address no live entry owns."""
+        return self.network.stats.unowned + sum(n.unowned for n in self.nodes.values())
+
+    def sent_by(self, identity: str, nonce: int | None = None) -> list[SentDatagram]:
+        return [d for d in self.log if d.sender == identity and (nonce is None or d.nonce == nonce)]
+
+    # --- running ---------------------------------------------------------------------
+
+    @overload
+    def run_until(self, target: float, timeout: None = None) -> bool: ...
+
+    @overload
+    def run_until(self, target: Callable[[], bool], timeout: float) -> bool: ...
+
+    def run_until(self, target: float | Callable[[], bool], timeout: float | None = None) -> bool:
+        """Run to virtual time ``target``, or until ``target()`` holds (checked after every event).
+
+        With a predicate, give up after ``timeout`` virtual seconds and return
+        False; the clock then stands at the deadline. A time target returns True.
+        """
+        if callable(target):
+            if timeout is None:
+                raise SimulationError("run_until(predicate) needs a timeout")
+            return self.scheduler.run_until(self.now() + timeout, stop=target)
+        self.scheduler.run_until(target)
+        return True
+
+    def run_for(self, dt: float) -> None:
+        self.scheduler.run_until(self.now() + dt)
+
+    def run_until_quiet(self, timeout: float) -> bool:
+        """Run until nothing at all is scheduled (no timers, nothing in flight), within ``timeout``.
+
+        Quiet only happens once every entry is silent or gone and every
+        session has ended; with live keepalive it returns False at the deadline.
+        """
+        sched = self.scheduler
+        return sched.run_until(self.now() + timeout, stop=lambda: sched.next_time() is None)
