@@ -115,7 +115,8 @@ def test_partition_expires_both_sides_with_no_inbound_after_the_timeout() -> Non
     nonces = {e.nonce for e in a.pool.entries()}
     sim.run_until(30.0)
     t_cut = sim.now()
-    sim.network.partition(a, b)
+    sim.partition(a, "bob")
+    assert sim.network.is_partitioned(b, a)
     assert not sim.run_until(lambda: bool(a.expiries() or b.expiries()), timeout=CFG.no_inbound_timeout - 5.0)
     sim.run_until(t_cut + CFG.no_inbound_timeout + 1.0)
     for node in (a, b):
@@ -144,6 +145,7 @@ def test_locked_side_sends_nothing_and_remote_expires(silent_side: str) -> None:
     # the silent side sent nothing for this pair once it was Locked
     assert not [d for d in sim.sent_by(locker.identity, nonce) if d.time >= t_lock]
     assert locker.state(nonce) == "InUse"
+    assert sim.silence_violations() == []
     # the remote expired with NO_INBOUND, timeout after the last frame it got
     assert remote.expiries() == {nonce: ExpiryReason.NO_INBOUND}
     (ev,) = remote.transitions("expire")
@@ -184,6 +186,7 @@ def test_log_records_sender_state_at_send_time() -> None:
     assert states[:2] == [("alice", "ping", "Idle"), ("bob", "pong", "Idle")]
     assert ("bob", "pong", "InLocking") in states
     assert all(d.state not in SILENT for d in sim.log)
+    assert sim.silence_violations() == []
     for d in sim.log:
         assert d.nonce == entry.nonce and d.src[0] == (a.host if d.sender == "alice" else b.host)
     assert [d.id for d in sim.log] == sorted(d.id for d in sim.log)
@@ -259,3 +262,23 @@ def test_punch_allocates_deterministic_ports_and_roles() -> None:
     assert Simulation(5).new_nonce() == p1.nonce
     entries: list[PairEntry] = a.pool.entries()
     assert len(entries) == 2
+
+
+def test_short_partition_healed_before_the_timeout_is_survived() -> None:
+    sim, a, b = two_nodes(pairs=2)
+    sim.run_until(10.0)
+    sim.partition("alice", "bob")
+    # the ping sent at t=10 is cut too, so the last inbound was at ~5 s
+    sim.run_until(10.0 + CFG.no_inbound_timeout - 2 * CFG.ping_interval - 1.0)
+    sim.heal()
+    sim.run_until(120.0)
+    assert a.expiries() == b.expiries() == {}
+    assert sim.network.stats.partitioned > 0
+
+
+def test_step_fires_one_event_at_a_time() -> None:
+    sim, _a, _b = two_nodes(net=NetConfig(delay_min=0.5, delay_max=0.5))
+    assert len(sim.log) == 1  # the first ping went out on add
+    assert sim.step() and sim.now() == 0.5 and len(sim.log) == 2  # ping arrived, pong sent
+    assert sim.step() and sim.now() == 1.0 and len(sim.log) == 2  # pong arrived
+    assert sim.step() and sim.now() == CFG.ping_interval and len(sim.log) == 3

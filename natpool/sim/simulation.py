@@ -14,11 +14,15 @@ from typing import overload
 
 from natpool.config import PairConfig
 from natpool.endpoints import NONCE_MAX, EndpointPair
+from natpool.machines.tables import ENTRY
 from natpool.sim.clock import Scheduler, SimulationError, VirtualClock
 from natpool.sim.network import Addr, NetConfig, Network
 from natpool.sim.node import SimNode
 from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, frame_kind
 from natpool.sim.signalling import SimSignalling
+
+#: Entry states that must never send (spec/entry.toml, set ``silent``).
+SILENT_STATES: frozenset[str] = frozenset(ENTRY.sets["silent"])
 
 
 class Simulation:
@@ -115,6 +119,20 @@ class Simulation:
     def sent_by(self, identity: str, nonce: int | None = None) -> list[SentDatagram]:
         return [d for d in self.log if d.sender == identity and (nonce is None or d.nonce == nonce)]
 
+    def silence_violations(self) -> list[SentDatagram]:
+        """Datagrams a pool sent from a silent state (StrictSilence says: none, ever)."""
+        return [d for d in self.log if d.state in SILENT_STATES]
+
+    def partition(self, a: SimNode | str, b: SimNode | str | None = None) -> None:
+        """Shorthand for ``network.partition`` taking nodes or identities."""
+        self.network.partition(self._host(a), None if b is None else self._host(b))
+
+    def heal(self, a: SimNode | str | None = None, b: SimNode | str | None = None) -> None:
+        self.network.heal(None if a is None else self._host(a), None if b is None else self._host(b))
+
+    def _host(self, node: SimNode | str) -> str:
+        return node.host if isinstance(node, SimNode) else self.nodes[node].host
+
     # --- running ---------------------------------------------------------------------
 
     @overload
@@ -135,6 +153,10 @@ class Simulation:
             return self.scheduler.run_until(self.now() + timeout, stop=target)
         self.scheduler.run_until(target)
         return True
+
+    def step(self) -> bool:
+        """Fire exactly one event (for step-wise stateful tests); False if nothing is scheduled."""
+        return self.scheduler.step()
 
     def run_for(self, dt: float) -> None:
         self.scheduler.run_until(self.now() + dt)
