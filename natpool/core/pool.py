@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from natpool.config import PairConfig
 from natpool.core.entry import (
@@ -74,6 +74,9 @@ class PairPool:
         self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce), lazily invalidated
         self._armed: dict[int, float] = {}  # nonce -> the deadline its live heap item carries
         self._seq = itertools.count()
+        #: Extension point (e.g. handover sessions): called with every entry
+        #: event after the indexes are updated, under :attr:`lock`.
+        self.on_entry_event: Callable[[PairEntry, EntryOutput], None] | None = None
 
     # --- registry ---------------------------------------------------------------
 
@@ -251,20 +254,21 @@ class PairPool:
     def _on_event(self, entry: PairEntry, event: EntryOutput) -> None:
         """Keep the indexes and the scheduler in step with every transition."""
         self._events.append(event)
-        if not isinstance(event, StateChanged):
-            return
-        nonce = entry.nonce
-        peer = entry.remote.identity
-        if event.source == _IDLE:
-            idle = self._idle.get(peer)
-            if idle is not None:
-                idle.pop(nonce, None)
-        if event.target in _FINAL:
-            self._forget(entry, peer)
-            return
-        if event.target == _IDLE:
-            self._idle.setdefault(peer, OrderedDict())[nonce] = None
-        self._touched(entry)
+        if isinstance(event, StateChanged):
+            nonce = entry.nonce
+            peer = entry.remote.identity
+            if event.source == _IDLE:
+                idle = self._idle.get(peer)
+                if idle is not None:
+                    idle.pop(nonce, None)
+            if event.target in _FINAL:
+                self._forget(entry, peer)
+            else:
+                if event.target == _IDLE:
+                    self._idle.setdefault(peer, OrderedDict())[nonce] = None
+                self._touched(entry)
+        if self.on_entry_event is not None:
+            self.on_entry_event(entry, event)
 
     def _forget(self, entry: PairEntry, peer: str) -> None:
         nonce = entry.nonce

@@ -1,0 +1,386 @@
+"""PairPool: validation, indexes, CAS claims (also across real threads) and the shared scheduler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from natpool.config import PairConfig
+from natpool.core.entry import Drained, ExpiryReason, PairEntry, StateChanged
+from natpool.core.pool import PairPool
+from natpool.endpoints import NONCE_MAX, Endpoint, EndpointPair
+from natpool.errors import DropReason, DuplicateNonce, InvalidPair, PairBusy, UnknownPair
+from natpool.wire.frame import Frame, Kind, encode
+
+CFG = PairConfig(lock_timeout=1000.0)
+
+
+def ep(identity: str, port: int, host: str = "127.0.0.1") -> Endpoint:
+    return Endpoint(identity, host, port)
+
+
+def pair(nonce: int, peer: str = "bob", port: int = 0) -> EndpointPair:
+    base = 20000 + 2 * (nonce % 10000) + port
+    return EndpointPair(ep("alice", base), ep(peer, base + 1), nonce)
+
+
+def snapshot(pool: PairPool) -> tuple[object, ...]:
+    """Everything observable about the pool, to show a rejected add changed nothing."""
+    return (
+        len(pool),
+        sorted(e.nonce for e in pool.entries()),
+        pool.idle_count(),
+        pool.get_timer(),
+        dict(pool.drops),
+    )
+
+
+def drain_events(pool: PairPool) -> list[StateChanged | Drained]:
+    out: list[StateChanged | Drained] = []
+    while (ev := pool.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+# --- add / get / entries / remove -------------------------------------------------------
+
+BAD_PAIRS: list[tuple[str, EndpointPair, type[Exception]]] = [
+    ("zero-nonce", EndpointPair(ep("alice", 1000), ep("bob", 1001), 0), InvalidPair),
+    ("nonce-too-big", EndpointPair(ep("alice", 1000), ep("bob", 1001), NONCE_MAX + 1), InvalidPair),
+    ("negative-nonce", EndpointPair(ep("alice", 1000), ep("bob", 1001), -5), InvalidPair),
+    ("duplicate", EndpointPair(ep("alice", 3000), ep("carol", 3001), 7), DuplicateNonce),
+    ("not-local", EndpointPair(ep("carol", 1000), ep("bob", 1001), 99), InvalidPair),
+    ("same-identity", EndpointPair(ep("alice", 1000), ep("alice", 1001), 99), InvalidPair),
+    ("bad-host", EndpointPair(ep("alice", 1000), ep("bob", 1001, host="example.com"), 99), InvalidPair),
+    ("bad-port", EndpointPair(ep("alice", 0), ep("bob", 1001), 99), InvalidPair),
+    ("port-too-big", EndpointPair(ep("alice", 1000), ep("bob", 70000), 99), InvalidPair),
+    ("empty-identity", EndpointPair(ep("alice", 1000), ep("", 1001), 99), InvalidPair),
+]
+
+
+@pytest.mark.parametrize(("bad", "error"), [(p, e) for _, p, e in BAD_PAIRS], ids=[n for n, _, _ in BAD_PAIRS])
+def test_rejected_add_raises_typed_error_and_changes_nothing(bad: EndpointPair, error: type[Exception]) -> None:
+    pool = PairPool("alice", CFG)
+    pool.add(pair(7), is_pinger=True, now=0.0)
+    before = snapshot(pool)
+    with pytest.raises(error):
+        pool.add(bad, is_pinger=True, now=1.0)
+    assert snapshot(pool) == before
+    assert pool.entries("carol") == []
+
+
+def test_add_get_entries_by_peer() -> None:
+    pool = PairPool("alice", CFG)
+    e1 = pool.add(pair(1, "bob"), True, 0.0)
+    e2 = pool.add(pair(2, "carol"), False, 0.0)
+    e3 = pool.add(pair(3, "bob"), True, 0.0)
+    assert isinstance(e1, PairEntry)
+    assert (e1.state, e1.is_pinger, e1.remote.identity, e1.local.identity) == ("Idle", True, "bob", "alice")
+    assert pool.get(2) is e2
+    assert pool.entries("bob") == [e1, e3]
+    assert pool.entries("carol") == [e2]
+    assert pool.entries("dave") == []
+    assert sorted(e.nonce for e in pool.entries()) == [1, 2, 3]
+    assert len(pool) == 3 and 2 in pool and 4 not in pool
+    with pytest.raises(UnknownPair):
+        pool.get(4)
+
+
+def test_remove_expires_closed_and_drops_the_entry() -> None:
+    pool = PairPool("alice", CFG)
+    e = pool.add(pair(1), True, 0.0)
+    pool.add(pair(2), True, 0.0)
+    assert pool.remove(1, 2.0) is e
+    assert e.state == "Expired"
+    assert 1 not in pool and [x.nonce for x in pool.entries("bob")] == [2]
+    assert drain_events(pool) == [StateChanged(1, "Idle", "Expired", "expire", ExpiryReason.CLOSED, 2.0)]
+    with pytest.raises(UnknownPair):
+        pool.remove(1, 3.0)
+    pool.remove(2, 3.0)
+    assert pool.entries("bob") == [] and len(pool) == 0
+    assert pool.get_timer() is None
+    assert pool.datagrams_to_send(3.0) == []
+
+
+def test_expired_entries_leave_the_pool_by_themselves() -> None:
+    pool = PairPool("alice", CFG)
+    pool.add(pair(1), True, 0.0)  # nobody ever answers
+    t = pool.get_timer()
+    while t is not None:
+        pool.datagrams_to_send(t)
+        pool.handle_timer(t)
+        t = pool.get_timer()
+    assert len(pool) == 0 and pool.entries("bob") == [] and pool.idle_count("bob") == 0
+    assert drain_events(pool) == [
+        StateChanged(1, "Idle", "Expired", "expire", ExpiryReason.NO_INBOUND, CFG.no_inbound_timeout)
+    ]
+    with pytest.raises(PairBusy):
+        pool.claim_any("bob", 30.0)
+
+
+def test_entry_driven_directly_keeps_the_pool_in_step() -> None:
+    pool = PairPool("alice", CFG)
+    e = pool.add(pair(1), False, 0.0)
+    with pool.lock:  # what a handover session does
+        assert e.begin_lock(1.0)
+        assert e.finish_lock(1.0)
+        assert e.use(1.0)
+    assert pool.idle_count("bob") == 0
+    assert pool.get_timer() is None  # InUse: nothing to schedule
+    with pool.lock:
+        e.expire(ExpiryReason.CLOSED, 2.0)
+    assert len(pool) == 0
+    assert [ev.target for ev in drain_events(pool) if isinstance(ev, StateChanged)] == [
+        "InLocking", "Locked", "InUse", "Expired"
+    ]
+
+
+# --- claim --------------------------------------------------------------------------
+
+
+def test_claim_is_a_cas() -> None:
+    pool = PairPool("alice", CFG)
+    e = pool.add(pair(1), True, 0.0)
+    assert pool.claim(1, 1.0) is e
+    assert e.state == "InLocking"
+    with pytest.raises(PairBusy):
+        pool.claim(1, 1.0)
+    with pytest.raises(UnknownPair):
+        pool.claim(2, 1.0)
+    with pytest.raises(PairBusy):
+        pool.claim_any("bob", 1.0)
+    with pool.lock:
+        e.abort_lock(1.5)
+    assert pool.claim_any("bob", 2.0) is e
+
+
+def test_claim_any_never_returns_the_same_pair_twice() -> None:
+    pool = PairPool("alice", CFG)
+    for n in range(1, 21):
+        pool.add(pair(n, "bob" if n % 2 else "carol"), n % 3 == 0, 0.0)
+    got = []
+    while True:
+        try:
+            got.append(pool.claim_any("bob", 1.0).nonce)
+        except PairBusy:
+            break
+    assert got == list(range(1, 21, 2))  # longest idle first, each once
+    assert pool.idle_count("bob") == 0 and pool.idle_count("carol") == 10
+
+
+def test_claim_any_order_after_abort_and_claim() -> None:
+    pool = PairPool("alice", CFG)
+    for n in (1, 2, 3):
+        pool.add(pair(n), False, 0.0)
+    pool.claim(2, 1.0)  # claimed by nonce: leaves the idle index
+    e1 = pool.claim_any("bob", 1.0)
+    assert e1.nonce == 1
+    with pool.lock:
+        e1.abort_lock(1.1)  # back to Idle: now the most recently idle
+    assert [pool.claim_any("bob", 2.0).nonce for _ in range(2)] == [3, 1]
+
+
+def race(n_threads: int, work: Callable[[], PairEntry]) -> tuple[list[PairEntry], int]:
+    """Start ``n_threads`` at once on ``work``; return winners and the number of PairBusy losers."""
+    barrier = threading.Barrier(n_threads)
+    winners: list[PairEntry] = []
+    busy: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            winners.append(work())
+        except PairBusy:
+            busy.append(1)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    return winners, len(busy)
+
+
+def test_claim_exactly_one_winner_across_threads() -> None:
+    pool = PairPool("alice", CFG)
+    entry = pool.add(pair(1), True, 0.0)
+    for round_ in range(25):
+        now = float(round_)
+        winners, busy = race(8, lambda: pool.claim(1, now))  # noqa: B023 - joined before the next round
+        assert winners == [entry] and busy == 7
+        with pool.lock:
+            entry.abort_lock(now + 0.5)
+
+
+def test_claim_any_distinct_winners_across_threads() -> None:
+    for _ in range(10):
+        pool = PairPool("alice", CFG)
+        for n in range(1, 4):
+            pool.add(pair(n), n == 2, 0.0)
+        winners, busy = race(8, lambda: pool.claim_any("bob", 1.0))  # noqa: B023 - pool is per round
+        assert sorted(e.nonce for e in winners) == [1, 2, 3] and busy == 5
+        assert all(e.state == "InLocking" for e in winners)
+
+
+# --- sans-IO driving and the scheduler ------------------------------------------------
+
+
+def test_two_pools_keep_each_other_alive() -> None:
+    pa, pb = PairPool("alice", CFG), PairPool("bob", CFG)
+    for n in range(1, 6):
+        pa.add(pair(n), True, 0.0)
+        pb.add(pair(n), False, 0.0)
+    sources = {id(pa): {n: pair(n).a.addr for n in range(1, 6)}, id(pb): {n: pair(n).b.addr for n in range(1, 6)}}
+    now, exchanged = 0.0, 0
+    while now <= 120.0:
+        for _ in range(2):  # ping one way, pong back; arrivals are stamped 1 ms after the send step
+            for src, dst in ((pa, pb), (pb, pa)):
+                for nonce, data, to in src.datagrams_to_send(now):
+                    assert to == sources[id(dst)][nonce]
+                    dst.receive_datagram(nonce, data, sources[id(src)][nonce], now + 0.001)
+                    exchanged += 1
+            now += 0.001
+        timers = [t for t in (pa.get_timer(), pb.get_timer()) if t is not None]
+        now = max(now, min(timers))
+        pa.handle_timer(now)
+        pb.handle_timer(now)
+    assert exchanged == 2 * 5 * 25  # pings at 0, 5, ..., 120 s, each answered
+    assert len(pa) == len(pb) == 5
+    assert all(e.state == "Idle" and e.last_seen > 115.0 for e in pa.entries() + pb.entries())
+    assert all(e.srtt == pytest.approx(0.001) for e in pa.entries())  # both arrivals stamped now + 1 ms
+    assert drain_events(pa) == drain_events(pb) == []
+    assert pa.drops == pb.drops == {}
+
+
+def test_pool_drops_aggregate_entry_drops_and_unknown_nonces() -> None:
+    pool = PairPool("alice", CFG)
+    e = pool.add(pair(1), True, 0.0)
+    remote = e.remote.addr
+    pool.receive_datagram(1, b"junk", remote, 0.1)
+    pool.receive_datagram(1, encode(Frame(1, Kind.PING)), ("127.0.0.1", 9), 0.1)
+    pool.receive_datagram(42, encode(Frame(42, Kind.PONG)), remote, 0.1)
+    assert pool.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.WRONG_NONCE: 1}
+    assert e.stats.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1}
+    pool.remove(1, 0.2)
+    assert sum(pool.drops.values()) == 3  # counts outlive the entry
+
+
+def test_send_failures_through_the_pool() -> None:
+    pool = PairPool("alice", CFG)
+    pool.add(pair(1), True, 0.0)
+    for _ in range(CFG.max_send_failures):
+        pool.send_failed(1, 0.5)
+    assert len(pool) == 0
+    pool.send_failed(1, 0.6)  # stale report: ignored
+    last = drain_events(pool)[-1]
+    assert isinstance(last, StateChanged) and last.reason is ExpiryReason.SEND_FAILURES
+
+
+def test_get_timer_is_the_minimum_deadline() -> None:
+    pool = PairPool("alice", CFG)
+    entries = [pool.add(pair(n), n % 2 == 0, float(n)) for n in range(1, 9)]
+    pool.datagrams_to_send(10.0)
+    assert pool.get_timer() == min(t for e in entries if (t := e.get_timer()) is not None)
+    pool.claim(2, 10.0)
+    pool.remove(1, 10.0)
+    assert pool.get_timer() == min(t for e in pool.entries() if (t := e.get_timer()) is not None)
+
+
+def test_handle_timer_only_touches_due_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = PairPool("alice", CFG)
+    for n in range(1, 7):
+        pool.add(pair(n), False, float(n))  # pongers: only the no-inbound deadline, at n + 20
+    touched: list[int] = []
+    original = PairEntry.handle_timer
+
+    def spy(self: PairEntry, now: float) -> None:
+        touched.append(self.nonce)
+        original(self, now)
+
+    monkeypatch.setattr(PairEntry, "handle_timer", spy)
+    assert pool.get_timer() == 21.0
+    pool.handle_timer(20.5)
+    assert touched == []
+    pool.handle_timer(23.0)
+    assert sorted(touched) == [1, 2, 3]
+    assert sorted(e.nonce for e in pool.entries()) == [4, 5, 6]
+    assert pool.get_timer() == 24.0
+    touched.clear()
+    pool.handle_timer(24.0 - 0.0005)  # an early-firing loop timer still counts (1 ms slack)
+    assert touched == [4]
+
+
+def test_scheduler_heap_stays_bounded_under_re_arming() -> None:
+    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=1000.0))
+    pool.add(pair(1), False, 0.0)
+    ping = encode(Frame(1, Kind.PING))
+    remote = pair(1).b.addr
+    for i in range(5000):
+        pool.receive_datagram(1, ping, remote, i * 0.001)  # each one moves the deadline
+        pool.datagrams_to_send(i * 0.001)
+    assert pool.get(1).stats.received == 5000
+    assert len(pool._heap) <= 2 * len(pool) + 1024
+    assert pool.get_timer() == pytest.approx(4.999 + 3.0)
+
+
+# --- index consistency, property style ---------------------------------------------------
+
+POOL_OPS = st.lists(
+    st.tuples(st.sampled_from(["add", "claim", "claim_any", "abort", "finish", "use", "remove", "tick"]),
+              st.integers(1, 6), st.sampled_from(["bob", "carol"]), st.floats(0.0, 4.0)),
+    max_size=30,
+)
+
+
+@given(POOL_OPS)
+def test_indexes_follow_every_transition(ops: list[tuple[str, int, str, float]]) -> None:
+    cfg = PairConfig(ping_interval=2.0, no_inbound_timeout=6.0, lock_timeout=5.0)
+    pool = PairPool("alice", cfg)
+    now = 0.0
+    for op, n, peer, dt in ops:
+        now += dt
+        if op == "add":
+            if n not in pool:
+                pool.add(pair(n, peer), n % 2 == 0, now)
+        elif op == "claim":
+            if n in pool:
+                state = pool.get(n).state
+                try:
+                    pool.claim(n, now)
+                    assert state == "Idle"
+                except PairBusy:
+                    assert state != "Idle"
+        elif op == "claim_any":
+            idle = [e.nonce for e in pool.entries(peer) if e.state == "Idle"]
+            try:
+                assert pool.claim_any(peer, now).nonce in idle
+            except PairBusy:
+                assert idle == []
+        elif op == "tick":
+            pool.handle_timer(now)
+            pool.datagrams_to_send(now)
+        elif n in pool:
+            e = pool.get(n)
+            with pool.lock:
+                if op == "abort" and e.state == "InLocking":
+                    e.abort_lock(now)
+                elif op == "finish":
+                    e.finish_lock(now)
+                elif op == "use":
+                    e.use(now)
+            if op == "remove":
+                pool.remove(n, now)
+        for p in ("bob", "carol"):
+            live = pool.entries(p)
+            assert all(e.state != "Expired" and e.remote.identity == p for e in live)
+            assert pool.idle_count(p) == sum(e.state == "Idle" for e in live)
+        timers = [t for e in pool.entries() if (t := e.get_timer()) is not None]
+        assert pool.get_timer() == (min(timers) if timers else None)
