@@ -24,6 +24,9 @@ from natpool.core.entry import (
     PairEntry,
     StateChanged,
 )
+from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession, registry_of
+from natpool.core.handover import accept_session as _accept_session
+from natpool.core.handover import start_take as _start_take
 from natpool.endpoints import EndpointPair
 from natpool.errors import DropReason, DuplicateNonce, PairBusy, UnknownPair
 from natpool.machines.tables import ENTRY
@@ -227,6 +230,31 @@ class PairPool:
         """Oldest undelivered event of any entry (including the final one of removed entries)."""
         with self.lock:
             return self._events.popleft() if self._events else None
+
+    # === handover sessions (natpool/core/handover.py; section owned by the handover work) ===
+    # Sessions claim through the CAS above and then drive their entry directly
+    # under :attr:`lock`; the registry owns nonce -> session and receives every
+    # entry event through :attr:`on_entry_event` (chaining any earlier hook).
+
+    @property
+    def handovers(self) -> HandoverRegistry:
+        """The session registry (owners, drop/outcome counters), created on first use."""
+        return registry_of(self)
+
+    def start_take(self, nonce: int | None, peer: str | None, now: float,
+                   sid: bytes | None = None) -> InitiatorSession:
+        """Claim a pair (by ``nonce``, or any Idle one with ``peer``) and open an initiator session.
+
+        Raises PairBusy / UnknownPair at once, sending nothing (rule 1).
+        The caller ships ``session.signals_to_send()`` over a fresh channel.
+        """
+        return _start_take(self, nonce, peer, now, sid=sid)
+
+    def accept_session(self, data: bytes, now: float) -> ResponderSession:
+        """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
+        return _accept_session(self, data, now)
+
+    # === end of handover section ===
 
     # --- bookkeeping (caller holds the lock) -----------------------------------------
 

@@ -1,0 +1,559 @@
+"""Handover sessions (spec/handover.md), sans-IO.
+
+One :class:`InitiatorSession` runs per ``take``; one :class:`ResponderSession`
+per incoming LOCK. Each binds one generated machine (``InitiatorMachine`` /
+``ResponderMachine``) with the session as its model, so every protocol step
+goes through the spec's transition table and guards (``entry_claimed``,
+``entry_locked``, ``peer_may_proceed``, ``settled`` are properties here).
+Sessions are rare (one per take), so holding a machine instance is cheap
+compared with the per-entry machines the pool avoids.
+
+The session drives its entry's lifecycle (``finish_lock``, ``abort_lock``,
+``use``, ``expire``); the pool performs the initial claim (CAS) and routes
+the entry's events (``Drained``, ``StateChanged``) to the owning session
+through :class:`HandoverRegistry`, so a draining session advances the moment
+the last pong arrives instead of polling.
+
+Failure rule (rule 4): an InLocking entry aborts to Idle, a Locked entry
+expires; ABORT(UNKNOWN_PAIR) expires even an InLocking entry (the pair is
+gone remotely). Remote bad input never raises out of ``receive_signal``: it
+is counted, logged, and ends the session with :class:`SignalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
+from natpool.core.lease import Lease, Role
+from natpool.errors import (
+    ChannelBroken,
+    DropReason,
+    HandoverError,
+    HandoverTimeout,
+    LocalError,
+    PairBusy,
+    PeerRefused,
+    RemoteProtocolError,
+    SignalProtocolError,
+    UnknownPair,
+)
+from natpool.machines import InitiatorMachine, ResponderMachine
+from natpool.wire import signal as wire
+from natpool.wire.signal import AbortReason, Signal, SignalType
+
+if TYPE_CHECKING:
+    from natpool.core.pool import PairPool
+
+logger = logging.getLogger(__name__)
+
+
+Lookup = Callable[[int], PairEntry]
+"""``nonce -> entry`` (raises UnknownPair); the pool passes its lock-free variant, lock held."""
+Claim = Callable[[int, float], PairEntry]
+"""The claim CAS (raises UnknownPair / PairBusy); lock-free variant, lock held."""
+
+
+# --- registry: owner of each claimed entry + event routing -------------------
+
+
+class HandoverRegistry:
+    """nonce -> owning session; the pool holds one and forwards entry events here.
+
+    Ownership is the ``owner[self] = session`` of the ``entry_claimed`` guard:
+    the tie-break hands an entry from a local initiator to a responder by
+    rebinding it here, without the entry ever leaving InLocking.
+    """
+
+    def __init__(self, lock: AbstractContextManager[object] | None = None,
+                 drops: Counter[DropReason] | None = None) -> None:
+        self.lock: AbstractContextManager[object] = lock if lock is not None else threading.Lock()
+        self._owners: dict[int, Session] = {}
+        self.drops: Counter[DropReason] = drops if drops is not None else Counter()
+        self.outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
+        self.messages_sent = 0
+
+    def owner(self, nonce: int) -> Session | None:
+        return self._owners.get(nonce)
+
+    def sessions(self) -> list[Session]:
+        return list(self._owners.values())
+
+    def bind(self, nonce: int, session: Session) -> None:
+        self._owners[nonce] = session
+
+    def unbind(self, nonce: int, session: Session) -> None:
+        if self._owners.get(nonce) is session:
+            del self._owners[nonce]
+
+    def route(self, nonce: int, event: object, now: float) -> None:
+        """Deliver an entry event (``Drained`` / ``StateChanged``) to the session owning ``nonce``.
+
+        Called with :attr:`lock` held, after the pool has indexed the event.
+        """
+        session = self._owners.get(nonce)
+        if session is not None:
+            session.on_entry_event(event, now)
+
+
+# --- sessions ---------------------------------------------------------------
+
+
+class Session:
+    """What both roles share: framing, sequence checks, timers, the failure rule.
+
+    The public methods take the pool lock (the session drives the entry
+    directly); :meth:`on_entry_event` is called by the pool with it held.
+    """
+
+    role: Role
+    state: str  # written by the bound generated machine (its model field)
+
+    def __init__(self, registry: HandoverRegistry, now: float) -> None:
+        self._registry = registry
+        self.entry: PairEntry | None = None
+        self.nonce = 0
+        self.sid = b""
+        self.started_at = now
+        self.deadline: float | None = None
+        self.outcome: Lease | HandoverError | None = None
+        self.ended_at: float | None = None
+        self.drops: Counter[DropReason] = Counter()
+        self.sent: list[Signal] = []  # every signal this session emitted, in order
+        self.received: list[Signal] = []  # every well-formed signal accepted
+        self.waker: Callable[[], None] | None = None  # set by a driver: output queued or session ended
+        self._out: list[bytes] = []
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._locked_at: float | None = None
+        self._entry_reason: ExpiryReason | None = None  # ExpiryReason of the last foreign entry transition
+        self._busy = False  # re-entrance guard: entry events raised by our own calls
+
+    # -- public sans-IO surface --
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def signals_to_send(self) -> list[bytes]:
+        with self._registry.lock:
+            out, self._out = self._out, []
+            return out
+
+    def get_timer(self) -> float | None:
+        with self._registry.lock:
+            if self.done:
+                return None
+            # The lock deadline only matters while failing is still allowed (not in Settling).
+            deadline = self.deadline if self._can_fail() else None
+            timers = [t for t in (deadline, self._settle_at()) if t is not None]
+            return min(timers) if timers else None
+
+    def handle_timer(self, now: float) -> None:
+        with self._registry.lock:
+            if self.done:
+                return
+            if self.deadline is not None and now >= self.deadline and self._can_fail():
+                self._fail(HandoverTimeout(f"handover of {self.nonce:#x} exceeded lock_timeout"), now,
+                           abort=AbortReason.TIMEOUT)
+                return
+            self._advance(now)
+
+    def receive_signal(self, data: bytes, now: float) -> None:
+        """Feed one message from the channel. Never raises on bad input."""
+        with self._registry.lock:
+            if self.done:
+                self._drop(DropReason.UNEXPECTED, "signal after the session ended")
+                return
+            try:
+                sig = wire.decode(data)
+                self._check_binding(sig)
+            except RemoteProtocolError as exc:
+                self._protocol_failure(exc, now)
+                return
+            self.received.append(sig)
+            self._on_signal(sig, now)
+
+    def channel_closed(self, now: float) -> None:
+        """The channel broke or the peer closed it: fail unless past the point of no return."""
+        with self._registry.lock:
+            if not self.done and self._can_fail():
+                self._fail(ChannelBroken(f"signalling channel closed during handover of {self.nonce:#x}"), now)
+            # Settling: both sides are past the take; settle still completes on its timer.
+
+    def cancel(self, now: float) -> None:
+        """Local shutdown (pool close): fail with ABORT(CANCELLED) if still possible."""
+        with self._registry.lock:
+            if not self.done and self._can_fail():
+                self._fail(HandoverError("handover cancelled locally"), now, abort=AbortReason.CANCELLED)
+
+    def on_entry_event(self, event: object, now: float) -> None:
+        """Called by the pool (lock held) for each event of the owned entry: re-evaluate the guards."""
+        if self.done or self._busy:
+            return
+        if isinstance(event, StateChanged):
+            self._entry_reason = event.reason
+        self._advance(now)
+
+    # -- shared mechanics (lock held) --
+
+    def _wake(self) -> None:
+        if self.waker is not None:
+            self.waker()
+
+    def _emit(self, stype: SignalType, reason: AbortReason | None = None) -> None:
+        self._send_seq += 1
+        sig = Signal(stype, self.nonce, self.sid, self._send_seq, reason)
+        self.sent.append(sig)
+        self._out.append(wire.encode(sig))
+        self._registry.messages_sent += 1
+        self._wake()
+
+    def _check_binding(self, sig: Signal) -> None:
+        """Session id, nonce and sequence must match this session exactly (the channel is FIFO)."""
+        if sig.sid != self.sid:
+            raise RemoteProtocolError(DropReason.UNEXPECTED, f"signal for foreign session {sig.sid.hex()}")
+        if sig.nonce != self.nonce:
+            raise RemoteProtocolError(DropReason.WRONG_NONCE, f"signal for nonce {sig.nonce:#x}")
+        if sig.seq <= self._recv_seq:
+            raise RemoteProtocolError(DropReason.REPLAY, f"sequence {sig.seq} already seen (last {self._recv_seq})")
+        if sig.seq != self._recv_seq + 1:
+            raise RemoteProtocolError(DropReason.UNEXPECTED, f"sequence {sig.seq}, expected {self._recv_seq + 1}")
+        self._recv_seq = sig.seq
+
+    def _drop(self, reason: DropReason, detail: str) -> None:
+        self.drops[reason] += 1
+        self._registry.drops[reason] += 1
+        logger.info("handover %s %#x: dropped signal (%s): %s", self.role, self.nonce, reason.value, detail)
+
+    def _protocol_failure(self, exc: RemoteProtocolError, now: float) -> None:
+        self._drop(exc.reason, exc.detail)
+        if self._can_fail():
+            self._fail(SignalProtocolError(str(exc)), now, abort=AbortReason.PROTOCOL)
+
+    def _unexpected(self, sig: Signal, now: float) -> None:
+        self._protocol_failure(
+            RemoteProtocolError(DropReason.UNEXPECTED, f"{sig.type.name} in state {self.state}"), now)
+
+    def _settle_at(self) -> float | None:
+        if self.state != "Settling" or self.entry is None or self._locked_at is None:
+            return None
+        return self._locked_at + self.entry.config.settle_time
+
+    def _lock_entry(self, now: float) -> None:
+        """InLocking -> Locked if the entry's own guard (drained) allows it."""
+        entry = self.entry
+        if entry is not None and entry.state == "InLocking" and entry.drained:
+            self._busy = True
+            try:
+                if entry.finish_lock(now):
+                    self._locked_at = now
+            finally:
+                self._busy = False
+
+    def _release_entry(self, now: float, gone: bool) -> None:
+        """Rule 4: InLocking -> Idle (or Expired if the pair is gone remotely); Locked -> Expired."""
+        entry = self.entry
+        if entry is None:
+            return
+        self._busy = True
+        try:
+            if entry.state == "InLocking" and not gone:
+                entry.abort_lock(now)
+            elif entry.state in ("InLocking", "Locked"):
+                entry.expire(ExpiryReason.PEER_GONE if gone else ExpiryReason.LOCK_TIMEOUT, now)
+        finally:
+            self._busy = False
+
+    def _try_settle(self, now: float) -> None:
+        entry = self.entry
+        if entry is None or self.state != "Settling" or not self.settled:
+            return
+        self._machine_fire("settle")  # guard `settled` is evaluated while the entry is still Locked
+        self._busy = True
+        try:
+            ok = entry.use(now)  # same guard as the machine's: cannot refuse now
+        finally:
+            self._busy = False
+        assert ok, f"entry {entry!r} refused use although settled"
+        self._finish(Lease(entry.pair, entry, self.role, sid=self.sid, lock=self._registry.lock), now)
+
+    def _entry_lost(self, now: float) -> bool:
+        """The owned entry left the claimed states under us (its own lock timer, expiry, removal)."""
+        entry = self.entry
+        if entry is None or entry.state not in ("Idle", "Expired"):
+            return False
+        timed_out = self._entry_reason is ExpiryReason.LOCK_TIMEOUT
+        err = (HandoverTimeout(f"pair {self.nonce:#x}: the entry's lock timed out") if timed_out
+               else HandoverError(f"pair {self.nonce:#x} left the lock ({entry.state}) during the handover"))
+        if self._can_fail():
+            self._fail(err, now, abort=AbortReason.TIMEOUT if timed_out else AbortReason.ENTRY_GONE)
+        else:
+            # Settling cannot fail in the spec; the entry is gone, so the session ends without a lease.
+            self._finish(err, now)
+        return True
+
+    def _fail(self, err: HandoverError, now: float, abort: AbortReason | None = None,
+              gone: bool = False, release: bool = True) -> None:
+        self._machine_fire("fail")
+        if abort is not None and self.sid:
+            self._emit(SignalType.ABORT, abort)
+        if release:
+            self._release_entry(now, gone)
+        self._finish(err, now)
+
+    def _finish(self, outcome: Lease | HandoverError, now: float) -> None:
+        self.outcome = outcome
+        self.ended_at = now
+        self.deadline = None
+        self._registry.outcomes["lease" if isinstance(outcome, Lease) else type(outcome).__name__] += 1
+        if self.nonce:
+            self._registry.unbind(self.nonce, self)
+        if isinstance(outcome, HandoverError):
+            logger.info("handover %s %#x ended: %s: %s", self.role, self.nonce, type(outcome).__name__, outcome)
+        self._wake()
+
+    # -- role hooks --
+
+    def _machine_fire(self, event: str) -> None:
+        raise NotImplementedError
+
+    def _can_fail(self) -> bool:
+        raise NotImplementedError
+
+    def _on_signal(self, sig: Signal, now: float) -> None:
+        raise NotImplementedError
+
+    def _advance(self, now: float) -> None:
+        raise NotImplementedError
+
+    @property
+    def settled(self) -> bool:
+        """Guard ``settled``: entry Locked and the entry's own settle guard holds."""
+        return self.entry is not None and self.entry.state == "Locked" and self.entry.settled
+
+    @property
+    def entry_claimed(self) -> bool:
+        """Guard ``entry_claimed``: the entry is InLocking and this session owns it."""
+        return (self.entry is not None and self.entry.state == "InLocking"
+                and self._registry.owner(self.nonce) is self)
+
+
+class InitiatorSession(Session):
+    """One ``take``: LOCK -> (LOCKED) -> lock locally -> TAKE -> (TAKEN) -> use."""
+
+    role: Role = "initiator"
+
+    def __init__(self, registry: HandoverRegistry, entry: PairEntry, now: float,
+                 sid: bytes | None = None) -> None:
+        super().__init__(registry, now)
+        self.entry = entry
+        self.nonce = entry.nonce
+        self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
+        self.deadline = now + entry.config.lock_timeout
+        self.machine = InitiatorMachine(model=self)
+        registry.bind(self.nonce, self)
+        self.machine.fire("send_lock")  # guard entry_claimed: the caller's claim won
+        self._emit(SignalType.LOCK)
+
+    @property
+    def entry_locked(self) -> bool:
+        """Guard ``entry_locked``: our entry finished its lock (drained, silent)."""
+        return self.entry is not None and self.entry.state == "Locked"
+
+    def _machine_fire(self, event: str) -> None:
+        self.machine.send(event)
+
+    def _can_fail(self) -> bool:
+        return self.state in ("Start", "Locking", "Draining", "Taking")
+
+    def lose_tie_break(self, now: float) -> None:
+        """Rule 5, ponger side: the peer's (pinger's) session wins; our InLocking entry goes to the responder.
+
+        The entry is *not* released: it stays InLocking and the caller rebinds
+        it to the responder session. Our caller gets :class:`PairBusy`.
+        """
+        self._fail(PairBusy(f"pair {self.nonce:#x}: the peer's simultaneous take won the tie-break"), now,
+                   release=False)
+
+    def _on_signal(self, sig: Signal, now: float) -> None:
+        st = self.state
+        if sig.type is SignalType.ABORT and self._can_fail():
+            assert sig.reason is not None
+            gone = sig.reason is AbortReason.UNKNOWN_PAIR
+            self._fail(PeerRefused(f"peer aborted the handover of {self.nonce:#x}: {sig.reason.name}"), now,
+                       gone=gone)
+        elif st == "Locking" and sig.type is SignalType.LOCKED:
+            self.machine.send("recv_locked")
+            self._advance(now)
+        elif st == "Locking" and sig.type is SignalType.BUSY:
+            self.machine.send("recv_busy")
+            self._release_entry(now, gone=False)
+            self._finish(PairBusy(f"peer refused pair {self.nonce:#x}: busy"), now)
+        elif st == "Taking" and sig.type is SignalType.TAKEN:
+            self.machine.send("recv_taken")
+            self._advance(now)
+        elif self._can_fail():
+            self._unexpected(sig, now)
+        else:
+            self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
+
+    def _advance(self, now: float) -> None:
+        if self.done or self._entry_lost(now):
+            return
+        if self.state == "Draining":
+            self._lock_entry(now)  # pinger: once drained; ponger: at once (peer pinger is Locked)
+            if self.entry_locked:
+                self.machine.send("send_take")  # point of no return
+                self._emit(SignalType.TAKE)
+        if self.state == "Settling":
+            self._try_settle(now)
+
+
+class ResponderSession(Session):
+    """One incoming LOCK: accept (or refuse) -> LOCKED -> (TAKE) -> lock -> TAKEN -> use."""
+
+    role: Role = "responder"
+
+    def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float) -> None:
+        """Process the session's first signal; call with the pool lock held (the pool's accept_session does)."""
+        super().__init__(registry, now)
+        self.machine = ResponderMachine(model=self)
+        try:
+            sig = wire.decode(data)
+        except RemoteProtocolError as exc:
+            self._refuse(SignalProtocolError(str(exc)), now, drop=exc)
+            return
+        self.nonce, self.sid = sig.nonce, sig.sid
+        if sig.type is not SignalType.LOCK or sig.seq != 1:
+            bad = RemoteProtocolError(DropReason.UNEXPECTED, f"session opened with {sig!r}, expected LOCK #1")
+            self._refuse(SignalProtocolError(str(bad)), now, drop=bad, reply=AbortReason.PROTOCOL)
+            return
+        self._recv_seq = 1
+        self.received.append(sig)
+        try:
+            entry = lookup(sig.nonce)
+        except UnknownPair:
+            self._refuse(HandoverError(f"unknown pair {sig.nonce:#x}"), now, reply=AbortReason.UNKNOWN_PAIR)
+            return
+        self.deadline = now + entry.config.lock_timeout
+        owner = registry.owner(sig.nonce)
+        if (isinstance(owner, InitiatorSession) and owner.state == "Locking" and not entry.is_pinger
+                and entry.state == "InLocking"):
+            owner.lose_tie_break(now)  # rule 5: the pinger's session wins; take over its InLocking entry
+        else:
+            try:
+                entry = claim(sig.nonce, now)
+            except UnknownPair:
+                self._refuse(HandoverError(f"unknown pair {sig.nonce:#x}"), now, reply=AbortReason.UNKNOWN_PAIR)
+                return
+            except PairBusy:
+                self._refuse(PairBusy(f"pair {sig.nonce:#x} is not Idle here"), now, reply=None, busy=True)
+                return
+        self.entry = entry
+        registry.bind(self.nonce, self)
+        self.machine.send("accept")  # guard entry_claimed
+        self._advance(now)
+
+    @property
+    def peer_may_proceed(self) -> bool:
+        """Guard ``peer_may_proceed``: a pinger must be Locked (drained, silent) before LOCKED goes out."""
+        return self.entry is not None and (not self.entry.is_pinger or self.entry.state == "Locked")
+
+    def _machine_fire(self, event: str) -> None:
+        self.machine.send(event)
+
+    def _can_fail(self) -> bool:
+        return self.state in ("Start", "Draining", "Committed")
+
+    def _refuse(self, err: HandoverError, now: float, drop: RemoteProtocolError | None = None,
+                reply: AbortReason | None = None, busy: bool = False) -> None:
+        if drop is not None:
+            self._drop(drop.reason, drop.detail)
+        self.machine.send("refuse")
+        if busy:
+            self._emit(SignalType.BUSY)
+        elif reply is not None:
+            self._emit(SignalType.ABORT, reply)
+        self._finish(err, now)
+
+    def _on_signal(self, sig: Signal, now: float) -> None:
+        st = self.state
+        if sig.type is SignalType.ABORT and self._can_fail():
+            assert sig.reason is not None
+            self._fail(PeerRefused(f"initiator aborted the handover of {self.nonce:#x}: {sig.reason.name}"), now)
+        elif st == "Committed" and sig.type is SignalType.TAKE:
+            # The initiator is Locked; a ponger locks now (nothing can be in flight), a pinger already is.
+            self._lock_entry(now)
+            if self.entry is None or self.entry.state != "Locked":
+                self._fail(HandoverError(f"pair {self.nonce:#x} could not lock on TAKE"), now,
+                           abort=AbortReason.ENTRY_GONE)
+                return
+            self.machine.send("recv_take")  # point of no return: TAKEN goes out
+            self._emit(SignalType.TAKEN)
+            self._advance(now)
+        elif self._can_fail():
+            self._unexpected(sig, now)
+        else:
+            self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
+
+    def _advance(self, now: float) -> None:
+        if self.done or self._entry_lost(now):
+            return
+        if self.state == "Draining":
+            if self.entry is not None and self.entry.is_pinger:
+                self._lock_entry(now)  # pinger responder locks first (drains), then LOCKED
+            if self.peer_may_proceed:
+                self.machine.send("send_locked")
+                self._emit(SignalType.LOCKED)
+        if self.state == "Settling":
+            self._try_settle(now)
+
+
+# --- pool glue: PairPool.start_take / accept_session delegate here -------------
+
+
+def registry_of(pool: PairPool) -> HandoverRegistry:
+    """The pool's session registry, created on first use and hooked into its entry events."""
+    reg: HandoverRegistry | None = getattr(pool, "_handover_registry", None)
+    if reg is None:
+        reg = HandoverRegistry(pool.lock, pool.drops)
+        pool._handover_registry = reg  # type: ignore[attr-defined]
+        chained = pool.on_entry_event
+        route = reg.route
+
+        def on_entry_event(entry: PairEntry, event: EntryOutput) -> None:
+            if chained is not None:
+                chained(entry, event)
+            route(entry.nonce, event, event.at)
+
+        pool.on_entry_event = on_entry_event
+    return reg
+
+
+def start_take(pool: PairPool, nonce: int | None, peer: str | None, now: float,
+               sid: bytes | None = None) -> InitiatorSession:
+    """Claim (CAS) an entry and open an initiator session on it; LOCK is queued.
+
+    Raises :class:`PairBusy` / :class:`UnknownPair` (nothing sent, nothing
+    changed) — rule 1: losers of the claim fail at once.
+    """
+    if (nonce is None) == (peer is None):
+        raise LocalError("start_take needs exactly one of nonce or peer")
+    reg = registry_of(pool)
+    with pool.lock:
+        entry = pool._claim_locked(nonce, now) if nonce is not None else pool._claim_any_locked(str(peer), now)
+        return InitiatorSession(reg, entry, now, sid=sid)
+
+
+def accept_session(pool: PairPool, data: bytes, now: float) -> ResponderSession:
+    """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
+    reg = registry_of(pool)
+    with pool.lock:
+        return ResponderSession(reg, pool._get, pool._claim_locked, data, now)

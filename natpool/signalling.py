@@ -1,0 +1,115 @@
+"""The signalling interface that the user's own signalling layer implements.
+
+natpool does not ship a signalling service: the application already has one
+(a relay, a WebSocket, a TCP control connection). It only needs an ordered,
+reliable, bidirectional byte-message channel per handover session, which is
+what :class:`SignalChannel` describes. :func:`memory_channel_pair` is an
+in-memory implementation for tests and documentation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, runtime_checkable
+
+from natpool.errors import ChannelBroken
+
+
+@runtime_checkable
+class SignalChannel(Protocol):
+    """One handover session's message channel (ordered, reliable, message-framed).
+
+    ``recv`` raises :class:`ChannelBroken` once the channel is closed by either
+    side or fails; ``close`` is idempotent and wakes a pending ``recv``.
+    """
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Signalling(Protocol):
+    """Opens a fresh channel to a peer, one per ``take`` (a session never reuses a channel)."""
+
+    async def open(self, peer_identity: str) -> SignalChannel: ...
+
+
+class _Closed:
+    """Queue sentinel: the sending side closed."""
+
+
+_CLOSED = _Closed()
+
+
+class MemoryChannel:
+    """One end of an in-memory channel pair on asyncio queues.
+
+    Closing either end breaks both: the peer's pending and future ``recv``
+    raise :class:`ChannelBroken` after the messages already queued, which is
+    how a TCP connection that delivered everything then hit EOF behaves.
+    """
+
+    def __init__(self, inbox: asyncio.Queue[bytes | _Closed], outbox: asyncio.Queue[bytes | _Closed]) -> None:
+        self._inbox = inbox
+        self._outbox = outbox
+        self._closed = False
+        self._peer_closed = False
+        self.sent: list[bytes] = []  # every message this end sent, for tests and traces
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def send(self, data: bytes) -> None:
+        if self._closed or self._peer_closed:
+            raise ChannelBroken("memory channel is closed")
+        self.sent.append(bytes(data))
+        self._outbox.put_nowait(bytes(data))
+
+    async def recv(self) -> bytes:
+        if self._closed or self._peer_closed:
+            raise ChannelBroken("memory channel is closed")
+        item = await self._inbox.get()
+        if isinstance(item, _Closed):
+            self._peer_closed = True
+            # Re-post so that concurrent receivers on this end also wake.
+            self._inbox.put_nowait(item)
+            raise ChannelBroken("peer closed the memory channel")
+        return item
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._outbox.put_nowait(_CLOSED)
+        self._inbox.put_nowait(_CLOSED)  # wake our own pending recv
+
+
+def memory_channel_pair() -> tuple[MemoryChannel, MemoryChannel]:
+    """Two connected ends; create them inside the running loop's context (queues bind lazily)."""
+    a_to_b: asyncio.Queue[bytes | _Closed] = asyncio.Queue()
+    b_to_a: asyncio.Queue[bytes | _Closed] = asyncio.Queue()
+    return MemoryChannel(b_to_a, a_to_b), MemoryChannel(a_to_b, b_to_a)
+
+
+class MemorySignalling:
+    """A :class:`Signalling` whose ``open`` hands the far end of a fresh pair to ``on_incoming``.
+
+    ``on_incoming`` is the remote node's responder entry point (for example a
+    callback that spawns ``serve_responder``); the tests wire two pools with it.
+    """
+
+    def __init__(self, on_incoming: _IncomingHandler) -> None:
+        self._on_incoming = on_incoming
+
+    async def open(self, peer_identity: str) -> SignalChannel:
+        mine, theirs = memory_channel_pair()
+        self._on_incoming(peer_identity, theirs)
+        return mine
+
+
+class _IncomingHandler(Protocol):
+    def __call__(self, peer_identity: str, channel: MemoryChannel, /) -> None: ...

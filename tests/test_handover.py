@@ -1,0 +1,153 @@
+"""Handover sessions (spec/handover.md) over two real sans-IO pools, in virtual time."""
+
+from __future__ import annotations
+
+import pytest
+from handover_net import A, B, Link, Net
+
+from natpool.config import PairConfig
+from natpool.core.lease import Lease
+from natpool.errors import (
+    ChannelBroken,
+    HandoverError,
+    PairBusy,
+)
+
+NONCE = 0xC0FFEE
+CFG = PairConfig(ping_interval=5.0, no_inbound_timeout=20.0, ping_lifespan=2.0, lock_timeout=1.0)
+
+
+def types(link: Link) -> list[str]:
+    return [m.type.name for _, _, m in link.messages if not isinstance(m, bytes)]
+
+
+def assert_symmetry(net: Net, nonce: int) -> None:
+    """Never one side InUse while the other is Idle (spec Symmetry)."""
+    states = {net.state(A, nonce), net.state(B, nonce)}
+    assert states != {"InUse", "Idle"}, states
+
+
+def assert_no_leak(net: Net, nonce: int) -> None:
+    """Every session ended, none still owns an entry, and no entry is stuck claimed."""
+    for _, _, s in net.sessions():
+        assert s.done
+    for node, pool in net.pools.items():
+        assert not pool.handovers.sessions(), node
+        assert net.state(node, nonce) in ("Idle", "InUse", "Expired"), (node, net.state(node, nonce))
+
+
+def assert_silent_after_lock(net: Net, nonce: int) -> None:
+    """StrictSilence: no keepalive frame leaves a side after its entry locked."""
+    for node in (A, B):
+        locked = net.locked_at(node, nonce)
+        assert locked is not None, node
+        late = [s for s in net.log if s.sender == node and s.nonce == nonce and s.at >= locked]
+        assert late == [], late
+
+
+def leases(link: Link) -> list[Lease]:
+    out = []
+    for node in (link.a, link.b):
+        s = link.session(node)
+        if s is not None and isinstance(s.outcome, Lease):
+            out.append(s.outcome)
+    return out
+
+
+@pytest.mark.parametrize("initiator", [A, B], ids=["initiator-pinger", "initiator-ponger"])
+def test_happy_path(initiator: str) -> None:
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    net.run_until(10.001)  # a ping left A at t=10 and is in flight: the pinger must drain it
+    t0 = net.now
+    link = net.take(initiator, NONCE)
+    net.run_sessions()
+    assert types(link) == ["LOCK", "LOCKED", "TAKE", "TAKEN"]
+    got = leases(link)
+    assert sorted(le.role for le in got) == ["initiator", "responder"]
+    assert all(le.nonce == NONCE for le in got)
+    assert net.state(A, NONCE) == net.state(B, NONCE) == "InUse"
+    assert_silent_after_lock(net, NONCE)
+    assert_no_leak(net, NONCE)
+    # Virtual-time latency: two signalling round trips (+ one UDP RTT when the pinger answers LOCK),
+    # nowhere near ping_lifespan.
+    sig_rtt, udp_rtt = 2 * net.sig_delay, 2 * net.udp_delay
+    end = max(s.ended_at or 0.0 for _, _, s in net.sessions())
+    assert end - t0 <= 2 * sig_rtt + udp_rtt + 1e-9
+    assert end - t0 < CFG.ping_lifespan
+
+
+def test_lease_release_expires_both_sides_entries_for_good() -> None:
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    link = net.take(A, NONCE)
+    net.run_sessions()
+    for lease in leases(link):
+        lease.release(net.now)
+        lease.release(net.now)  # idempotent
+        assert lease.released
+    assert net.state(A, NONCE) == net.state(B, NONCE) == "Expired"
+
+
+def test_claim_losers_fail_at_once_and_send_nothing() -> None:
+    """50 concurrent takers of one pair on one node: one session, 49 PairBusy, no signal from the losers."""
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    links: list[Link] = []
+    busy = 0
+    for _ in range(50):
+        try:
+            links.append(net.take(A, NONCE))
+        except PairBusy:
+            busy += 1
+    assert (len(links), busy) == (1, 49)
+    net.run_sessions()
+    assert len(leases(links[0])) == 2
+    assert types(links[0]) == ["LOCK", "LOCKED", "TAKE", "TAKEN"]
+
+
+def test_take_any_picks_an_idle_pair_and_reports_busy_when_none() -> None:
+    net = Net(CFG)
+    net.add_pair(1, pinger=A)
+    net.add_pair(2, pinger=B)
+    first = net.take(A, peer=B)
+    second = net.take(A, peer=B)
+    with pytest.raises(PairBusy):
+        net.take(A, peer=B)
+    net.run_sessions()
+    assert len(leases(first)) == len(leases(second)) == 2
+    assert {first.initiator.nonce, second.initiator.nonce} == {1, 2}
+
+
+def test_unknown_pair_is_aborted_and_the_initiator_expires_its_entry() -> None:
+    """Rule 6: LOCK for an unknown nonce gets ABORT(unknown); the initiator's entry expires (PEER_GONE)."""
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    net.pools[B].remove(NONCE, net.now)
+    link = net.take(A, NONCE)
+    net.run_sessions()
+    assert types(link) == ["LOCK", "ABORT"]
+    assert net.state(A, NONCE) == "Expired"
+    assert isinstance(link.initiator.outcome, HandoverError)
+    assert_no_leak(net, NONCE)
+
+
+def test_busy_peer_refuses_and_the_entry_returns_to_idle() -> None:
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    net.pools[B].claim(NONCE, net.now)  # B's side is claimed by someone else (no session)
+    link = net.take(A, NONCE)
+    net.run_sessions()
+    assert types(link) == ["LOCK", "BUSY"]
+    assert isinstance(link.initiator.outcome, PairBusy)
+    assert net.state(A, NONCE) == "Idle"
+    assert not net.pools[A].handovers.sessions()
+
+
+def test_channel_closed_before_anything_returns_the_entry() -> None:
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    link = net.take(A, NONCE, drop_in_flight=lambda sender, data: True)
+    net.run_sessions()
+    assert isinstance(link.initiator.outcome, ChannelBroken)
+    assert net.state(A, NONCE) == net.state(B, NONCE) == "Idle"
