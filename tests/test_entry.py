@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,7 @@ from natpool.config import PairConfig
 from natpool.core.entry import Drained, ExpiryReason, PairEntry, StateChanged
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, InvalidState
+from natpool.machines import EntryMachine
 from natpool.machines.tables import ENTRY
 from natpool.wire.frame import Frame, Kind, decode, encode
 
@@ -323,6 +325,22 @@ def test_foreign_and_malformed_datagrams_are_counted_never_answered(is_pinger: b
     assert dict(e.stats.drops) == expected
 
 
+def test_drops_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    e = make()
+    with caplog.at_level(logging.DEBUG, logger="natpool.core.entry"):
+        e.receive_datagram(b"??", BOB.addr, 1.0)
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert "malformed" in caplog.records[0].getMessage()
+
+
+def test_ipv6_remote_is_matched_in_socket_form() -> None:
+    pair = EndpointPair(Endpoint("alice", "0:0::1", 1000), Endpoint("bob", "0::0:1", 1001), NONCE)
+    a = PairEntry(pair, "alice", True, CFG, 0.0)
+    assert a.datagrams_to_send(0.0) == [(PING, ("::1", 1001))]
+    a.receive_datagram(PONG, ("::1", 1001), 0.1)
+    assert a.stats.received == 1 and a.last_seen == 0.1
+
+
 def test_unexpected_frames_are_dropped() -> None:
     a, b = make(), make(is_pinger=False)
     a.receive_datagram(PING, BOB.addr, 0.5)  # the pinger does not answer pings
@@ -450,10 +468,18 @@ class Recorder:
         self.seen.append((str(event), getattr(source, "value", ""), getattr(target, "value", "")))
 
 
+def test_binding_a_machine_with_start_value_fires_nothing() -> None:
+    rec = Recorder()
+    e = make(is_pinger=False)
+    assert e.begin_lock(0.0)
+    machine = EntryMachine(model=e, start_value=e.state, listeners=[rec])
+    assert rec.seen == []
+    assert machine.current() == e.state == "InLocking"
+
+
 def test_every_transition_goes_through_the_generated_machine() -> None:
     rec = Recorder()
     e = make(is_pinger=False, listeners=(rec,))
-    assert rec.seen == []  # binding a machine with start_value fires nothing
     assert e.begin_lock(1.0)
     e.abort_lock(1.1)
     assert e.begin_lock(1.2)

@@ -11,6 +11,7 @@ entry stays a few hundred bytes (a bound machine costs ~10.7 KB).
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -75,7 +76,12 @@ class StateChanged:
 
 @dataclass(frozen=True, slots=True)
 class Drained:
-    """An InLocking entry has nothing outstanding: ``finish_lock`` will now succeed."""
+    """An InLocking entry has nothing outstanding: ``finish_lock`` will now succeed.
+
+    Emitted once per lock attempt: at ``begin_lock`` when nothing is
+    outstanding (always for the ponger), else when the last ping is
+    answered or times out.
+    """
 
     nonce: int
     at: float
@@ -159,7 +165,8 @@ class PairEntry:
         self.nonce = pair.nonce
         self.local: Endpoint = pair.local(local_identity)
         self.remote: Endpoint = pair.remote(local_identity)
-        self._raddr = self.remote.addr
+        # Compare against the form a socket reports (e.g. "::1", not "0::1").
+        self._raddr = (ipaddress.ip_address(self.remote.host).compressed, self.remote.port)
         self.is_pinger = is_pinger
         self.config = config
         self.state: EntryState = _IDLE
