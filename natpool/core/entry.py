@@ -297,7 +297,8 @@ class PairEntry:
         if state == _IDLE:
             t = self.last_seen + cfg.no_inbound_timeout
             if self._pings is not None:
-                t = min(t, self._next_ping)
+                if state in _PINGING:
+                    t = min(t, self._next_ping)
                 if self._pings:
                     t = min(t, self._pings[0] + cfg.ping_lifespan)
             return t
@@ -345,12 +346,11 @@ class PairEntry:
                 self.stats.ping_timeouts += expired
                 if state == _IN_LOCKING and not pings:
                     self._emit(Drained(self.nonce, now))
-        if state == _IDLE:
-            if due >= self.last_seen + cfg.no_inbound_timeout:
-                self.expire(ExpiryReason.NO_INBOUND, now)
-                return
-            if pings is not None and due >= self._next_ping:
-                self._queue_ping(now)
+        if state == _IDLE and due >= self.last_seen + cfg.no_inbound_timeout:
+            self.expire(ExpiryReason.NO_INBOUND, now)
+            return
+        if pings is not None and state in _PINGING and due >= self._next_ping:
+            self._queue_ping(now)
 
     def _ping_life(self, state: str) -> float:
         """How long an outstanding ping may wait for its pong in ``state``."""
