@@ -238,6 +238,7 @@ class AsyncPairPool:
         self._subscriptions: set[Subscription] = set()
         self._closed = False
         self._changed: asyncio.Event | None = None
+        self._waiting = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -405,34 +406,46 @@ class AsyncPairPool:
         return Counter(str(e.state) for e in self.core.entries())
 
     async def wait_changed(self) -> None:
-        """Wait until the next input (datagram, timer or event) was processed; for handover pumps."""
+        """Wait until the next input (datagram, timer or event) was processed; for handover pumps and tests."""
         self._bind_loop()
         assert self._changed is not None
         self._changed.clear()
-        await self._changed.wait()
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
-    # --- the input path -------------------------------------------------------------------------
+    # --- the input path (hot: one call per datagram) ---------------------------------------------
 
     def _on_datagram(self, nonce: int, data: bytes, addr: Any) -> None:
         self.stats.datagrams_in += 1
-        addr = (str(addr[0]), int(addr[1]))
+        assert self._loop is not None
+        now = self._loop.time()
         if self.wire_observer is not None:
-            try:
-                state = str(self.core.get(nonce).state)
-            except UnknownPair:
-                state = "Unknown"
-            self.wire_observer("recv", nonce, data, addr, state)
+            self._observe("recv", nonce, data, addr)
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
-        self.core.receive_datagram(nonce, data, addr, self.now())
-        self._after_input()
+        self.core.receive_datagram(nonce, data, addr, now)
+        # A datagram alone never brings a deadline forward (it only refreshes liveness or clears a ping);
+        # anything that could (a transition) shows up as an event, which re-arms below.
+        self._after_input(now, rearm=False)
+
+    def _observe(self, direction: str, nonce: int, data: bytes, addr: Any) -> None:
+        assert self.wire_observer is not None
+        try:
+            state = str(self.core.get(nonce).state)
+        except UnknownPair:
+            state = "Unknown"
+        self.wire_observer(direction, nonce, data, (str(addr[0]), int(addr[1])), state)
 
     def _on_socket_error(self, nonce: int, exc: Exception) -> None:
         # ICMP errors (e.g. port unreachable) surface here on Linux; they are the peer's problem.
         self.stats.send_errors += 1
         self._send_errors[nonce] += 1
         log.debug("socket error on %#x: %s", nonce, exc)
-        self.core.send_failed(nonce, self.now())
-        self._after_input()
+        now = self.now()
+        self.core.send_failed(nonce, now)
+        self._after_input(now)
 
     def _on_timer(self) -> None:
         self._handle = None
@@ -441,38 +454,36 @@ class AsyncPairPool:
             return
         self.stats.timer_wakeups += 1
         now = self.now()
-        horizon = now + TIMER_SLACK
         deadline = self.core.get_timer()
-        if deadline is not None and deadline <= horizon:
+        if deadline is not None and deadline <= now + TIMER_SLACK:
             # The core takes everything due within TIMER_SLACK of the time it is given.
             self.core.handle_timer(max(now, deadline))
-        self._after_input()
+        self._after_input(now)
 
-    def _after_input(self) -> None:
+    def _after_input(self, now: float | None = None, rearm: bool = True) -> None:
         """Flush outgoing datagrams, fan out events, re-arm the single timer."""
-        self._flush()
-        self._drain_events()
-        if self._changed is not None:
+        if now is None:
+            now = self.now()
+        self._flush(now)
+        if self._drain_events():
+            rearm = True
+        if self._waiting:
+            assert self._changed is not None
             self._changed.set()
-        if not self._closed:
+        if not self._closed and (rearm or self._handle is None):
             self._rearm()
 
-    def _flush(self) -> None:
-        now = self.now()
+    def _flush(self, now: float) -> None:
         sends = self.core.datagrams_to_send(now)
         if not sends:
             return
-        observer = self.wire_observer
+        transports = self._transports
         for nonce, data, addr in sends:
-            transport = self._transports.get(nonce)
-            if transport is None or transport.is_closing():
+            transport = transports.get(nonce)
+            if transport is None:
                 continue
-            if observer is not None:
-                try:
-                    state = str(self.core.get(nonce).state)
-                except UnknownPair:
-                    state = "Unknown"
-                observer("send", nonce, data, addr, state)
+            if self.wire_observer is not None:
+                self._observe("send", nonce, data, addr)
             try:
                 transport.sendto(data, addr)
                 self.stats.datagrams_out += 1
@@ -485,8 +496,11 @@ class AsyncPairPool:
         log.debug("send on %#x failed: %s", nonce, exc)
         self.core.send_failed(nonce, now)
 
-    def _drain_events(self) -> None:
+    def _drain_events(self) -> bool:
+        """Fan out every pending core event; True if there was any."""
+        any_event = False
         while (event := self.core.next_event()) is not None:
+            any_event = True
             self.stats.events += 1
             if isinstance(event, StateChanged):
                 log.debug("entry %#x %s -> %s on %s (%s)", event.nonce, event.source, event.target, event.event,
@@ -502,6 +516,7 @@ class AsyncPairPool:
             for sub in list(self._subscriptions):
                 if not sub._put(event):
                     self.stats.events_lost += 1
+        return any_event
 
     def _rearm(self) -> None:
         deadline = self.core.get_timer()
