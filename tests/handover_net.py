@@ -18,6 +18,7 @@ from functools import partial
 from natpool.config import PairConfig
 from natpool.core.entry import EntryOutput, StateChanged
 from natpool.core.handover import InitiatorSession, ResponderSession, Session
+from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.wire import signal as wire
@@ -54,6 +55,7 @@ class Link:
     messages: list[tuple[float, str, wire.Signal | bytes]] = field(default_factory=list)
     break_after: Callable[[str, bytes], bool] | None = None  # (sender, data) -> break once delivered
     drop_in_flight: Callable[[str, bytes], bool] | None = None  # (sender, data) -> break before delivery
+    tamper: Callable[[str, bytes], list[bytes]] | None = None  # (sender, data) -> what is delivered instead
 
     def session(self, node: str) -> Session | None:
         return self.initiator if node == self.a else self.responder
@@ -72,7 +74,8 @@ class Link:
         if self.drop_in_flight is not None and self.drop_in_flight(sender, data):
             self.break_()
             return
-        self.net.after(self.net.sig_delay, lambda: self._deliver(sender, data))
+        for out in self.tamper(sender, data) if self.tamper is not None else [data]:
+            self.net.after(self.net.sig_delay, partial(self._deliver, sender, out))
 
     def _deliver(self, sender: str, data: bytes) -> None:
         if self.broken:
@@ -129,6 +132,7 @@ class Net:
         self._seq = itertools.count()
         self._port = itertools.count(40000)
         self._event_log: dict[str, list[EntryOutput]] = {A: [], B: []}
+        self.checks: list[Callable[[Net], None]] = [_symmetry_everywhere]  # run after every step
 
     # -- setup --
 
@@ -139,10 +143,14 @@ class Net:
         self.flush()
         return pair
 
-    def take(self, node: str, nonce: int | None = None, peer: str | None = None, **link_kw: object) -> Link:
+    def take(self, node: str, nonce: int | None = None, peer: str | None = None, *,
+             break_after: Callable[[str, bytes], bool] | None = None,
+             drop_in_flight: Callable[[str, bytes], bool] | None = None,
+             tamper: Callable[[str, bytes], list[bytes]] | None = None) -> Link:
         """Start a take on ``node`` (raises PairBusy/UnknownPair like the pool) and open its link."""
         session = self.pools[node].start_take(nonce, peer, self.now)
-        link = Link(self, node, B if node == A else A, session, **link_kw)  # type: ignore[arg-type]
+        link = Link(self, node, B if node == A else A, session, break_after=break_after,
+                    drop_in_flight=drop_in_flight, tamper=tamper)
         self.links.append(link)
         self.flush()
         return link
@@ -205,6 +213,8 @@ class Net:
             if st is not None and st <= self.now:
                 s.handle_timer(self.now)
         self.flush()
+        for check in self.checks:
+            check(self)
         return True
 
     def run_until(self, limit: float, until: Callable[[], bool] | None = None) -> None:
@@ -238,3 +248,50 @@ class Net:
             out.append(ev)
         self._event_log[node].extend(out)
         return self._event_log[node]
+
+
+# --- assertions shared by the handover tests ---
+
+
+def types(link: Link) -> list[str]:
+    """The decodable signal types that crossed ``link``, in send order."""
+    return [m.type.name for _, _, m in link.messages if not isinstance(m, bytes)]
+
+
+def _symmetry_everywhere(net: Net) -> None:
+    nonces = {e.nonce for pool in net.pools.values() for e in pool.entries()}
+    for nonce in nonces:
+        assert_symmetry(net, nonce)
+
+
+def assert_symmetry(net: Net, nonce: int) -> None:
+    """Never one side InUse while the other is Idle (spec Symmetry)."""
+    states = {net.state(A, nonce), net.state(B, nonce)}
+    assert states != {"InUse", "Idle"}, states
+
+
+def assert_no_leak(net: Net, nonce: int) -> None:
+    """Every session ended, none still owns an entry, and no entry is stuck claimed."""
+    for _, _, s in net.sessions():
+        assert s.done
+    for node, pool in net.pools.items():
+        assert not pool.handovers.sessions(), node
+        assert net.state(node, nonce) in ("Idle", "InUse", "Expired"), (node, net.state(node, nonce))
+
+
+def assert_silent_after_lock(net: Net, nonce: int) -> None:
+    """StrictSilence: no keepalive frame leaves a side after its entry locked."""
+    for node in (A, B):
+        locked = net.locked_at(node, nonce)
+        assert locked is not None, node
+        late = [s for s in net.log if s.sender == node and s.nonce == nonce and s.at >= locked]
+        assert late == [], late
+
+
+def leases(link: Link) -> list[Lease]:
+    out = []
+    for node in (link.a, link.b):
+        s = link.session(node)
+        if s is not None and isinstance(s.outcome, Lease):
+            out.append(s.outcome)
+    return out

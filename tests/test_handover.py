@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from handover_net import A, B, Link, Net
+from handover_net import A, B, Link, Net, assert_no_leak, assert_silent_after_lock, leases, types
 
 from natpool.config import PairConfig
-from natpool.core.lease import Lease
 from natpool.errors import (
     ChannelBroken,
     HandoverError,
@@ -15,43 +14,6 @@ from natpool.errors import (
 
 NONCE = 0xC0FFEE
 CFG = PairConfig(ping_interval=5.0, no_inbound_timeout=20.0, ping_lifespan=2.0, lock_timeout=1.0)
-
-
-def types(link: Link) -> list[str]:
-    return [m.type.name for _, _, m in link.messages if not isinstance(m, bytes)]
-
-
-def assert_symmetry(net: Net, nonce: int) -> None:
-    """Never one side InUse while the other is Idle (spec Symmetry)."""
-    states = {net.state(A, nonce), net.state(B, nonce)}
-    assert states != {"InUse", "Idle"}, states
-
-
-def assert_no_leak(net: Net, nonce: int) -> None:
-    """Every session ended, none still owns an entry, and no entry is stuck claimed."""
-    for _, _, s in net.sessions():
-        assert s.done
-    for node, pool in net.pools.items():
-        assert not pool.handovers.sessions(), node
-        assert net.state(node, nonce) in ("Idle", "InUse", "Expired"), (node, net.state(node, nonce))
-
-
-def assert_silent_after_lock(net: Net, nonce: int) -> None:
-    """StrictSilence: no keepalive frame leaves a side after its entry locked."""
-    for node in (A, B):
-        locked = net.locked_at(node, nonce)
-        assert locked is not None, node
-        late = [s for s in net.log if s.sender == node and s.nonce == nonce and s.at >= locked]
-        assert late == [], late
-
-
-def leases(link: Link) -> list[Lease]:
-    out = []
-    for node in (link.a, link.b):
-        s = link.session(node)
-        if s is not None and isinstance(s.outcome, Lease):
-            out.append(s.outcome)
-    return out
 
 
 @pytest.mark.parametrize("initiator", [A, B], ids=["initiator-pinger", "initiator-ponger"])
@@ -151,3 +113,21 @@ def test_channel_closed_before_anything_returns_the_entry() -> None:
     net.run_sessions()
     assert isinstance(link.initiator.outcome, ChannelBroken)
     assert net.state(A, NONCE) == net.state(B, NONCE) == "Idle"
+
+
+@pytest.mark.parametrize("initiator", [A, B], ids=["initiator-pinger", "initiator-ponger"])
+def test_drain_costs_at_most_one_udp_round_trip_when_udp_is_slower_than_signalling(initiator: str) -> None:
+    """UDP one-way 30 ms, signalling 20 ms, a ping in flight when the pinger locks: ≤ 2 sig RTT + 1 UDP RTT."""
+    net = Net(CFG, udp_delay=0.03, sig_delay=0.02)
+    net.add_pair(NONCE, pinger=A)
+    # Pinger initiator: take 1 ms after the t=10 ping. Ponger initiator: LOCK reaches the pinger 5 ms after it.
+    net.run_until(10.001 if initiator == A else 9.985)
+    t0 = net.now
+    link = net.take(initiator, NONCE)
+    net.run_sessions()
+    assert len(leases(link)) == 2
+    assert_silent_after_lock(net, NONCE)
+    end = max(s.ended_at or 0.0 for _, _, s in net.sessions())
+    sig_rtt, udp_rtt = 2 * net.sig_delay, 2 * net.udp_delay
+    assert end - t0 > 2 * sig_rtt  # the drain really was on the critical path
+    assert end - t0 <= 2 * sig_rtt + udp_rtt + 1e-9

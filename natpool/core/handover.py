@@ -168,14 +168,14 @@ class Session:
     def receive_signal(self, data: bytes, now: float) -> None:
         """Feed one message from the channel. Never raises on bad input."""
         with self._registry.lock:
-            if self.done:
-                self._drop(DropReason.UNEXPECTED, "signal after the session ended")
-                return
             try:
                 sig = wire.decode(data)
                 self._check_binding(sig)
             except RemoteProtocolError as exc:
-                self._protocol_failure(exc, now)
+                self._protocol_failure(exc, now)  # after the end: only counted
+                return
+            if self.done:
+                self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
                 return
             self.received.append(sig)
             self._on_signal(sig, now)
@@ -433,7 +433,9 @@ class ResponderSession(Session):
         self.nonce, self.sid = sig.nonce, sig.sid
         if sig.type is not SignalType.LOCK or sig.seq != 1:
             bad = RemoteProtocolError(DropReason.UNEXPECTED, f"session opened with {sig!r}, expected LOCK #1")
-            self._refuse(SignalProtocolError(str(bad)), now, drop=bad, reply=AbortReason.PROTOCOL)
+            # Never answer an ABORT with an ABORT: the initiator has already given up.
+            reply = None if sig.type is SignalType.ABORT else AbortReason.PROTOCOL
+            self._refuse(SignalProtocolError(str(bad)), now, drop=bad, reply=reply)
             return
         self._recv_seq = 1
         self.received.append(sig)
