@@ -72,12 +72,14 @@ class HandoverRegistry:
     """
 
     def __init__(self, lock: AbstractContextManager[object] | None = None,
-                 drops: Counter[DropReason] | None = None) -> None:
+                 drops: Counter[DropReason] | None = None, listeners: tuple[object, ...] = ()) -> None:
         self.lock: AbstractContextManager[object] = lock if lock is not None else threading.Lock()
         self._owners: dict[int, Session] = {}
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
         self.outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
         self.messages_sent = 0
+        #: python-statemachine listeners bound to every session machine (trace validation).
+        self.listeners = listeners
 
     def owner(self, nonce: int) -> Session | None:
         return self._owners.get(nonce)
@@ -357,7 +359,7 @@ class InitiatorSession(Session):
         self.nonce = entry.nonce
         self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
         self.deadline = now + entry.config.lock_timeout
-        self.machine = InitiatorMachine(model=self)
+        self.machine = InitiatorMachine(model=self, listeners=list(registry.listeners))
         registry.bind(self.nonce, self)
         self.machine.fire("send_lock")  # guard entry_claimed: the caller's claim won
         self._emit(SignalType.LOCK)
@@ -424,7 +426,7 @@ class ResponderSession(Session):
     def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float) -> None:
         """Process the session's first signal; call with the pool lock held (the pool's accept_session does)."""
         super().__init__(registry, now)
-        self.machine = ResponderMachine(model=self)
+        self.machine = ResponderMachine(model=self, listeners=list(registry.listeners))
         try:
             sig = wire.decode(data)
         except RemoteProtocolError as exc:
@@ -525,7 +527,7 @@ def registry_of(pool: PairPool) -> HandoverRegistry:
     """The pool's session registry, created on first use and hooked into its entry events."""
     reg: HandoverRegistry | None = getattr(pool, "_handover_registry", None)
     if reg is None:
-        reg = HandoverRegistry(pool.lock, pool.drops)
+        reg = HandoverRegistry(pool.lock, pool.drops, pool.listeners)
         pool._handover_registry = reg  # type: ignore[attr-defined]
         chained = pool.on_entry_event
         route = reg.route
