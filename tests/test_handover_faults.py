@@ -318,3 +318,23 @@ def test_cancel_aborts_and_returns_the_entry() -> None:
     assert link.initiator.sent[-1].reason is AbortReason.CANCELLED
     assert net.state(A, NONCE) == net.state(B, NONCE) == "Idle"
     assert_no_leak(net, NONCE)
+
+
+def test_settle_waits_from_entering_settling_and_losing_the_entry_there_fails() -> None:
+    """Rule 7: settle_time counts from Settling (TAKE / TAKEN seen); only losing the entry fails it."""
+    net = Net(PairConfig(lock_timeout=1.0, settle_time=0.1))
+    net.add_pair(NONCE, pinger=A)
+    link = net.take(A, NONCE)
+    net.run_until(net.now + 10, lambda: link.responder is not None and link.responder.state == "Settling")
+    resp = link.responder
+    assert resp is not None
+    entered = net.now
+    net.run_until(net.now + 10, lambda: link.initiator.state == "Settling")
+    net.pools[A].remove(NONCE, net.now)  # the initiator's entry dies while settling
+    net.flush()
+    net.run_sessions()
+    assert link.initiator.state == "Failed" and isinstance(link.initiator.outcome, HandoverError)
+    assert isinstance(resp.outcome, Lease)
+    assert resp.ended_at is not None and resp.ended_at >= entered + 0.1
+    assert net.state(B, NONCE) == "InUse"
+    assert_no_leak(net, NONCE)

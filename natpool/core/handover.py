@@ -133,7 +133,8 @@ class Session:
         self._out: list[bytes] = []
         self._send_seq = 0
         self._recv_seq = 0
-        self._locked_at: float | None = None
+        self._settle_start: float | None = None  # when this role entered Settling (spec: settle_start)
+        self._now = now  # last time seen, for the property guards the generated machine evaluates
         self._entry_reason: ExpiryReason | None = None  # ExpiryReason of the last foreign entry transition
         self._busy = False  # re-entrance guard: entry events raised by our own calls
 
@@ -244,9 +245,10 @@ class Session:
             RemoteProtocolError(DropReason.UNEXPECTED, f"{sig.type.name} in state {self.state}"), now)
 
     def _settle_at(self) -> float | None:
-        if self.state != "Settling" or self.entry is None or self._locked_at is None:
+        """Settle deadline: counted from entering Settling, when both sides are known silent (rule 7)."""
+        if self.state != "Settling" or self.entry is None or self._settle_start is None:
             return None
-        return self._locked_at + self.entry.config.settle_time
+        return self._settle_start + self.entry.config.settle_time
 
     def _lock_entry(self, now: float) -> None:
         """InLocking -> Locked if the entry's own guard (drained) allows it."""
@@ -254,8 +256,7 @@ class Session:
         if entry is not None and entry.state == "InLocking" and entry.drained:
             self._busy = True
             try:
-                if entry.finish_lock(now):
-                    self._locked_at = now
+                entry.finish_lock(now)
             finally:
                 self._busy = False
 
@@ -273,8 +274,13 @@ class Session:
         finally:
             self._busy = False
 
+    def _enter_settling(self, event: str, now: float) -> None:
+        self._machine_fire(event)
+        self._settle_start = now
+
     def _try_settle(self, now: float) -> None:
         entry = self.entry
+        self._now = now
         if entry is None or self.state != "Settling" or not self.settled:
             return
         self._machine_fire("settle")  # guard `settled` is evaluated while the entry is still Locked
@@ -294,11 +300,8 @@ class Session:
         timed_out = self._entry_reason is ExpiryReason.LOCK_TIMEOUT
         err = (HandoverTimeout(f"pair {self.nonce:#x}: the entry's lock timed out") if timed_out
                else HandoverError(f"pair {self.nonce:#x} left the lock ({entry.state}) during the handover"))
-        if self._can_fail():
-            self._fail(err, now, abort=AbortReason.TIMEOUT if timed_out else AbortReason.ENTRY_GONE)
-        else:
-            # Settling cannot fail in the spec; the entry is gone, so the session ends without a lease.
-            self._finish(err, now)
+        # Also fails in Settling (spec: only losing the entry fails a role there).
+        self._fail(err, now, abort=AbortReason.TIMEOUT if timed_out else AbortReason.ENTRY_GONE)
         return True
 
     def _fail(self, err: HandoverError, now: float, abort: AbortReason | None = None,
@@ -337,8 +340,15 @@ class Session:
 
     @property
     def settled(self) -> bool:
-        """Guard ``settled``: entry Locked and the entry's own settle guard holds."""
-        return self.entry is not None and self.entry.state == "Locked" and self.entry.settled
+        """Guard ``settled``: entry Locked and ``settle_time`` elapsed since entering Settling.
+
+        The entry's own ``settled`` (counted from its lock, which is never
+        later than entering Settling) is implied, and re-checked by ``use``.
+        """
+        entry = self.entry
+        if entry is None or entry.state != "Locked" or self._settle_start is None:
+            return False
+        return self._now >= self._settle_start + entry.config.settle_time and entry.settled
 
     @property
     def entry_claimed(self) -> bool:
@@ -399,7 +409,7 @@ class InitiatorSession(Session):
             self._release_entry(now, gone=False)
             self._finish(PairBusy(f"peer refused pair {self.nonce:#x}: busy"), now)
         elif st == "Taking" and sig.type is SignalType.TAKEN:
-            self.machine.send("recv_taken")
+            self._enter_settling("recv_taken", now)
             self._advance(now)
         elif self._can_fail():
             self._unexpected(sig, now)
@@ -499,7 +509,7 @@ class ResponderSession(Session):
                 self._fail(HandoverError(f"pair {self.nonce:#x} could not lock on TAKE"), now,
                            abort=AbortReason.ENTRY_GONE)
                 return
-            self.machine.send("recv_take")  # point of no return: TAKEN goes out
+            self._enter_settling("recv_take", now)  # point of no return: TAKEN goes out
             self._emit(SignalType.TAKEN)
             self._advance(now)
         elif self._can_fail():
