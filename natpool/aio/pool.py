@@ -41,16 +41,29 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from natpool.aio.handover import run_initiator, serve_responder
 from natpool.config import PairConfig
 from natpool.core.entry import Drained, PairEntry, StateChanged
+from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import EndpointPair
-from natpool.errors import BindFailed, DuplicateNonce, LocalError, PoolClosed, UnknownPair
+from natpool.errors import (
+    BindFailed,
+    ChannelBroken,
+    DuplicateNonce,
+    HandoverError,
+    LocalError,
+    PoolClosed,
+    UnknownPair,
+)
+from natpool.signalling import SignalChannel, Signalling
+from natpool.wire.frame import FRAME_SIZE
 
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 2048
 TIMER_SLACK = 0.001  # take every timer due within 1 ms in one wake-up
+EARLY_LIMIT = 256  # application datagrams kept for a lease between Locked and the hand-over
 SILENT_STATES = frozenset({"Locked", "InUse", "Expired"})
 
 Event = StateChanged | Drained
@@ -135,44 +148,6 @@ class LeasedProtocol(asyncio.DatagramProtocol):
             self.target.connection_lost(exc)
 
 
-@dataclass(slots=True)
-class AsyncLease:
-    """A handed-over pair: the core lease plus its still-bound, still-open UDP transport.
-
-    The application owns the socket from here on: install a protocol with
-    :meth:`set_protocol` (buffered datagrams are replayed into it), send with
-    ``transport.sendto``, and :meth:`close` when done.
-    """
-
-    lease: Any  # natpool.core.handover.Lease
-    pair: EndpointPair
-    role: str
-    transport: asyncio.DatagramTransport
-    _buffer: LeasedProtocol
-
-    @property
-    def nonce(self) -> int:
-        return self.pair.nonce
-
-    @property
-    def socket(self) -> socket.socket:
-        sock = self.transport.get_extra_info("socket")
-        assert sock is not None
-        return sock  # type: ignore[no-any-return]
-
-    def set_protocol(self, protocol: asyncio.DatagramProtocol) -> None:
-        """Route this socket's datagrams to ``protocol``, first replaying those that arrived meanwhile."""
-        self._buffer.target = protocol
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
-        while self._buffer.buffer:
-            data, addr = self._buffer.buffer.popleft()
-            protocol.datagram_received(data, addr)
-
-    def close(self) -> None:
-        self.transport.close()
-
-
 class Subscription:
     """An async iterator over pool events; bounded, so a slow consumer loses events (counted) not memory."""
 
@@ -218,7 +193,7 @@ class AsyncPairPool:
         local_identity: str,
         config: PairConfig | None = None,
         *,
-        signalling: Any = None,
+        signalling: Signalling | None = None,
         listeners: Sequence[object] = (),
         wire_observer: WireObserver | None = None,
     ) -> None:
@@ -239,6 +214,13 @@ class AsyncPairPool:
         self._closed = False
         self._changed: asyncio.Event | None = None
         self._waiting = 0
+        self._handover_tasks: set[asyncio.Task[Any]] = set()
+        self._incoming: asyncio.Queue[Lease] = asyncio.Queue()
+        self.handover_outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
+        # Entries that went silent (Locked/InUse): a non-keepalive datagram on their socket is the
+        # application's (the peer went InUse first), kept for the lease instead of dropped.
+        self._silent: set[int] = set()
+        self._early: dict[int, deque[tuple[bytes, Any]]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -276,6 +258,12 @@ class AsyncPairPool:
         if self._closed:
             return
         self._closed = True
+        current = asyncio.current_task()
+        pending = [t for t in self._handover_tasks if t is not current]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -424,6 +412,12 @@ class AsyncPairPool:
         now = self._loop.time()
         if self.wire_observer is not None:
             self._observe("recv", nonce, data, addr)
+        if self._silent and nonce in self._silent and len(data) != FRAME_SIZE:
+            early = self._early.get(nonce)
+            if early is None:
+                early = self._early[nonce] = deque(maxlen=EARLY_LIMIT)
+            early.append((data, addr))
+            return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
         self.core.receive_datagram(nonce, data, addr, now)
         # A datagram alone never brings a deadline forward (it only refreshes liveness or clears a ping);
@@ -505,8 +499,12 @@ class AsyncPairPool:
             if isinstance(event, StateChanged):
                 log.debug("entry %#x %s -> %s on %s (%s)", event.nonce, event.source, event.target, event.event,
                           event.reason)
+                if event.target in SILENT_STATES:
+                    self._silent.add(event.nonce)
                 if event.target == "Expired":
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
+                    self._silent.discard(event.nonce)
+                    self._early.pop(event.nonce, None)
                     self._close_transport(event.nonce)
             for callback in list(self._callbacks):
                 try:
@@ -541,14 +539,115 @@ class AsyncPairPool:
 
     # --- handover -------------------------------------------------------------------------------
 
-    def _detach(self, nonce: int, lease: Any, role: str) -> AsyncLease:
-        """Hand an InUse entry's open transport to the lease; the pool no longer owns it."""
-        transport = self._transports.pop(nonce)
+    async def take(self, nonce: int) -> Lease:
+        """Hand pair ``nonce`` over to this application (initiator); PairBusy / UnknownPair / HandoverError."""
+        return await self._take(nonce, None)
+
+    async def take_any(self, peer: str) -> Lease:
+        """Hand over the longest-idle pair with ``peer``; PairBusy if none is Idle."""
+        return await self._take(None, peer)
+
+    async def _take(self, nonce: int | None, peer: str | None) -> Lease:
+        self._check_open()
+        self._bind_loop()
+        if self.signalling is None:
+            raise LocalError("take needs a signalling (AsyncPairPool(signalling=...))")
+        session = self.core.start_take(nonce, peer, self.now())  # the CAS: losers fail here, nothing sent
+        self.kick()
+        assert session.entry is not None
+        remote = session.entry.pair.remote(self.local_identity).identity
+        task = asyncio.current_task()
+        if task is not None:
+            self._handover_tasks.add(task)
+        try:
+            try:
+                channel = await self.signalling.open(remote)
+            except BaseException as exc:
+                # The session never got to send LOCK: end it so the entry returns to Idle (rule 4).
+                if isinstance(exc, asyncio.CancelledError):
+                    session.cancel(self.now())
+                else:
+                    session.channel_closed(self.now())
+                self.kick()
+                if isinstance(exc, (HandoverError, LocalError, asyncio.CancelledError)):
+                    raise
+                raise ChannelBroken(f"cannot open signalling to {remote!r}: {exc!r}") from exc
+            lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
+        finally:
+            if task is not None:
+                self._handover_tasks.discard(task)
+        self.handover_outcomes["lease"] += 1
+        return self._detach(lease)
+
+    async def serve_handover(self, channel: SignalChannel) -> Lease | None:
+        """Responder entry point for one incoming channel (e.g. a ``TcpSignallingServer`` handler).
+
+        A lease this side hands out is queued for :meth:`accept` (and returned);
+        a failed session returns None: the failure was the peer's or the
+        channel's, is counted in ``handover_outcomes`` and logged, never raised.
+        """
+        if self._closed:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            return None
+        self._bind_loop()
+        task = asyncio.current_task()
+        if task is not None:
+            self._handover_tasks.add(task)
+        try:
+            lease = await serve_responder(self.core, channel, self.now, on_progress=self.kick)
+        except HandoverError as exc:
+            self.handover_outcomes[type(exc).__name__] += 1
+            log.info("incoming handover ended without a lease: %s: %s", type(exc).__name__, exc)
+            return None
+        finally:
+            if task is not None:
+                self._handover_tasks.discard(task)
+        self.handover_outcomes["lease"] += 1
+        leased = self._detach(lease)
+        self._incoming.put_nowait(leased)
+        return leased
+
+    async def accept(self) -> Lease:
+        """The next lease handed out by this side as responder (the peer called ``take``)."""
+        return await self._incoming.get()
+
+    def release(self, lease: Lease) -> None:
+        """Done with a leased pair: its entry expires (CLOSED) and its socket is closed."""
+        lease.release(self.now())
+        transport = lease.transport
+        if isinstance(transport, asyncio.BaseTransport):
+            transport.close()
+        self.kick()
+
+    @staticmethod
+    def set_lease_protocol(lease: Lease, protocol: asyncio.DatagramProtocol) -> None:
+        """Route a leased socket's datagrams to ``protocol``, first replaying those that arrived meanwhile."""
+        transport = lease.transport
+        if not isinstance(transport, asyncio.BaseTransport):
+            raise LocalError("lease carries no asyncio transport")
+        buffer = transport.get_protocol()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)  # type: ignore[arg-type]  # 3.11 selector transport
+        if isinstance(buffer, LeasedProtocol):
+            while buffer.buffer:
+                data, addr = buffer.buffer.popleft()
+                protocol.datagram_received(data, addr)
+
+    def _detach(self, lease: Lease) -> Lease:
+        """Hand an InUse entry's open transport to the lease; from now on the application owns it."""
+        nonce = lease.nonce
+        transport = self._transports.pop(nonce, None)
         self._send_errors.pop(nonce, None)
+        if transport is None:  # pragma: no cover - an InUse entry always has its socket
+            raise LocalError(f"pair {nonce:#x} was handed over without a socket")
         buffer = LeasedProtocol()
+        for data, addr in self._early.pop(nonce, ()):
+            buffer.datagram_received(data, addr)
         transport.set_protocol(buffer)
-        pair: EndpointPair = lease.pair
-        return AsyncLease(lease=lease, pair=pair, role=role, transport=transport, _buffer=buffer)
+        lease.transport = transport
+        lease.sock = transport.get_extra_info("socket")
+        return lease
 
 
 def _bind_udp(addr: Addr) -> socket.socket:

@@ -157,7 +157,7 @@ class TcpSignalling:
         return channel
 
 
-Handler = Callable[[TcpChannel], Awaitable[None]]
+Handler = Callable[[TcpChannel], Awaitable[object]]
 
 
 class TcpSignallingServer:
