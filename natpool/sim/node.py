@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING
 
 from natpool.config import PairConfig
 from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
+from natpool.core.handover import InitiatorSession, Session
+from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
-from natpool.errors import UnknownPair
+from natpool.errors import HandoverError, PairBusy, UnknownPair
 from natpool.sim.clock import SimulationError, TimerHandle
 from natpool.sim.network import Addr
 from natpool.sim.records import DeliveredDatagram, SentDatagram, frame_kind
+from natpool.sim.signalling import ChannelEnd
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -30,6 +33,72 @@ if TYPE_CHECKING:
 
 #: First UDP port a node hands out; ports are allocated sequentially so runs are reproducible.
 FIRST_PORT = 40000
+
+
+class SessionLink:
+    """A handover session bound to its end of a signalling channel."""
+
+    __slots__ = ("end", "session")
+
+    def __init__(self, session: Session, end: ChannelEnd) -> None:
+        self.session = session
+        self.end = end
+
+    def __repr__(self) -> str:
+        return f"SessionLink({self.session.role} {self.session.nonce:#x}, {self.end!r})"
+
+
+class TakeHandle:
+    """The caller's view of one :meth:`SimNode.take`: poll ``done`` / ``outcome`` as the simulation runs."""
+
+    def __init__(
+        self,
+        node: SimNode,
+        started_at: float,
+        session: InitiatorSession | None = None,
+        end: ChannelEnd | None = None,
+        error: HandoverError | None = None,
+    ) -> None:
+        self.node = node
+        self.started_at = started_at
+        self.session = session
+        self.end = end
+        self._error = error
+
+    @property
+    def done(self) -> bool:
+        return self._error is not None or (self.session is not None and self.session.done)
+
+    @property
+    def outcome(self) -> Lease | HandoverError | None:
+        if self._error is not None:
+            return self._error
+        return self.session.outcome if self.session is not None else None
+
+    @property
+    def lease(self) -> Lease | None:
+        outcome = self.outcome
+        return outcome if isinstance(outcome, Lease) else None
+
+    @property
+    def ended_at(self) -> float | None:
+        if self._error is not None:
+            return self.started_at
+        return self.session.ended_at if self.session is not None else None
+
+    @property
+    def responder(self) -> Session | None:
+        """The peer's session for this take, once its first signal arrived there."""
+        if self.end is None:
+            return None
+        far = self.end.peer
+        peer = self.node.sim.nodes.get(far.owner)
+        if peer is None:
+            return None
+        return next((link.session for link in peer.links if link.end is far), None)
+
+    def __repr__(self) -> str:
+        return f"TakeHandle({self.node.identity}, done={self.done}, outcome={self.outcome!r})"
 
 
 class SimNode:
@@ -53,6 +122,8 @@ class SimNode:
         self._next_port = FIRST_PORT
         self._timer: TimerHandle | None = None
         self._timer_at: float | None = None
+        self.links: list[SessionLink] = []  # every handover session this node ran, in start order
+        self._active: list[SessionLink] = []  # those not yet done (or with output still to flush)
 
     # --- addresses -------------------------------------------------------------
 
@@ -99,6 +170,58 @@ class SimNode:
         self.pump()
         return entry
 
+    # --- handover -----------------------------------------------------------------
+
+    def take(self, nonce: int | None = None, peer: str | None = None) -> TakeHandle:
+        """Start a handover as initiator (by ``nonce``, or any Idle pair with ``peer``).
+
+        A lost local claim ends at once (``outcome`` is :class:`PairBusy`,
+        nothing sent); otherwise a signalling channel to the pair's remote
+        node is opened, whose :class:`SimNode` answers as responder through
+        ``pool.accept_session``. Local misuse (UnknownPair...) raises.
+        """
+        sim = self.sim
+        now = sim.now()
+        try:
+            session = self.pool.start_take(nonce, peer, now, sid=sim.new_sid())
+        except PairBusy as exc:
+            return TakeHandle(self, now, error=exc)
+        assert session.entry is not None  # an initiator always owns its entry
+        remote = sim.nodes.get(session.entry.remote.identity)
+        if remote is None:
+            session.cancel(now)
+            self.pump()
+            raise SimulationError(f"pair {session.nonce:#x}: no node {session.entry.remote.identity!r} to signal")
+        end, far = sim.signalling.open(self, remote)
+        far.on_receive = partial(remote._accept, far)
+        self._attach(session, end)
+        self.pump()
+        return TakeHandle(self, now, session, end)
+
+    def leases(self) -> list[Lease]:
+        """Every lease a session of this node produced (either role)."""
+        return [link.session.outcome for link in self.links if isinstance(link.session.outcome, Lease)]
+
+    def _attach(self, session: Session, end: ChannelEnd) -> None:
+        link = SessionLink(session, end)
+        end.on_receive = partial(self._on_signal, link)
+        end.on_closed = partial(self._on_channel_closed, link)
+        self.links.append(link)
+        self._active.append(link)
+
+    def _accept(self, end: ChannelEnd, data: bytes) -> None:
+        """First signal on an incoming channel: open a responder session."""
+        self._attach(self.pool.accept_session(data, self.sim.now()), end)
+        self.pump()
+
+    def _on_signal(self, link: SessionLink, data: bytes) -> None:
+        link.session.receive_signal(data, self.sim.now())
+        self.pump()
+
+    def _on_channel_closed(self, link: SessionLink) -> None:
+        link.session.channel_closed(self.sim.now())
+        self.pump()
+
     def entry(self, nonce: int) -> PairEntry:
         return self.pool.get(nonce)
 
@@ -137,7 +260,12 @@ class SimNode:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.pool.handle_timer(self.sim.now())
+        now = self.sim.now()
+        self.pool.handle_timer(now)
+        for link in self._active:
+            t = link.session.get_timer()
+            if t is not None and t <= now:
+                link.session.handle_timer(now)
         self.pump()
 
     def pump(self) -> None:
@@ -161,7 +289,21 @@ class SimNode:
             if isinstance(ev, StateChanged) and ev.target == "Expired":
                 self._release(ev.nonce)
             ev = pool.next_event()
+        if self._active:
+            self._pump_sessions()
         self._rearm()
+
+    def _pump_sessions(self) -> None:
+        """Ship queued signals; close the channel of every session that ended (rule 6)."""
+        still: list[SessionLink] = []
+        for link in self._active:
+            for data in link.session.signals_to_send():
+                link.end.send(data)
+            if link.session.done:
+                link.end.close()  # graceful: the signals just queued still arrive first
+            else:
+                still.append(link)
+        self._active = still
 
     def _release(self, nonce: int) -> None:
         """The entry left the pool: close its simulated socket."""
@@ -171,6 +313,10 @@ class SimNode:
 
     def _rearm(self) -> None:
         t = self.pool.get_timer()
+        for link in self._active:
+            st = link.session.get_timer()
+            if st is not None and (t is None or st < t):
+                t = st
         if t == self._timer_at and (t is None or self._timer is not None):
             return
         if self._timer is not None:

@@ -20,6 +20,7 @@ from natpool.sim.network import Addr, NetConfig, Network
 from natpool.sim.node import SimNode
 from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, frame_kind
 from natpool.sim.signalling import SimSignalling
+from natpool.wire.signal import SID_SIZE
 
 #: Entry states that must never send (spec/entry.toml, set ``silent``).
 SILENT_STATES: frozenset[str] = frozenset(ENTRY.sets["silent"])
@@ -45,6 +46,7 @@ class Simulation:
         self.network = Network(self.scheduler, random.Random(f"natpool.sim.net/{seed}"), net)  # noqa: S311
         self.signalling = SimSignalling(self.scheduler, signalling_delay)
         self._nonce_rng = random.Random(f"natpool.sim.nonce/{seed}")  # noqa: S311
+        self._sid_rng = random.Random(f"natpool.sim.sid/{seed}")  # noqa: S311
         self._nonces: set[int] = set()
         self.nodes: dict[str, SimNode] = {}
         self.log: list[SentDatagram] = []
@@ -86,6 +88,13 @@ class Simulation:
             if nonce not in self._nonces:
                 self._nonces.add(nonce)
                 return nonce
+
+    def new_sid(self) -> bytes:
+        """A handover session id from the seeded stream (production uses ``secrets``)."""
+        while True:
+            sid = self._sid_rng.randbytes(SID_SIZE)
+            if any(sid):
+                return sid
 
     def punch(self, a: SimNode, b: SimNode, nonce: int | None = None, pinger: SimNode | None = None) -> EndpointPair:
         """Simulate a successful hole punch: the same pair is added on both nodes (``pinger`` defaults to ``a``)."""

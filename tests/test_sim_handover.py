@@ -1,0 +1,163 @@
+"""Handover (take) between simulated nodes: real sessions over simulated signalling channels."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natpool.config import PairConfig
+from natpool.core.lease import Lease
+from natpool.errors import ChannelBroken, HandoverError, HandoverTimeout, PairBusy
+from natpool.sim import NetConfig, SimNode, Simulation
+
+CFG = PairConfig()
+DELAY = 0.02  # default one-way signalling delay
+TALKING = {"Idle", "InLocking"}
+
+
+def setup(seed: int = 1, net: NetConfig | None = None, pairs: int = 2,
+          signalling_delay: float = DELAY) -> tuple[Simulation, SimNode, SimNode, list[int]]:
+    sim = Simulation(seed, net, signalling_delay=signalling_delay)
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonces = [sim.punch(a, b).nonce for _ in range(pairs)]
+    return sim, a, b, nonces
+
+
+def first_silent(sim: Simulation, node: SimNode, nonce: int) -> float:
+    """When ``node``'s entry for ``nonce`` went silent (Locked)."""
+    (change,) = [c for c in node.transitions("finish_lock") if c.nonce == nonce]
+    return change.at
+
+
+@pytest.mark.parametrize("initiator", ["pinger", "ponger"])
+def test_take_hands_the_pair_over_in_two_signalling_round_trips(initiator: str) -> None:
+    sim, a, b, (nonce, other) = setup()
+    sim.run_until(5.005)  # a ping (sent at 5.0) is outstanding: the drain overlaps the first round trip
+    taker, peer = (a, b) if initiator == "pinger" else (b, a)
+    handle = taker.take(nonce)
+    assert not handle.done
+    assert sim.run_until(lambda: handle.done, timeout=CFG.lock_timeout)
+    lease = handle.lease
+    assert isinstance(lease, Lease) and lease.role == "initiator" and lease.nonce == nonce
+    assert handle.ended_at == pytest.approx(handle.started_at + 4 * DELAY)
+    responder = handle.responder
+    assert responder is not None and isinstance(responder.outcome, Lease)
+    assert responder.outcome.role == "responder"
+    assert peer.leases() == [responder.outcome] and taker.leases() == [lease]
+    assert taker.state(nonce) == peer.state(nonce) == "InUse"
+    assert sim.signalling.stats.sent == sim.signalling.stats.delivered == 4
+    assert all(end.closed for ch in sim.signalling.channels for end in ch.ends)
+    # strict silence from the moment each side locked, and the pong of the drain was waited for
+    for node in (a, b):
+        t_silent = first_silent(sim, node, nonce)
+        assert not [d for d in sim.sent_by(node.identity, nonce) if d.time >= t_silent]
+    assert a.pool.drops == b.pool.drops == {}
+    sim.run_until(120.0)
+    assert sim.silence_violations() == []
+    assert a.state(other) == b.state(other) == "Idle"  # the other pair is untouched
+    assert taker.state(nonce) == peer.state(nonce) == "InUse"
+
+
+def test_take_any_by_peer_and_a_lost_local_claim() -> None:
+    sim, a, _b, nonces = setup(pairs=2)
+    sim.run_until(1.0)
+    h1 = a.take(peer="bob")
+    h2 = a.take(peer="bob")
+    assert h1.session is not None and h2.session is not None
+    assert {h1.session.nonce, h2.session.nonce} == set(nonces)
+    h3 = a.take(peer="bob")  # nothing Idle left: fails at once, nothing sent
+    assert h3.done and isinstance(h3.outcome, PairBusy) and h3.ended_at == 1.0 and h3.lease is None
+    assert len(sim.signalling.channels) == 2
+    assert sim.run_until(lambda: h1.done and h2.done, timeout=CFG.lock_timeout)
+    assert h1.lease is not None and h2.lease is not None
+
+
+def test_simultaneous_takes_the_pinger_session_wins() -> None:
+    sim, a, b, (nonce, _) = setup()
+    sim.run_until(2.0)
+    ha = a.take(nonce)  # alice is the pinger
+    hb = b.take(nonce)
+    assert sim.run_until(lambda: ha.done and hb.done, timeout=CFG.lock_timeout)
+    assert isinstance(ha.outcome, Lease) and isinstance(hb.outcome, PairBusy)
+    assert a.state(nonce) == b.state(nonce) == "InUse"
+    assert len(a.leases()) == len(b.leases()) == 1
+
+
+def test_channel_broken_before_the_take_returns_both_entries_to_idle() -> None:
+    sim, a, b, (nonce, _) = setup()
+    sim.run_until(2.0)
+    handle = a.take(nonce)
+    sim.run_until(2.0 + 1.5 * DELAY)  # LOCK arrived, LOCKED is in flight
+    (channel,) = sim.signalling.channels
+    channel.break_()
+    responder = handle.responder
+    assert responder is not None
+    assert sim.run_until(lambda: handle.done and responder.done, timeout=CFG.lock_timeout)
+    assert sim.now() == 2.0 + 1.5 * DELAY  # both ends observe the break at once
+    assert isinstance(handle.outcome, ChannelBroken)
+    assert isinstance(responder.outcome, ChannelBroken)
+    sim.run_until(60.0)  # both aborted to Idle (rule 4) and keepalive resumed
+    assert a.state(nonce) == b.state(nonce) == "Idle"
+    assert a.expiries() == b.expiries() == {}
+    assert sim.silence_violations() == []
+
+
+def test_signalling_slower_than_the_lock_timeout_times_out() -> None:
+    sim, a, b, (nonce, _) = setup(signalling_delay=CFG.lock_timeout * 0.6)
+    sim.run_until(1.0)
+    handle = a.take(nonce)
+    assert sim.run_until(lambda: handle.done, timeout=2 * CFG.lock_timeout)
+    assert isinstance(handle.outcome, HandoverTimeout)
+    assert handle.ended_at == pytest.approx(1.0 + CFG.lock_timeout)
+    sim.run_until(60.0)
+    assert a.state(nonce) == b.state(nonce) == "Idle"
+    assert sim.silence_violations() == []
+
+
+def handover_run(seed: int, take_at: float, break_after: float | None, loss: float,
+                 dup: float) -> tuple[Simulation, SimNode, SimNode, list[int], list[str]]:
+    net = NetConfig(loss=loss, duplicate=dup, delay_min=0.005, delay_max=0.05)
+    sim, a, b, nonces = setup(seed, net, pairs=2)
+    sim.run_until(take_at)
+    handles = [a.take(nonces[0]), b.take(nonces[1])]
+    if break_after is not None:
+        sim.run_until(take_at + break_after)
+        sim.signalling.break_all()
+    sim.run_until(take_at + 2 * CFG.lock_timeout)
+    return sim, a, b, nonces, [type(h.outcome).__name__ for h in handles]
+
+
+def test_handover_runs_are_deterministic() -> None:
+    r1 = handover_run(9, 4.99, None, 0.3, 0.2)
+    r2 = handover_run(9, 4.99, None, 0.3, 0.2)
+    assert r1[0].log == r2[0].log and r1[4] == r2[4]
+    assert [s.session.sent for s in r1[1].links] == [s.session.sent for s in r2[1].links]
+
+
+@settings(max_examples=25)
+@given(
+    seed=st.integers(0, 2**32),
+    take_at=st.floats(0.5, 12.0),
+    break_after=st.none() | st.floats(0.0, 0.2),
+    loss=st.sampled_from([0.0, 0.2, 0.6]),
+    dup=st.sampled_from([0.0, 0.3]),
+)
+def test_handover_under_faults_keeps_silence_and_symmetry(
+    seed: int, take_at: float, break_after: float | None, loss: float, dup: float
+) -> None:
+    sim, a, b, nonces, outcomes = handover_run(seed, take_at, break_after, loss, dup)
+    # every take ended within its lock timeout, with a lease or a typed error
+    for node in (a, b):
+        for link in node.links:
+            assert link.session.done and isinstance(link.session.outcome, Lease | HandoverError)
+            assert link.session.ended_at is not None
+            assert link.session.ended_at <= link.session.started_at + CFG.lock_timeout + 1e-9
+    assert sim.silence_violations() == []
+    for nonce in nonces:
+        sa, sb = a.state(nonce), b.state(nonce)
+        # one side handed the pair out: the other never keeps talking on it
+        if "InUse" in (sa, sb):
+            assert sa not in TALKING and sb not in TALKING, (sa, sb, outcomes)
+    if break_after is None and loss == 0.0:
+        assert outcomes == ["Lease", "Lease"]
