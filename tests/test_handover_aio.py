@@ -196,3 +196,23 @@ def test_memory_channel_semantics() -> None:
         pending.cancel()
 
     run(main)
+
+
+def test_pump_honours_settle_time_on_its_own_timer() -> None:
+    async def main() -> None:
+        clock = asyncio.get_running_loop().time
+        cfg = PairConfig(lock_timeout=0.5, settle_time=0.02)
+        a, b = PairPool("a", cfg), PairPool("b", cfg)
+        a.add(PAIR, False, clock())
+        b.add(PAIR, True, clock())
+        ca, cb = memory_channel_pair()
+        session = a.start_take(NONCE, None, clock())
+        lease_a, lease_b = await asyncio.gather(run_initiator(a, session, ca, clock),
+                                                serve_responder(b, cb, clock))
+        assert a.get(NONCE).state == b.get(NONCE).state == "InUse"
+        taken_at = session.received[-1]  # TAKEN: the initiator entered Settling when it arrived
+        assert taken_at.type is SignalType.TAKEN
+        assert session.ended_at is not None and session.ended_at - session.started_at >= 0.02
+        assert {lease_a.role, lease_b.role} == {"initiator", "responder"}
+
+    run(main)

@@ -342,13 +342,14 @@ class Session:
     def settled(self) -> bool:
         """Guard ``settled``: entry Locked and ``settle_time`` elapsed since entering Settling.
 
-        The entry's own ``settled`` (counted from its lock, which is never
-        later than entering Settling) is implied, and re-checked by ``use``.
+        This implies the entry's own ``settled`` (counted from its lock, never
+        later than entering Settling), which ``use(now)`` re-checks at the same
+        ``now``; reading the entry's property here would use its last-seen time.
         """
         entry = self.entry
         if entry is None or entry.state != "Locked" or self._settle_start is None:
             return False
-        return self._now >= self._settle_start + entry.config.settle_time and entry.settled
+        return self._now >= self._settle_start + entry.config.settle_time
 
     @property
     def entry_claimed(self) -> bool:
