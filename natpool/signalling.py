@@ -5,6 +5,24 @@ natpool does not ship a signalling service: the application already has one
 reliable, bidirectional byte-message channel per handover session, which is
 what :class:`SignalChannel` describes. :func:`memory_channel_pair` is an
 in-memory implementation for tests and documentation.
+
+Wiring, for a relay that can already reach a peer by identity::
+
+    class RelaySignalling:                       # implements Signalling
+        async def open(self, peer_identity: str) -> SignalChannel:
+            return await my_relay.connect(peer_identity)   # any SignalChannel
+
+    pool = AsyncPairPool("alice", signalling=RelaySignalling())
+    lease = await pool.take_any("bob")           # initiator side
+
+    # On the peer, for every incoming handover connection (responder side):
+    async def on_incoming(channel: SignalChannel) -> None:
+        await bob_pool.serve_handover(channel)   # the lease arrives via bob_pool.accept()
+
+Requirements on a channel: messages arrive whole and in order (one
+``send`` = one ``recv``); each handover opens its own channel, and the
+session closes it when it ends. Signals are at most 64 bytes
+(:data:`natpool.wire.signal.MAX_SIGNAL_SIZE`), so a relay may cap frames small.
 """
 
 from __future__ import annotations
