@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from handover_net import A, B, Link, Net, assert_no_leak, assert_silent_after_lock, leases, types
 
 from natpool.config import PairConfig
+from natpool.core.entry import ExpiryReason, StateChanged
+from natpool.core.handover import InitiatorSession
 from natpool.errors import (
     ChannelBroken,
     HandoverError,
     PairBusy,
 )
+from natpool.wire.signal import SignalType, decode
 
 NONCE = 0xC0FFEE
 CFG = PairConfig(ping_interval=5.0, no_inbound_timeout=20.0, ping_lifespan=2.0, lock_timeout=1.0)
@@ -66,6 +72,28 @@ def test_claim_losers_fail_at_once_and_send_nothing() -> None:
     net.run_sessions()
     assert len(leases(links[0])) == 2
     assert types(links[0]) == ["LOCK", "LOCKED", "TAKE", "TAKEN"]
+
+
+def test_fifty_threads_racing_start_take_get_one_session() -> None:
+    """The claim CAS holds across threads too: one InitiatorSession, 49 PairBusy, one LOCK queued."""
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=A)
+    pool = net.pools[A]
+    barrier = threading.Barrier(50)
+
+    def attempt() -> InitiatorSession | PairBusy:
+        barrier.wait()
+        try:
+            return pool.start_take(NONCE, None, net.now)
+        except PairBusy as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=50) as ex:
+        results = list(ex.map(lambda _i: attempt(), range(50)))
+    sessions = [r for r in results if isinstance(r, InitiatorSession)]
+    assert len(sessions) == 1 and sum(isinstance(r, PairBusy) for r in results) == 49
+    assert [decode(d).type for d in sessions[0].signals_to_send()] == [SignalType.LOCK]
+    assert pool.handovers.sessions() == sessions
 
 
 def test_take_any_picks_an_idle_pair_and_reports_busy_when_none() -> None:
@@ -131,3 +159,13 @@ def test_drain_costs_at_most_one_udp_round_trip_when_udp_is_slower_than_signalli
     sig_rtt, udp_rtt = 2 * net.sig_delay, 2 * net.udp_delay
     assert end - t0 > 2 * sig_rtt  # the drain really was on the critical path
     assert end - t0 <= 2 * sig_rtt + udp_rtt + 1e-9
+
+
+def test_abort_unknown_expires_with_peer_gone() -> None:
+    net = Net(CFG)
+    net.add_pair(NONCE, pinger=B)
+    net.pools[B].remove(NONCE, net.now)
+    net.take(A, NONCE)
+    net.run_sessions()
+    expired = [e for e in net._events(A) if isinstance(e, StateChanged) and e.target == "Expired"]
+    assert [e.reason for e in expired] == [ExpiryReason.PEER_GONE]
