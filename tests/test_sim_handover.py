@@ -161,3 +161,34 @@ def test_handover_under_faults_keeps_silence_and_symmetry(
             assert sa not in TALKING and sb not in TALKING, (sa, sb, outcomes)
     if break_after is None and loss == 0.0:
         assert outcomes == ["Lease", "Lease"]
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**32), take_at=st.floats(0.5, 12.0))
+def test_settle_time_keeps_duplicated_keepalives_from_the_application(seed: int, take_at: float) -> None:
+    """CleanHandover: with settle_time >= the longest datagram lifetime, no frame reaches an InUse pair."""
+    delay_max = 0.3
+    sim = Simulation(seed, NetConfig(duplicate=0.5, delay_min=0.01, delay_max=delay_max),
+                     config=PairConfig(settle_time=delay_max))
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonces = [sim.punch(a, b).nonce for _ in range(3)]
+    sim.run_until(take_at)
+    handles = [a.take(nonces[0]), b.take(nonces[1]), a.take(nonces[2])]
+    sim.run_until(take_at + 2 * CFG.lock_timeout)
+    assert all(h.lease is not None for h in handles)
+    assert sim.stray_deliveries() == []
+    assert sim.silence_violations() == []
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**32), take_at=st.floats(0.5, 12.0))
+def test_no_settle_needed_without_duplicates_while_timeouts_are_honest(seed: int, take_at: float) -> None:
+    """settle_time = 0 is exact when nothing duplicates and every round trip beats the drain grace (>= 0.2 s)."""
+    sim = Simulation(seed, NetConfig(delay_min=0.01, delay_max=0.09))
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonces = [sim.punch(a, b).nonce for _ in range(3)]
+    sim.run_until(take_at)
+    handles = [a.take(nonces[0]), b.take(nonces[1]), a.take(nonces[2])]
+    sim.run_until(take_at + 2 * CFG.lock_timeout)
+    assert all(h.lease is not None for h in handles)
+    assert sim.stray_deliveries() == []

@@ -7,7 +7,7 @@ its seed: tests replay failures exactly and never sleep on the wall clock.
 from natpool.sim.bench import SimBenchResult, bench_ratio
 from natpool.sim.clock import Scheduler, SimulationError, TimerHandle, VirtualClock
 from natpool.sim.network import InFlight, NetConfig, NetStats, Network
-from natpool.sim.node import SimNode
+from natpool.sim.node import SessionLink, SimNode, TakeHandle
 from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, frame_kind
 from natpool.sim.signalling import Channel, ChannelEnd, SimSignalling
 from natpool.sim.simulation import Simulation
@@ -23,11 +23,13 @@ __all__ = [
     "Network",
     "Scheduler",
     "SentDatagram",
+    "SessionLink",
     "SimBenchResult",
     "SimNode",
     "SimSignalling",
     "Simulation",
     "SimulationError",
+    "TakeHandle",
     "TimerHandle",
     "VirtualClock",
     "bench_ratio",

@@ -132,6 +132,10 @@ class Simulation:
         """Datagrams a pool sent from a silent state (StrictSilence says: none, ever)."""
         return [d for d in self.log if d.state in SILENT_STATES]
 
+    def stray_deliveries(self) -> list[DeliveredDatagram]:
+        """Keepalive frames that reached a pair already handed to the application (CleanHandover: none)."""
+        return [d for d in self.deliveries if d.state == "InUse" and d.kind != "garbage"]
+
     def partition(self, a: SimNode | str, b: SimNode | str | None = None) -> None:
         """Shorthand for ``network.partition`` taking nodes or identities."""
         self.network.partition(self._host(a), None if b is None else self._host(b))
