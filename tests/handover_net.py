@@ -236,12 +236,13 @@ class Net:
         return pool.get(nonce).state if nonce in pool else "Expired"
 
     def locked_at(self, node: str, nonce: int) -> float | None:
-        for ev in self._events(node):
+        for ev in self.events(node):
             if isinstance(ev, StateChanged) and ev.nonce == nonce and ev.target == "Locked":
                 return ev.at
         return None
 
-    def _events(self, node: str) -> list[EntryOutput]:
+    def events(self, node: str) -> list[EntryOutput]:
+        """Every event of ``node``'s pool so far (drained from the pool into a log)."""
         pool = self.pools[node]
         out: list[EntryOutput] = []
         while (ev := pool.next_event()) is not None:

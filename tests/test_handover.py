@@ -167,5 +167,5 @@ def test_abort_unknown_expires_with_peer_gone() -> None:
     net.pools[B].remove(NONCE, net.now)
     net.take(A, NONCE)
     net.run_sessions()
-    expired = [e for e in net._events(A) if isinstance(e, StateChanged) and e.target == "Expired"]
+    expired = [e for e in net.events(A) if isinstance(e, StateChanged) and e.target == "Expired"]
     assert [e.reason for e in expired] == [ExpiryReason.PEER_GONE]

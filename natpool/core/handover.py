@@ -129,7 +129,9 @@ class Session:
         self.drops: Counter[DropReason] = Counter()
         self.sent: list[Signal] = []  # every signal this session emitted, in order
         self.received: list[Signal] = []  # every well-formed signal accepted
-        self.waker: Callable[[], None] | None = None  # set by a driver: output queued or session ended
+        #: Set by a driver: called (pool lock held) when output is queued or the session ended.
+        #: It must only schedule work (e.g. ``Event.set``), never call back into the session.
+        self.waker: Callable[[], None] | None = None
         self._out: list[bytes] = []
         self._send_seq = 0
         self._recv_seq = 0
