@@ -208,3 +208,13 @@ def test_demo_smoke_exits_zero() -> None:
     code = cli_main(["demo", "--pairs", "6", "--takes", "3", "--ping-interval", "0.02", "--duration", "0.5",
                      "--refresh", "0.2", "--seed", "3", "--quiet"])
     assert code == 0
+
+
+def test_bench_quick_smoke_reports_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    code = cli_main(["bench", "--quick", "--json", "--only", "ops", "--only", "handover"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ops"]["take_any_ratio"] > 0 and report["handover"]["handover_us"]["n"] == 50
+    assert set(report["targets"]) >= {"take_any_ratio", "handover_p50_ms", "handover_p99_ms"}

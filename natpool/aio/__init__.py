@@ -8,6 +8,8 @@ Import :class:`natpool.aio.pool.AsyncPairPool` and
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -16,18 +18,13 @@ T = TypeVar("T")
 
 def uvloop_available() -> bool:
     """True when the optional ``uvloop`` package is importable."""
-    try:
-        import uvloop  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """``asyncio.run`` on uvloop when it is installed and wanted (it is never required)."""
     if use_uvloop and uvloop_available():
-        import uvloop
-
+        uvloop: Any = importlib.import_module("uvloop")  # optional, untyped here on purpose
         result: T = uvloop.run(main)
         return result
     return asyncio.run(main)

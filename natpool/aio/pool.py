@@ -572,7 +572,11 @@ class AsyncPairPool:
                 if isinstance(exc, (HandoverError, LocalError, asyncio.CancelledError)):
                     raise
                 raise ChannelBroken(f"cannot open signalling to {remote!r}: {exc!r}") from exc
-            lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
+            try:
+                lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
+            except HandoverError as exc:
+                self.handover_outcomes[type(exc).__name__] += 1
+                raise
         finally:
             if task is not None:
                 self._handover_tasks.discard(task)

@@ -132,7 +132,7 @@ async def _keepalive_natpool(n: int, interval: float, window: float) -> dict[str
 
 def _keepalive(report: Report, args: argparse.Namespace) -> None:
     interval = 1.0
-    window = args.window or (1.5 if report.quick else 5.0)
+    window = args.window or (1.0 if report.quick else 5.0)
     budget = _fd_budget()
     sizes = [200, 1000] if report.quick else [1000, 10_000]
     out: dict[str, Any] = {"interval_s": interval, "window_s": window, "fd_pair_budget": budget}
@@ -246,7 +246,11 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         for _ in range(200):
             EntryMachine(model=entry, start_value="Idle")
 
-    t_machine = _per_op(bind_machines, 200)
+    gc.disable()
+    try:
+        t_machine = _per_op(bind_machines, 200)
+    finally:
+        gc.enable()
     report.put("ops", {
         "pairs": n,
         "add_us": round(t_add * 1e6, 3), "dict_insert_us": round(t_dict_insert * 1e6, 3),
