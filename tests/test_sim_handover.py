@@ -192,3 +192,28 @@ def test_no_settle_needed_without_duplicates_while_timeouts_are_honest(seed: int
     sim.run_until(take_at + 2 * CFG.lock_timeout)
     assert all(h.lease is not None for h in handles)
     assert sim.stray_deliveries() == []
+
+
+def test_fully_manual_handover_step_by_step() -> None:
+    """Both the UDP network and signalling under test control: the shape a stateful test drives."""
+    sim = Simulation(3, NetConfig(manual=True), signalling_manual=True)
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonce = sim.punch(a, b).nonce
+    net, sig = sim.network, sim.signalling
+    assert [d.kind for d in sim.log] == ["ping"]  # sent on add, still in flight
+    handle = a.take(nonce)  # alice must drain that ping before she may lock
+    assert [p.data is not None for p in sig.in_flight] == [True]  # LOCK
+    sig.deliver(0)  # bob accepts: he is the ponger, so LOCKED goes out at once
+    assert b.state(nonce) == "InLocking" and len(sig.in_flight) == 1
+    sig.deliver(0)  # LOCKED reaches alice, who is still draining
+    assert a.state(nonce) == "InLocking" and not sig.in_flight
+    net.deliver(0)  # the ping reaches bob, who still answers while InLocking
+    assert [(d.sender, d.kind, d.state) for d in sim.log][-1] == ("bob", "pong", "InLocking")
+    net.deliver(0)  # the pong drains alice: she locks and sends TAKE
+    assert a.state(nonce) == "Locked"
+    sig.deliver(0)  # TAKE: bob locks, hands out, answers TAKEN
+    assert b.state(nonce) == "InUse"
+    sig.deliver_all()  # TAKEN, then the close notices
+    assert handle.lease is not None and a.state(nonce) == "InUse"
+    assert not net.in_flight and sim.silence_violations() == [] and sim.stray_deliveries() == []
+    assert sim.now() == 0.0  # no virtual time passed at all

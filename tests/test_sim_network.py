@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from functools import partial
 
 import pytest
@@ -257,3 +258,39 @@ def test_break_all_touching_one_node() -> None:
     sig.open("b", "c")
     assert sig.break_all("a") == 2
     assert [ch.broken for ch in sig.channels] == [True, True, False]
+
+
+def test_manual_signalling_enforces_fifo_per_direction() -> None:
+    sched = Scheduler(VirtualClock())
+    sig = SimSignalling(sched, manual=True)
+    a, b = sig.open("alice", "bob")
+    c, d = sig.open("carol", "dave")
+    a.send(b"a1")
+    a.send(b"a2")
+    b.send(b"b1")
+    c.send(b"c1")
+    sched.run_until(10.0)
+    assert b.inbox == a.inbox == d.inbox == deque()  # nothing moves on its own
+    assert sig.deliverable() == [0, 2, 3]  # a2 waits behind a1
+    with pytest.raises(SimulationError, match="FIFO"):
+        sig.deliver(1)
+    sig.deliver(3)
+    sig.deliver(2)
+    assert d.recv_all() == [b"c1"] and a.recv_all() == [b"b1"]
+    a.close()
+    sig.deliver_all()
+    assert b.recv_all() == [b"a1", b"a2"] and b.closed_by_peer
+
+
+def test_manual_signalling_break_drops_that_channel_and_queues_both_notices() -> None:
+    sched = Scheduler(VirtualClock())
+    sig = SimSignalling(sched, manual=True)
+    a, b = sig.open("alice", "bob")
+    c, d = sig.open("carol", "dave")
+    a.send(b"lost")
+    c.send(b"kept")
+    sig.channels[0].break_()
+    assert [(p.to.owner, p.data) for p in sig.in_flight] == [("dave", b"kept"), ("alice", None), ("bob", None)]
+    sig.deliver_all()
+    assert a.closed_by_peer and b.closed_by_peer and b.received == [] and d.received == [b"kept"]
+    assert sig.stats.lost == 1 and not c.closed

@@ -8,6 +8,11 @@ a session never re-enters itself from inside ``send``.
 Each :class:`ChannelEnd` reports to ``on_receive`` / ``on_closed`` callbacks
 when set (the node driver sets them); otherwise messages pile up in
 ``inbox`` and ``closed_by_peer`` flips, for tests that poll.
+
+In ``manual`` mode nothing is delivered on a timer: messages and close
+notifications wait in :attr:`SimSignalling.in_flight` until the test
+delivers them, and only the head of each channel direction is deliverable,
+so a stateful test explores every interleaving the FIFO channel allows.
 """
 
 from __future__ import annotations
@@ -25,6 +30,16 @@ class SignalStats:
     sent: int = 0
     delivered: int = 0
     lost: int = 0  # sent on/after close or break, or in flight when the channel broke
+
+
+@dataclass(slots=True)
+class PendingSignal:
+    """A message (or, with ``data`` None, a close notification) waiting for manual delivery."""
+
+    channel: Channel
+    to: ChannelEnd
+    data: bytes | None
+    sent_at: float
 
 
 class ChannelEnd:
@@ -79,14 +94,27 @@ class Channel:
         self._last[to_side] = t
         return t
 
+    def _post(self, dst: ChannelEnd, data: bytes | None) -> None:
+        """Schedule delivery of ``data`` (None: the close notification) to ``dst``, in FIFO order."""
+        sig = self.signalling
+        if sig.manual:
+            sig.in_flight.append(PendingSignal(self, dst, data, sig.scheduler.clock.now()))
+        else:
+            sig.scheduler.call_at(self._arrival(dst.side), partial(self._arrive, dst, data))
+
+    def _arrive(self, dst: ChannelEnd, data: bytes | None) -> None:
+        if data is None:
+            self._notify_closed(dst)
+        else:
+            self._deliver(dst, data)
+
     def _send(self, src: ChannelEnd, data: bytes) -> bool:
         stats = self.signalling.stats
         stats.sent += 1
         if src.closed or self.broken:
             stats.lost += 1
             return False
-        dst = src.peer
-        self.signalling.scheduler.call_at(self._arrival(dst.side), partial(self._deliver, dst, data))
+        self._post(src.peer, data)
         return True
 
     def _deliver(self, dst: ChannelEnd, data: bytes) -> None:
@@ -107,7 +135,7 @@ class Channel:
         src.closed = True
         dst = src.peer
         if not dst.closed:
-            self.signalling.scheduler.call_at(self._arrival(dst.side), partial(self._notify_closed, dst))
+            self._post(dst, None)
 
     def _notify_closed(self, end: ChannelEnd) -> None:
         if end.closed_by_peer or (end.closed and not self.broken):
@@ -122,10 +150,18 @@ class Channel:
         if self.broken:
             return
         self.broken = True
+        sig = self.signalling
+        if sig.manual:
+            mine = [p for p in sig.in_flight if p.channel is self]
+            sig.stats.lost += sum(1 for p in mine if p.data is not None)
+            sig.in_flight = [p for p in sig.in_flight if p.channel is not self]
         for end in self.ends:
             if not end.closed:  # an end that closed itself has nothing to observe
                 end.closed = True
-                self.signalling.scheduler.call_later(0.0, partial(self._notify_closed, end))
+                if sig.manual:
+                    sig.in_flight.append(PendingSignal(self, end, None, sig.scheduler.clock.now()))
+                else:
+                    sig.scheduler.call_later(0.0, partial(self._notify_closed, end))
 
     def __repr__(self) -> str:
         a, b = self.ends
@@ -135,13 +171,43 @@ class Channel:
 class SimSignalling:
     """Factory and registry of channels; ``delay`` is the default one-way latency."""
 
-    def __init__(self, scheduler: Scheduler, delay: float = 0.02) -> None:
+    def __init__(self, scheduler: Scheduler, delay: float = 0.02, manual: bool = False) -> None:
         if delay < 0:
             raise SimulationError("signalling delay must be >= 0")
         self.scheduler = scheduler
         self.delay = delay
+        self.manual = manual
+        self.in_flight: list[PendingSignal] = []  # manual mode only, in send order
         self.channels: list[Channel] = []
         self.stats = SignalStats()
+
+    # --- manual delivery -----------------------------------------------------------
+
+    def deliverable(self) -> list[int]:
+        """Indices in :attr:`in_flight` that FIFO order allows next (the head of each channel direction)."""
+        seen: set[tuple[int, int]] = set()
+        out: list[int] = []
+        for i, p in enumerate(self.in_flight):
+            key = (p.channel.id, p.to.side)
+            if key not in seen:
+                seen.add(key)
+                out.append(i)
+        return out
+
+    def deliver(self, i: int = 0) -> None:
+        """Deliver in-flight item ``i`` now; it must be the oldest one of its channel direction."""
+        if i not in self.deliverable():
+            raise SimulationError(f"in-flight signal {i} is not deliverable (FIFO); deliverable: {self.deliverable()}")
+        p = self.in_flight.pop(i)
+        p.channel._arrive(p.to, p.data)
+
+    def deliver_all(self) -> int:
+        """Deliver everything in order, including what deliveries cause; returns the count."""
+        n = 0
+        while self.in_flight:
+            self.deliver(0)
+            n += 1
+        return n
 
     def open(self, from_node: object, to_node: object, delay: float | None = None) -> tuple[ChannelEnd, ChannelEnd]:
         """Open a channel; returns (end at ``from_node``, end at ``to_node``). Nodes may be identities or SimNodes."""

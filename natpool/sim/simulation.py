@@ -36,6 +36,7 @@ class Simulation:
         *,
         config: PairConfig | None = None,
         signalling_delay: float = 0.02,
+        signalling_manual: bool = False,
         record_deliveries: bool = True,
     ) -> None:
         self.seed = seed
@@ -44,7 +45,7 @@ class Simulation:
         self.scheduler = Scheduler(self.clock)
         # Not cryptographic: reproducibility from the seed is the whole point.
         self.network = Network(self.scheduler, random.Random(f"natpool.sim.net/{seed}"), net)  # noqa: S311
-        self.signalling = SimSignalling(self.scheduler, signalling_delay)
+        self.signalling = SimSignalling(self.scheduler, signalling_delay, manual=signalling_manual)
         self._nonce_rng = random.Random(f"natpool.sim.nonce/{seed}")  # noqa: S311
         self._sid_rng = random.Random(f"natpool.sim.sid/{seed}")  # noqa: S311
         self._nonces: set[int] = set()
