@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natpool.config import PairConfig
+from natpool.core.entry import ExpiryReason
 from natpool.core.lease import Lease
 from natpool.errors import ChannelBroken, HandoverError, HandoverTimeout, PairBusy
 from natpool.sim import NetConfig, SimNode, Simulation
@@ -217,3 +218,18 @@ def test_fully_manual_handover_step_by_step() -> None:
     assert handle.lease is not None and a.state(nonce) == "InUse"
     assert not net.in_flight and sim.silence_violations() == [] and sim.stray_deliveries() == []
     assert sim.now() == 0.0  # no virtual time passed at all
+
+
+def test_released_lease_closes_the_socket_and_late_frames_are_unowned() -> None:
+    sim, a, b, (nonce, _) = setup()
+    sim.run_until(1.0)
+    handle = a.take(nonce)
+    assert sim.run_until(lambda: handle.done, timeout=CFG.lock_timeout)
+    assert handle.lease is not None
+    a.release(handle.lease)
+    assert a.expiries() == {nonce: ExpiryReason.CLOSED}
+    assert a.state(nonce) is None and nonce not in a.pool
+    entry = b.entry(nonce)
+    sim.inject(entry.local.addr, entry.remote.addr, b"late")  # e.g. the peer's app still sending
+    sim.run_until(2.0)
+    assert sim.unowned == 1

@@ -198,6 +198,11 @@ class SimNode:
         self.pump()
         return TakeHandle(self, now, session, end)
 
+    def release(self, lease: Lease) -> None:
+        """The application is done with ``lease``: its entry expires (CLOSED) and the socket closes."""
+        lease.release(self.sim.now())
+        self.pump()
+
     def leases(self) -> list[Lease]:
         """Every lease a session of this node produced (either role)."""
         return [link.session.outcome for link in self.links if isinstance(link.session.outcome, Lease)]
@@ -249,12 +254,11 @@ class SimNode:
             sim.deliveries.append(
                 DeliveredDatagram(now, self.identity, nonce, frame_kind(data), self.state(nonce), src, dst)
             )
-        try:
-            self.pool.receive_datagram(nonce, data, src, now)
-        except UnknownPair:
+        if nonce not in self.pool:  # left the pool without us seeing its expiry yet: the socket is gone
             self.unowned += 1
             self._release(nonce)
             return
+        self.pool.receive_datagram(nonce, data, src, now)
         self.pump()
 
     def _on_timer(self) -> None:
