@@ -184,3 +184,30 @@ def test_event_subscription_sees_expiry_and_ends_on_close() -> None:
         sb.close()
 
     run(main())
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_keepalive_over_ipv6_loopback_with_sockets_bound_by_the_pool() -> None:
+    async def main() -> None:
+        ports = []
+        for _ in range(2):  # find two free ports, then let the pools bind them
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.bind(("::1", 0))
+                ports.append(s.getsockname()[1])
+        pair = EndpointPair(Endpoint("alice", "::1", ports[0]), Endpoint("bob", "::1", ports[1]), 41)
+        async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
+            ea = await alice.add(pair, is_pinger=True)
+            await bob.add(pair, is_pinger=False)
+            await wait_until(alice, lambda: ea.stats.received >= 2)
+            assert alice.snapshot(41).drops == {}
+
+    run(main())
