@@ -282,3 +282,20 @@ def test_step_fires_one_event_at_a_time() -> None:
     assert sim.step() and sim.now() == 0.5 and len(sim.log) == 2  # ping arrived, pong sent
     assert sim.step() and sim.now() == 1.0 and len(sim.log) == 2  # pong arrived
     assert sim.step() and sim.now() == CFG.ping_interval and len(sim.log) == 3
+
+
+def test_local_send_errors_expire_the_entry_with_send_failures() -> None:
+    # (the pinger: a ponger's failure count is reset by every inbound ping)
+    cfg = PairConfig(max_send_failures=3)  # 3 failed pings end before the 20 s no-inbound timeout
+    sim = Simulation(1, config=cfg)
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonce = sim.punch(a, b).nonce
+    sim.run_until(3.0)
+    a.fail_sends = True  # alice's pings never leave the host
+    sim.run_until(60.0)
+    assert a.expiries() == {nonce: ExpiryReason.SEND_FAILURES}
+    (ev,) = a.transitions("expire")
+    assert a.send_failures == cfg.max_send_failures
+    assert ev.at == cfg.ping_interval * cfg.max_send_failures  # the 3rd failed ping
+    assert b.expiries() == {nonce: ExpiryReason.NO_INBOUND}
+    assert not [d for d in sim.sent_by("alice") if d.time > 3.0]

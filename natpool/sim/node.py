@@ -118,6 +118,8 @@ class SimNode:
         self.pool = PairPool(identity, config if config is not None else PairConfig(), listeners)
         self.events: list[EntryOutput] = []  # every pool event, in order
         self.unowned = 0  # datagrams that reached a still-bound port whose entry had left the pool
+        self.fail_sends = False  # when set, every send errors locally (reported via pool.send_failed)
+        self.send_failures = 0
         self._local: dict[int, Addr] = {}  # nonce -> local address of its entry
         self._next_port = FIRST_PORT
         self._timer: TimerHandle | None = None
@@ -283,6 +285,10 @@ class SimNode:
             log = sim.log
             ident = self.identity
             for nonce, data, dst in out:
+                if self.fail_sends:  # e.g. no route / ENOBUFS: nothing reaches the wire
+                    self.send_failures += 1
+                    pool.send_failed(nonce, now)
+                    continue
                 src = self._local[nonce]
                 state = self.state(nonce)
                 dg_id = net.send(src, dst, data)
