@@ -1,0 +1,572 @@
+"""Two simulated pools on a manual network with manual signalling, plus a spec-trace recorder.
+
+Everything the stateful test can do to the system is a method here; the
+:class:`~stateful.machine.HandoverMachine` only chooses which one runs next.
+
+* **Network**: :class:`natpool.sim.Simulation` with every link in manual
+  mode, so keepalive datagrams wait in ``network.in_flight`` until a rule
+  delivers, drops, duplicates or reorders them. One assumption of the spec
+  is enforced, as in the model (``ping_timeout`` is honest): a datagram copy
+  lives at most :data:`MAX_LIFETIME` after it was sent, and twice that is
+  shorter than any ping lifespan, so a ping that timed out has no pong left.
+* **Signalling**: one :class:`Link` per session, two FIFO queues that only
+  move when a rule delivers their head; a link can break (both queues lost,
+  both ends notified). A session that ends closes its end gracefully: the
+  peer sees the close after everything sent before it.
+* **Trace**: every node's pool gets a :class:`TraceListener`, a
+  python-statemachine listener that is bound to every Entry, Initiator and
+  Responder machine the runtime fires; each step is checked against the
+  spec's tables as it happens, and CleanHandover is checked at the very
+  transition into InUse against the network's in-flight set.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from natpool import props
+from natpool.config import PairConfig
+from natpool.core.entry import PairEntry
+from natpool.core.handover import InitiatorSession, ResponderSession, Session
+from natpool.core.lease import Lease
+from natpool.endpoints import EndpointPair
+from natpool.errors import HandoverError, UnknownPair
+from natpool.machines.tables import TABLES
+from natpool.sim import INJECTED, NetConfig, SimNode, Simulation
+from natpool.wire import signal as wire
+from natpool.wire.frame import Frame, Kind
+from natpool.wire.frame import encode as encode_frame
+
+A: Final = "a"
+B: Final = "b"
+NODES: Final = (A, B)
+Node = Literal["a", "b"]
+
+#: High byte of the session ids of channels the test opens without an initiator.
+BOGUS_SID_TAG: Final = 0xB0
+
+#: Maximum lifetime of a datagram copy in the network (virtual seconds).
+MAX_LIFETIME: Final = 0.2
+
+
+def config(settle: bool) -> PairConfig:
+    """Short timers so a few rules reach every timeout.
+
+    2 * MAX_LIFETIME (0.4) < min_drain_grace (0.5) <= any ping life, so a
+    timed-out ping and its pong are both gone (the spec's honest timeout).
+    With ``settle`` (needed once the network duplicates), settle_time
+    exceeds MAX_LIFETIME, so every copy sent before a side locked is gone
+    before it hands the pair out.
+    """
+    return PairConfig(ping_interval=1.0, no_inbound_timeout=6.0, ping_lifespan=0.8, drain_grace_rtts=4.0,
+                      min_drain_grace=0.5, lock_timeout=2.0, settle_time=0.3 if settle else 0.0)
+
+
+@dataclass(frozen=True)
+class PairRef:
+    """A pair the test created; ``label`` keeps shrunk programs readable (P1, P2, ...)."""
+
+    label: str
+    pair: EndpointPair = field(repr=False)
+    pinger: str
+    sides: tuple[str, ...]  # nodes that added it
+
+    @property
+    def nonce(self) -> int:
+        return self.pair.nonce
+
+    def __repr__(self) -> str:
+        return f"{self.label}(pinger={self.pinger}, on={'+'.join(self.sides)})"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transition the runtime made through a generated machine."""
+
+    seq: int
+    at: float
+    node: str
+    machine: str
+    who: str
+    source: str
+    event: str
+    target: str
+
+    def __repr__(self) -> str:
+        return (f"#{self.seq} t={self.at:.3f} {self.node}:{self.machine}[{self.who}] "
+                f"{self.source} --{self.event}--> {self.target}")
+
+
+class Violation(AssertionError):
+    """A spec property failed on the runtime; the message carries the offending trace."""
+
+    def __init__(self, prop: str, detail: str, trace: list[Step]) -> None:
+        self.prop = prop
+        self.detail = detail
+        lines = "\n".join(f"    {s!r}" for s in trace[-30:])
+        super().__init__(f"{prop} violated: {detail}\n  last transitions:\n{lines}")
+
+
+_MACHINE_OF: Final[dict[type, str]] = {PairEntry: "Entry", InitiatorSession: "Initiator",
+                                       ResponderSession: "Responder"}
+
+
+class TraceListener:
+    """python-statemachine listener for one node's pool (entries and sessions)."""
+
+    def __init__(self, world: World, node: str) -> None:
+        self.world = world
+        self.node = node
+
+    def after_transition(self, event: Any, source: Any, target: Any, model: Any) -> None:
+        self.world.record(self.node, model, str(event), str(source.value), str(target.value))
+
+
+@dataclass
+class Link:
+    """One session's signalling channel: initiator end on ``ini_node``, responder end on the other node."""
+
+    id: int
+    ini_node: str
+    initiator: InitiatorSession | None  # None: a bogus channel opened by the test itself
+    responder: ResponderSession | None = None
+    to_resp: deque[bytes | None] = field(default_factory=deque)  # None = the initiator's close
+    to_ini: deque[bytes | None] = field(default_factory=deque)  # None = the responder's close
+    broken: bool = False
+    closed: set[str] = field(default_factory=set)  # ends that closed (or saw the close)
+
+    @property
+    def resp_node(self) -> str:
+        return B if self.ini_node == A else A
+
+    def session(self, node: str) -> Session | None:
+        return self.initiator if node == self.ini_node else self.responder
+
+    def queue_to(self, node: str) -> deque[bytes | None]:
+        return self.to_ini if node == self.ini_node else self.to_resp
+
+    def __repr__(self) -> str:
+        return f"L{self.id}({self.ini_node}->{self.resp_node}{', broken' if self.broken else ''})"
+
+
+class World:
+    """Two nodes, the manual network, the links, and what the invariants need to know."""
+
+    def __init__(self, settle: bool) -> None:
+        self.settle = settle
+        self.config = config(settle)
+        self.sim = Simulation(0, NetConfig(manual=True), config=self.config, record_deliveries=False)
+        self.steps: list[Step] = []
+        self.violations: list[tuple[str, str]] = []
+        self.nodes: dict[str, SimNode] = {
+            n: self.sim.add_node(n, listeners=[TraceListener(self, n)]) for n in NODES
+        }
+        self.pairs: list[PairRef] = []
+        self.labels: dict[int, str] = {}  # nonce -> P<k>
+        self.entries: dict[tuple[str, int], PairEntry] = {}  # every entry ever added
+        self.links: list[Link] = []
+        self.take_errors: list[tuple[str, str]] = []  # takes refused at once (PairBusy / UnknownPair)
+        self.last_state: dict[int, tuple[object, str]] = {}  # id(model) -> (model, last recorded target)
+        self.handed: dict[tuple[str, int], int] = {}  # entries that entered InUse, per (node, nonce)
+        self._sent_by_pool: set[int] = set()  # datagram ids a pool (not the test) sent
+        self._log_seen = 0
+        self._silence_seen = 0
+        self._snapshot: dict[tuple[str, int], str] = {}  # entry states as of the last check
+
+    @property
+    def now(self) -> float:
+        return self.sim.now()
+
+    # --- trace -------------------------------------------------------------------
+
+    def who(self, model: object) -> str:
+        if isinstance(model, PairEntry):
+            return self.labels.get(model.nonce, f"{model.nonce:#x}")
+        if isinstance(model, Session):
+            sid = int.from_bytes(model.sid, "big") if model.sid else -1
+            if 0 < sid < 1 << 32:
+                name = f"L{sid}"  # a take's channel: the test chose sid = link number
+            elif sid >> 120 == BOGUS_SID_TAG:
+                name = f"L{sid & 0xFFFFFFFF}"
+            else:
+                name = "L?"
+            return f"{name}.{model.role[:3]}"
+        return type(model).__name__
+
+    def record(self, node: str, model: object, event: str, source: str, target: str) -> None:
+        """Called from inside every runtime transition: check it against the spec at once."""
+        machine = _MACHINE_OF.get(type(model), type(model).__name__)
+        step = Step(len(self.steps) + 1, self.now, node, machine, self.who(model), source, event, target)
+        self.steps.append(step)
+        if machine not in _MACHINE_OF.values() or not props.spec_allows(machine, source, event, target):
+            self.violations.append((props.TRACE, f"the spec does not allow {step!r}"))
+        prev = self.last_state.get(id(model))
+        if prev is not None and prev[1] != source:
+            if not props.symmetry_step(prev[1], source):
+                self.violations.append((props.SYMMETRY, f"{step.who} went Locked -> Idle outside the "
+                                                        f"generated machine, then {step!r}"))
+            self.violations.append((props.TRACE, f"{step!r} starts from {source}, but the last recorded "
+                                                 f"state of {step.who} was {prev[1]}"))
+        self.last_state[id(model)] = (model, target)
+        if isinstance(model, PairEntry):
+            if not props.symmetry_step(source, target):
+                self.violations.append((props.SYMMETRY, f"Locked entry returned to Idle: {step!r}"))
+            if target == props.IN_USE:
+                key = (node, model.nonce)
+                self.handed[key] = self.handed.get(key, 0) + 1
+                frames = self.keepalive_in_flight(model.pair)
+                if not props.clean_handover(source, target, len(frames)):
+                    self.violations.append((props.CLEAN_HANDOVER,
+                                            f"{step!r} while in flight: {frames}"))
+
+    def keepalive_in_flight(self, pair: EndpointPair) -> list[str]:
+        """Keepalive frames of ``pair`` that an entry sent and that are still in the network."""
+        log = self.sim.log
+        for rec in log[self._log_seen:]:
+            if rec.sender != INJECTED:
+                self._sent_by_pool.add(rec.id)
+        self._log_seen = len(log)
+        ends = {(pair.a.addr, pair.b.addr), (pair.b.addr, pair.a.addr)}
+        out = []
+        for dg in self.sim.network.in_flight:
+            if dg.id in self._sent_by_pool and (dg.src, dg.dst) in ends:
+                out.append(f"{dg.src[0]}->{dg.dst[0]} {dg.data.hex()} sent@{dg.sent_at:.3f}")
+        return out
+
+    def fail(self, prop: str, detail: str) -> None:
+        raise Violation(prop, detail, self.steps)
+
+    # --- pairs -------------------------------------------------------------------
+
+    def _ref(self, pair: EndpointPair, pinger: str, sides: tuple[str, ...]) -> PairRef:
+        ref = PairRef(f"P{len(self.pairs) + 1}", pair, pinger, sides)
+        self.pairs.append(ref)
+        self.labels[pair.nonce] = ref.label
+        return ref
+
+    def punch(self, pinger: str) -> PairRef:
+        """A hole punch that succeeded on both sides."""
+        a, b = self.nodes[A], self.nodes[B]
+        nonce = self.sim.new_nonce()
+        self.labels[nonce] = f"P{len(self.pairs) + 1}"
+        pair = self.sim.punch(a, b, nonce=nonce, pinger=self.nodes[pinger])
+        for n in NODES:
+            self.entries[(n, nonce)] = self.nodes[n].pool.get(nonce)
+        return self._ref(pair, pinger, NODES)
+
+    def add_one_side(self, node: str, is_pinger: bool) -> PairRef:
+        """A pair only ``node`` knows (the peer never added it, or lost it)."""
+        a, b = self.nodes[A], self.nodes[B]
+        nonce = self.sim.new_nonce()
+        self.labels[nonce] = f"P{len(self.pairs) + 1}"
+        pair = EndpointPair(a.endpoint(), b.endpoint(), nonce)
+        other = B if node == A else A
+        self.entries[(node, nonce)] = self.nodes[node].add(pair, is_pinger)
+        return self._ref(pair, node if is_pinger else other, (node,))
+
+    def remove(self, node: str, ref: PairRef) -> None:
+        try:
+            self.nodes[node].remove(ref.nonce)
+        except UnknownPair:
+            pass
+        self.sync()
+
+    def state(self, node: str, nonce: int) -> str | None:
+        """The entry's state, or None when the node does not hold the pair (never added, or gone)."""
+        return self.nodes[node].state(nonce)
+
+    # --- takes and sessions ----------------------------------------------------------
+
+    def take(self, node: str, ref: PairRef | None) -> None:
+        """take(nonce) with ``ref``, take_any(peer) without; a refusal at once is recorded, not raised."""
+        link_id = len(self.links) + 1
+        pool = self.nodes[node].pool
+        peer = B if node == A else A
+        sid = link_id.to_bytes(wire.SID_SIZE, "big")
+        try:
+            if ref is None:
+                session = pool.start_take(None, peer, self.now, sid=sid)
+            else:
+                session = pool.start_take(ref.nonce, None, self.now, sid=sid)
+        except HandoverError as exc:
+            self.take_errors.append((node, type(exc).__name__))
+        except UnknownPair:
+            self.take_errors.append((node, "UnknownPair"))
+        else:
+            self.links.append(Link(link_id, node, session))
+        self.sync()
+
+    def open_bogus(self, node: str, data: bytes) -> None:
+        """A channel opened by someone else whose first message is ``data`` (malformed, replayed...)."""
+        link = Link(len(self.links) + 1, B if node == A else A, None)
+        link.to_resp.append(data)
+        self.links.append(link)
+
+    def sessions(self) -> list[tuple[str, Session]]:
+        out: list[tuple[str, Session]] = []
+        for link in self.links:
+            if link.initiator is not None:
+                out.append((link.ini_node, link.initiator))
+            if link.responder is not None:
+                out.append((link.resp_node, link.responder))
+        return out
+
+    def leases(self) -> list[tuple[str, Lease]]:
+        return [(n, s.outcome) for n, s in self.sessions() if isinstance(s.outcome, Lease)]
+
+    def deliver_signal(self, link: Link, to_node: str) -> bool:
+        """Deliver the head of ``link``'s queue towards ``to_node``; False if it was empty."""
+        queue = link.queue_to(to_node)
+        if not queue:
+            return False
+        data = queue.popleft()
+        now = self.now
+        if data is None:  # the peer's graceful close
+            link.closed.add(to_node)
+            session = link.session(to_node)
+            if session is not None:
+                session.channel_closed(now)
+        elif to_node == link.resp_node and link.responder is None:
+            link.responder = self.nodes[to_node].pool.accept_session(data, now)
+        else:
+            session = link.session(to_node)
+            if session is not None:
+                session.receive_signal(data, now)
+        self.sync()
+        return True
+
+    def inject_signal(self, link: Link, to_node: str, data: bytes) -> None:
+        """Put a forged/garbage message in ``link``'s queue towards ``to_node`` (behind what is queued)."""
+        if not link.broken and to_node not in link.closed:
+            link.queue_to(to_node).append(data)
+
+    def break_link(self, link: Link) -> None:
+        """The channel fails abruptly: queued messages are lost, both live ends are told now."""
+        if link.broken:
+            return
+        link.broken = True
+        link.to_ini.clear()
+        link.to_resp.clear()
+        for node in (link.ini_node, link.resp_node):
+            if node not in link.closed:
+                link.closed.add(node)
+                session = link.session(node)
+                if session is not None:
+                    session.channel_closed(self.now)
+        self.sync()
+
+    def release(self, lease: Lease) -> None:
+        lease.release(self.now)
+        self.sync()
+
+    # --- driving ---------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """What a driver does after any input: ship session output, close ended sessions, pump pools."""
+        for link in self.links:
+            for node in (link.ini_node, link.resp_node):
+                session = link.session(node)
+                if session is None:
+                    continue
+                out = session.signals_to_send()
+                peer = link.resp_node if node == link.ini_node else link.ini_node
+                if not link.broken and node not in link.closed:
+                    link.queue_to(peer).extend(out)
+                    if session.done:
+                        link.closed.add(node)
+                        link.queue_to(peer).append(None)
+        for sim_node in self.nodes.values():
+            sim_node.pump()
+
+    def _next_deadline(self) -> tuple[float, str] | None:
+        cands: list[tuple[float, str]] = []
+        t = self.sim.scheduler.next_time()
+        if t is not None:
+            cands.append((t, "sched"))
+        for _, s in self.sessions():
+            st = s.get_timer()
+            if st is not None:
+                cands.append((st, "session"))
+        if self.sim.network.in_flight:
+            # Lifetime ends first at equal times: the datagram is gone before any timer sees it.
+            cands.append((min(dg.sent_at for dg in self.sim.network.in_flight) + MAX_LIFETIME, "\0lifetime"))
+        return min(cands) if cands else None
+
+    def advance(self, dt: float) -> None:
+        """Let ``dt`` virtual seconds pass: timers fire and old datagrams die, in time order."""
+        target = self.now + dt
+        for _ in range(100_000):
+            nxt = self._next_deadline()
+            if nxt is None or nxt[0] > target:
+                break
+            t, kind = nxt
+            if kind == "sched":
+                self.sim.scheduler.step()
+            else:
+                self.sim.clock.advance_to(max(t, self.now))
+                if kind == "session":
+                    for _, s in self.sessions():
+                        st = s.get_timer()
+                        if st is not None and st <= self.now:
+                            s.handle_timer(self.now)
+                else:
+                    net = self.sim.network
+                    net.in_flight[:] = [dg for dg in net.in_flight if dg.sent_at + MAX_LIFETIME > self.now]
+            self.sync()
+        else:  # pragma: no cover
+            raise AssertionError("advance() did not reach its target: a timer re-arms at now forever")
+        self.sim.scheduler.run_until(target)
+        self.sync()
+
+    def deliver_datagram(self, i: int) -> None:
+        self.sim.network.deliver(i)
+        self.sync()
+
+    def drop_datagram(self, i: int) -> None:
+        self.sim.network.drop(i)
+
+    def duplicate_datagram(self, i: int) -> None:
+        self.sim.network.duplicate(i)
+
+    def inject_datagram(self, node: str, ref: PairRef, kind: str, junk: bytes) -> None:
+        """A datagram from outside the pools towards ``node``'s end of ``ref``; never a keepalive of the pair.
+
+        (A well-formed frame of the pair from the peer's own address would be
+        indistinguishable from a keepalive: the spec's network has no forger.)
+        """
+        dst = ref.pair.local(node).addr
+        host, port = ref.pair.remote(node).addr
+        if kind == "garbage":
+            src, data = (host, port), junk
+        elif kind == "wrong_nonce":
+            src, data = (host, port), encode_frame(Frame((ref.nonce ^ 0x5A5A) or 1, Kind.PING))
+        else:  # "foreign": a well-formed frame of the pair from another port
+            src, data = (host, port % 65535 + 1), encode_frame(Frame(ref.nonce, Kind.PONG))
+        self.sim.inject(src, dst, data)
+
+    def flush(self) -> None:
+        """Deliver every queued signal and in-flight datagram (and what they trigger) without time passing."""
+        for _ in range(10_000):
+            moved = False
+            for link in self.links:
+                for node in (link.resp_node, link.ini_node):
+                    while self.deliver_signal(link, node):
+                        moved = True
+            net = self.sim.network
+            if net.in_flight:
+                moved = True
+                net.deliver_all()
+                self.sync()
+            if not moved:
+                return
+        raise AssertionError("flush() did not quiesce")  # pragma: no cover
+
+    def heal_and_run(self, duration: float) -> None:
+        """Liveness run: no more faults; every message and datagram is delivered promptly while time runs on."""
+        end = self.now + duration
+        for _ in range(100_000):
+            self.flush()
+            nxt = self._next_deadline()
+            if nxt is None or nxt[0] > end:
+                break
+            self.advance(max(0.0, nxt[0] - self.now))
+        self.advance(max(0.0, end - self.now))
+
+    # --- invariants ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Every safety property and the trace, after every step; raises :class:`Violation`.
+
+        Properties first, so a bug that both breaks a property and bypasses the
+        generated machines is reported by the property it breaks.
+        """
+        self.check_atomic_take()
+        self.check_strict_silence()
+        self.check_symmetry()
+        self.check_no_leak()
+        for prop, detail in self.violations:  # CleanHandover and Symmetry found at a transition
+            if prop != props.TRACE:
+                self.fail(prop, detail)
+        if self.violations:
+            self.fail(*self.violations[0])
+        self.check_trace_projection()
+
+    def check_trace_projection(self) -> None:
+        """The runtime's own state equals the last target its machines recorded (or the initial state)."""
+        models: list[tuple[str, object, str]] = [("Entry", e, e.state) for e in self.entries.values()]
+        models += [(_MACHINE_OF[type(s)], s, s.state) for _, s in self.sessions()]
+        for machine, model, state in models:
+            rec = self.last_state.get(id(model))
+            expected = rec[1] if rec is not None else TABLES[machine].initial
+            if state != expected:
+                self.fail(props.TRACE, f"{machine} {self.who(model)} is {state} at runtime, but its last "
+                                       f"recorded transition left it {expected}")
+        for node, n in self.nodes.items():
+            for e in n.pool.entries():
+                if self.entries.get((node, e.nonce)) is not e:
+                    self.fail(props.TRACE, f"{node} holds an entry the test never added: {e!r}")
+
+    def check_atomic_take(self) -> None:
+        for node, n in self.nodes.items():
+            nonces = [e.nonce for e in n.pool.entries()]
+            if len(nonces) != len(set(nonces)):
+                self.fail(props.ATOMIC_TAKE, f"{node} holds two entries with one nonce: {nonces}")
+        holders: dict[tuple[str, int], list[str]] = {}
+        for node, s in self.sessions():
+            if not s.done and s.entry is not None:
+                holders.setdefault((node, s.nonce), []).append(self.who(s))
+        leases: dict[tuple[str, int], int] = {}
+        for node, lease in self.leases():
+            leases[(node, lease.nonce)] = leases.get((node, lease.nonce), 0) + 1
+        for key in set(holders) | set(self.handed) | set(leases):
+            handed = max(self.handed.get(key, 0), leases.get(key, 0))
+            if not props.atomic_take(handed, len(holders.get(key, []))):
+                self.fail(props.ATOMIC_TAKE, f"{key[0]}:{self.labels.get(key[1])} handed out {handed}x, "
+                                             f"live holders {holders.get(key, [])}")
+
+    def check_strict_silence(self) -> None:
+        log = self.sim.log
+        start, self._silence_seen = self._silence_seen, len(log)
+        for rec in log[start:]:
+            if not props.strict_silence(rec.state):
+                self.fail(props.STRICT_SILENCE, f"{rec.sender} sent a {rec.kind} of "
+                                                f"{self.labels.get(rec.nonce)} while {rec.state} at t={rec.time}")
+
+    def check_symmetry(self) -> None:
+        """State part on every pair; action part (never Locked -> Idle) on the runtime's own states
+        between two steps, which also catches a change that bypassed the generated machine."""
+        for ref in self.pairs:
+            for node in NODES:
+                other = B if node == A else A
+                mine, theirs = self.state(node, ref.nonce), self.state(other, ref.nonce)
+                if not props.symmetry(mine, theirs):
+                    self.fail(props.SYMMETRY, f"{ref.label}: {node} is {mine} but {other} is {theirs}")
+        for (node, nonce), entry in self.entries.items():
+            before = self._snapshot.get((node, nonce))
+            if not props.symmetry_step(before, entry.state):
+                self.fail(props.SYMMETRY, f"{node}:{self.labels.get(nonce)} went from {before} to {entry.state}")
+            self._snapshot[(node, nonce)] = entry.state
+
+    def check_no_leak(self) -> None:
+        for node, n in self.nodes.items():
+            reg = n.pool.handovers
+            for e in n.pool.entries():
+                owner = reg.owner(e.nonce)
+                live = owner is not None and not owner.done and owner.entry is e
+                if not props.no_leak(e.state, live):
+                    self.fail(props.NO_LEAK, f"{node}:{self.labels.get(e.nonce)} is {e.state} "
+                                             f"without a live owning session (owner {owner!r})")
+
+    def check_liveness(self) -> None:
+        """After :meth:`heal_and_run`: every take returned, every role ended, nothing InLocking/Locked."""
+        for node, s in self.sessions():
+            if not s.done:
+                self.fail(props.LIVENESS, f"{node}: session {self.who(s)} still {s.state} after healing")
+        for node, n in self.nodes.items():
+            for e in n.pool.entries():
+                if props.stuck(e.state):
+                    self.fail(props.LIVENESS, f"{node}:{self.labels.get(e.nonce)} stuck {e.state} after healing")
+            if n.pool.handovers.sessions():
+                self.fail(props.LIVENESS, f"{node}: sessions still registered: {n.pool.handovers.sessions()}")

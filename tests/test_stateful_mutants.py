@@ -1,0 +1,44 @@
+"""Mutation sanity check: with a seeded runtime bug, the stateful test must fail.
+
+Each mutant from tests/stateful/mutants.py is applied to the runtime and the
+same state machine runs derandomized (so CI is reproducible) under the
+loaded profile's example budget, without shrinking (only *that* it fails
+matters here, and shrinking is the slow part). The property that caught
+it is checked, so a mutant cannot pass by crashing the harness.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
+from stateful.machine import HandoverMachine
+from stateful.mutants import MUTANTS
+from stateful.world import Violation
+
+#: Which properties may report each mutant (the first violated one wins).
+EXPECTED = {
+    "no-cas": {"AtomicTake", "NoLeak", "Liveness"},
+    "no-drain": {"CleanHandover"},
+    "locked-to-idle": {"Symmetry", "StrictSilence"},
+    "no-tie-break": {"AtomicTake"},
+    "take-any-no-claim": {"AtomicTake"},
+}
+
+
+def mutant_settings() -> settings:
+    base = settings.default
+    assert base is not None
+    return settings(base, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+                    max_examples=max(base.max_examples, 200), stateful_step_count=30, print_blob=False)
+
+
+def test_every_mutant_has_an_expectation() -> None:
+    assert set(MUTANTS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_mutant_is_caught(name: str) -> None:
+    with MUTANTS[name](), pytest.raises(Violation) as caught:
+        run_state_machine_as_test(HandoverMachine, settings=mutant_settings())
+    assert caught.value.prop in EXPECTED[name], str(caught.value)
