@@ -121,6 +121,7 @@ class SimNode:
         self.fail_sends = False  # when set, every send errors locally (reported via pool.send_failed)
         self.send_failures = 0
         self._local: dict[int, Addr] = {}  # nonce -> local address of its entry
+        self._entries: dict[int, PairEntry] = {}  # nonce -> entry, while its socket is bound
         self._next_port = FIRST_PORT
         self._timer: TimerHandle | None = None
         self._timer_at: float | None = None
@@ -152,6 +153,7 @@ class SimNode:
             raise SimulationError(f"{addr} is already bound on the simulated network")
         entry = self.pool.add(pair, is_pinger, self.sim.now())
         self._local[entry.nonce] = addr
+        self._entries[entry.nonce] = entry
         self.sim.network.bind(addr, partial(self._on_datagram, entry.nonce))
         self.pump()
         return entry
@@ -252,10 +254,10 @@ class SimNode:
     def _on_datagram(self, nonce: int, data: bytes, src: Addr, dst: Addr) -> None:
         sim = self.sim
         now = sim.now()
+        entry = self._entries.get(nonce)
         if sim.record_deliveries:
-            sim.deliveries.append(
-                DeliveredDatagram(now, self.identity, nonce, frame_kind(data), self.state(nonce), src, dst)
-            )
+            state = entry.state if entry is not None and nonce in self.pool else None
+            sim.deliveries.append(DeliveredDatagram(now, self.identity, nonce, frame_kind(data), state, src, dst))
         if nonce not in self.pool:  # left the pool without us seeing its expiry yet: the socket is gone
             self.unowned += 1
             self._release(nonce)
@@ -286,11 +288,12 @@ class SimNode:
             ident = self.identity
             for nonce, data, dst in out:
                 if self.fail_sends:  # e.g. no route / ENOBUFS: nothing reaches the wire
-                    self.send_failures += 1
-                    pool.send_failed(nonce, now)
+                    if nonce in pool:  # a failure may have expired it: a driver stops sending then
+                        self.send_failures += 1
+                        pool.send_failed(nonce, now)
                     continue
                 src = self._local[nonce]
-                state = self.state(nonce)
+                state = self._entries[nonce].state  # single-threaded here: no need for the pool lock
                 dg_id = net.send(src, dst, data)
                 log.append(SentDatagram(now, ident, nonce, frame_kind(data), state, src, dst, dg_id))
         ev = pool.next_event()
@@ -317,6 +320,7 @@ class SimNode:
 
     def _release(self, nonce: int) -> None:
         """The entry left the pool: close its simulated socket."""
+        self._entries.pop(nonce, None)
         addr = self._local.pop(nonce, None)
         if addr is not None:
             self.sim.network.unbind(addr)

@@ -19,13 +19,29 @@ FrameKind = Literal["ping", "pong", "garbage"]
 INJECTED = "<injected>"
 
 
+_KIND_CACHE: dict[bytes, FrameKind] = {}
+_KIND_CACHE_MAX = 1 << 16
+
+
 def frame_kind(data: bytes) -> FrameKind:
-    """Classify a datagram as the codec would: anything it rejects is garbage."""
+    """Classify a datagram as the codec would: anything it rejects is garbage.
+
+    Memoised: a pair sends the same two 9-byte frames over and over, and the
+    log classifies every one of them.
+    """
+    kind = _KIND_CACHE.get(data)
+    if kind is not None:
+        return kind
     try:
         frame = decode(data)
     except RemoteProtocolError:
-        return "garbage"
-    return "ping" if frame.kind is Kind.PING else "pong"
+        kind = "garbage"
+    else:
+        kind = "ping" if frame.kind is Kind.PING else "pong"
+    if len(_KIND_CACHE) >= _KIND_CACHE_MAX:
+        _KIND_CACHE.clear()
+    _KIND_CACHE[bytes(data)] = kind
+    return kind
 
 
 @dataclass(frozen=True, slots=True)
