@@ -5,7 +5,7 @@ its seed: tests replay failures exactly and never sleep on the wall clock.
 
 Quick start::
 
-    sim = Simulation(seed=1, net=NetConfig(loss=0.1, delay_min=0.005, delay_max=0.05))
+    sim = Simulation(seed=1, net=NetConfig(duplicate=0.1, delay_min=0.005, delay_max=0.05))
     a, b = sim.add_node("alice"), sim.add_node("bob")
     pair = sim.punch(a, b)                    # same pair on both nodes, alice pings
     sim.run_until(600.0)                      # ten virtual minutes of keepalive
