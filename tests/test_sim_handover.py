@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from natpool.config import PairConfig
 from natpool.core.entry import ExpiryReason
 from natpool.core.lease import Lease
-from natpool.errors import ChannelBroken, HandoverError, HandoverTimeout, PairBusy
+from natpool.errors import ChannelBroken, HandoverError, HandoverTimeout, LocalError, PairBusy
 from natpool.sim import NetConfig, SimNode, Simulation
 
 CFG = PairConfig()
@@ -233,3 +233,58 @@ def test_released_lease_closes_the_socket_and_late_frames_are_unowned() -> None:
     sim.inject(entry.local.addr, entry.remote.addr, b"late")  # e.g. the peer's app still sending
     sim.run_until(2.0)
     assert sim.unowned == 1
+
+
+OPS = st.sampled_from(["take", "claim", "remove", "partition", "heal", "break", "release"])
+
+
+@settings(max_examples=30)
+@given(
+    seed=st.integers(0, 2**32),
+    loss=st.sampled_from([0.0, 0.1, 0.3]),
+    dup=st.sampled_from([0.0, 0.2]),
+    delay_max=st.sampled_from([0.01, 0.1, 0.4]),
+    settle=st.sampled_from([0.0, 0.5]),
+    signalling_delay=st.sampled_from([0.001, 0.02, 0.5]),
+    steps=st.lists(st.tuples(OPS, st.integers(0, 2), st.integers(0, 5), st.sampled_from([0.001, 0.05, 1.0, 5.0])),
+                   max_size=30),
+)
+def test_random_operations_keep_silence_symmetry_and_clean_handover(
+    seed: int, loss: float, dup: float, delay_max: float, settle: float, signalling_delay: float,
+    steps: list[tuple[str, int, int, float]],
+) -> None:
+    """Three nodes, six pairs, arbitrary takes/claims/removals/partitions/breaks/releases."""
+    sim = Simulation(seed, NetConfig(loss=loss, duplicate=dup, delay_min=0.005, delay_max=delay_max),
+                     config=PairConfig(settle_time=settle), signalling_delay=signalling_delay)
+    nodes = [sim.add_node(name) for name in ("a", "b", "c")]
+    # pairs a-b, b-c, c-a twice each; the pinger alternates between the two sides
+    nonces = [sim.punch(nodes[i % 3], nodes[(i + 1) % 3], pinger=nodes[(i + i % 2) % 3]).nonce for i in range(6)]
+    for op, ni, pi, wait in steps:
+        node, nonce = nodes[ni], nonces[pi]
+        try:
+            if op == "take":
+                node.take(nonce)
+            elif op == "claim":
+                node.claim(nonce)
+            elif op == "remove":
+                node.remove(nonce)
+            elif op == "partition":
+                sim.partition(node, nodes[(ni + 1) % 3])
+            elif op == "heal":
+                sim.heal()
+            elif op == "break":
+                sim.signalling.break_all(node)
+            elif node.leases():
+                node.release(node.leases()[0])
+        except (LocalError, HandoverError):
+            pass  # not this node's pair, not Idle, already gone...
+        sim.run_for(wait)
+    sim.run_for(3 * CFG.lock_timeout)
+    assert sim.silence_violations() == []
+    if settle >= delay_max:
+        assert sim.stray_deliveries() == []
+    for nonce in nonces:
+        states = {node.state(nonce) for node in nodes} - {None}
+        if "InUse" in states:
+            assert not states & TALKING, states
+    assert all(link.session.done for node in nodes for link in node.links)
