@@ -1,8 +1,20 @@
 """asyncio driver: real UDP sockets and TCP signalling around the sans-IO core.
 
-Import :class:`natpool.aio.pool.AsyncPairPool` and
-:mod:`natpool.aio.tcp` directly; this package module stays import-light so
-``natpool --help`` does not pull in the event-loop machinery.
+Import :class:`natpool.aio.pool.AsyncPairPool` and :mod:`natpool.aio.tcp`
+directly; this package module stays import-light so ``natpool --help`` does
+not pull in the event-loop machinery. A node, in short::
+
+    pool = AsyncPairPool("alice", PairConfig())
+    server = await TcpSignallingServer(pool.serve_handover, port=7000).start()
+    pool.signalling = TcpSignalling("alice", {"bob": ("198.51.100.7", 7000)})
+    await pool.add(pair, is_pinger=True, sock=punched_socket)   # kept alive from now on
+    lease = await pool.take_any("bob")       # or, when bob took: lease = await pool.accept()
+    pool.set_lease_protocol(lease, MyProtocol())                # the socket is still bound and open
+    ...
+    pool.release(lease); await server.close(); await pool.close()
+
+``natpool demo`` (:mod:`natpool.aio.demo`) runs exactly this for two nodes
+in one process.
 """
 
 from __future__ import annotations
