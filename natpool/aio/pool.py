@@ -105,11 +105,12 @@ class DriverStats:
 class _EntryProtocol(asyncio.DatagramProtocol):
     """Feeds one entry's datagrams into the pool; nothing else lives here (kept tiny on purpose)."""
 
-    __slots__ = ("_nonce", "_owner", "transport")
+    __slots__ = ("_nonce", "_owner", "entry", "transport")
 
     def __init__(self, owner: AsyncPairPool, nonce: int) -> None:
         self._owner = owner
         self._nonce = nonce
+        self.entry: PairEntry | None = None  # set once the core registered it
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,7 +121,7 @@ class _EntryProtocol(asyncio.DatagramProtocol):
             transport.max_size = RECV_BUFFER
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._owner._on_datagram(self._nonce, data, addr)
+        self._owner._on_datagram(self._nonce, self.entry, data, addr)
 
     def error_received(self, exc: Exception) -> None:
         self._owner._on_socket_error(self._nonce, exc)
@@ -221,6 +222,15 @@ class AsyncPairPool:
         # application's (the peer went InUse first), kept for the lease instead of dropped.
         self._silent: set[int] = set()
         self._early: dict[int, deque[tuple[bytes, Any]]] = {}
+        self._events_pending = False
+        chained = self.core.on_entry_event
+
+        def on_entry_event(entry: PairEntry, event: Event) -> None:
+            self._note_event(entry, event)
+            if chained is not None:
+                chained(entry, event)
+
+        self.core.on_entry_event = on_entry_event
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -311,7 +321,8 @@ class AsyncPairPool:
             else:
                 sock.setblocking(False)
             try:
-                transport, _ = await loop.create_datagram_endpoint(lambda: _EntryProtocol(self, nonce), sock=sock)
+                transport, protocol = await loop.create_datagram_endpoint(lambda: _EntryProtocol(self, nonce),
+                                                                          sock=sock)
             except BaseException:
                 sock.close()
                 raise
@@ -323,6 +334,7 @@ class AsyncPairPool:
                 transport.close()
                 self.stats.sockets_closed += 1
                 raise
+            protocol.entry = entry
             self._transports[nonce] = transport
         finally:
             self._pending.discard(nonce)
@@ -406,7 +418,7 @@ class AsyncPairPool:
 
     # --- the input path (hot: one call per datagram) ---------------------------------------------
 
-    def _on_datagram(self, nonce: int, data: bytes, addr: Any) -> None:
+    def _on_datagram(self, nonce: int, entry: PairEntry | None, data: bytes, addr: Any) -> None:
         self.stats.datagrams_in += 1
         assert self._loop is not None
         now = self._loop.time()
@@ -420,8 +432,16 @@ class AsyncPairPool:
             return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
         self.core.receive_datagram(nonce, data, addr, now)
-        # A datagram alone never brings a deadline forward (it only refreshes liveness or clears a ping);
-        # anything that could (a transition) shows up as an event, which re-arms below.
+        if entry is not None and not self._events_pending and not entry.has_output:
+            # Fast path (e.g. a pong): nothing to send, no event. Only this entry changed, and a datagram
+            # alone never brings a deadline forward (it refreshes liveness or clears a ping).
+            if self._waiting:
+                assert self._changed is not None
+                self._changed.set()
+            if self._handle is None and not self._closed:
+                self._rearm()
+            return
+        # Anything that could bring a deadline forward (a transition) shows up as an event and re-arms.
         self._after_input(now, rearm=False)
 
     def _observe(self, direction: str, nonce: int, data: bytes, addr: Any) -> None:
@@ -459,7 +479,7 @@ class AsyncPairPool:
         if now is None:
             now = self.now()
         self._flush(now)
-        if self._drain_events():
+        if self._events_pending and self._drain_events():
             rearm = True
         if self._waiting:
             assert self._changed is not None
@@ -490,8 +510,13 @@ class AsyncPairPool:
         log.debug("send on %#x failed: %s", nonce, exc)
         self.core.send_failed(nonce, now)
 
+    def _note_event(self, entry: PairEntry, event: Event) -> None:
+        """Core hook (under the core's lock): only flags that events wait, so idle inputs skip the queue."""
+        self._events_pending = True
+
     def _drain_events(self) -> bool:
         """Fan out every pending core event; True if there was any."""
+        self._events_pending = False
         any_event = False
         while (event := self.core.next_event()) is not None:
             any_event = True
