@@ -18,15 +18,23 @@ class PairConfig:
     * ``ping_interval`` 5 s — six refreshes per 30 s window, so the mapping
       survives several lost pings; upstream's 1 s costs 5x the packets for
       no extra safety.
-    * ``no_inbound_timeout`` 20 s — four missed intervals; we declare the
-      path dead before a 30 s mapping can be silently gone.
+    * ``no_inbound_timeout`` 21 s — tolerates four consecutive lost
+      exchanges (the fifth pong lands at ~20 s + RTT, inside the deadline
+      while RTT < 1 s) and still declares the path dead before a 30 s
+      mapping can be silently gone. Exactly 4 x interval would tolerate
+      only three: the fourth answer arrives one RTT after the deadline.
     * ``ping_lifespan`` 2 s — an answer later than this is treated as lost.
       Must exceed the maximum datagram lifetime (the model's assumption that
       timeouts are honest); 2 s is far above any loopback/Internet RTT.
     * ``drain_grace_rtts`` / ``min_drain_grace`` — while locking, an
       outstanding ping is given up after ``max(min_drain_grace,
       drain_grace_rtts * srtt)`` (capped at ``ping_lifespan``), so one lost
-      pong does not stall a handover for the whole lifespan.
+      pong does not stall a handover for the whole lifespan. This is an
+      explicit timing assumption: CleanHandover needs every outstanding
+      frame to be delivered or lost before its timeout fires. A one-way
+      delay longer than the grace breaks it (the model checker shows the
+      trace under its ``early_timeouts`` switch); raise ``min_drain_grace``
+      or set ``settle_time`` on paths with long delay spikes.
     * ``lock_timeout`` 5 s — bound on a whole handover; several signalling
       round trips plus one drain fit easily.
     * ``max_send_failures`` 5 — consecutive socket errors before expiring.
@@ -36,7 +44,7 @@ class PairConfig:
     """
 
     ping_interval: float = 5.0
-    no_inbound_timeout: float = 20.0
+    no_inbound_timeout: float = 21.0
     ping_lifespan: float = 2.0
     drain_grace_rtts: float = 4.0
     min_drain_grace: float = 0.2

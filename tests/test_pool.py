@@ -297,7 +297,8 @@ def test_get_timer_is_the_minimum_deadline() -> None:
 def test_handle_timer_only_touches_due_entries(monkeypatch: pytest.MonkeyPatch) -> None:
     pool = PairPool("alice", CFG)
     for n in range(1, 7):
-        pool.add(pair(n), False, float(n))  # pongers: only the no-inbound deadline, at n + 20
+        pool.add(pair(n), False, float(n))  # pongers: only the no-inbound deadline, at n + timeout
+    t = CFG.no_inbound_timeout
     touched: list[int] = []
     original = PairEntry.handle_timer
 
@@ -306,15 +307,15 @@ def test_handle_timer_only_touches_due_entries(monkeypatch: pytest.MonkeyPatch) 
         original(self, now)
 
     monkeypatch.setattr(PairEntry, "handle_timer", spy)
-    assert pool.get_timer() == 21.0
-    pool.handle_timer(20.5)
+    assert pool.get_timer() == t + 1
+    pool.handle_timer(t + 0.5)
     assert touched == []
-    pool.handle_timer(23.0)
+    pool.handle_timer(t + 3)
     assert sorted(touched) == [1, 2, 3]
     assert sorted(e.nonce for e in pool.entries()) == [4, 5, 6]
-    assert pool.get_timer() == 24.0
+    assert pool.get_timer() == t + 4
     touched.clear()
-    pool.handle_timer(24.0 - 0.0005)  # an early-firing loop timer still counts (1 ms slack)
+    pool.handle_timer(t + 4 - 0.0005)  # an early-firing loop timer still counts (1 ms slack)
     assert touched == [4]
 
 
