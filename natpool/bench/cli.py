@@ -132,6 +132,33 @@ async def _keepalive_natpool(n: int, interval: float, window: float) -> dict[str
     return {"cpu": cpu, "exchanges_per_s": rate, "alive": alive}
 
 
+def _core_us_per_exchange(n: int, rounds: int) -> float:
+    """CPU of the sans-IO core alone per ping/pong exchange (both pools, no sockets): the driver's floor."""
+    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=30.0, ping_lifespan=1.0)
+    a, b = PairPool("a", cfg), PairPool("b", cfg)
+    for i in range(n):
+        pair = EndpointPair(Endpoint("a", "127.0.0.1", 1 + i % 60000), Endpoint("b", "127.0.0.2", 1 + i % 60000),
+                            i + 1)
+        a.add(pair, True, 0.0)
+        b.add(pair, False, 0.0)
+
+    def one_round(now: float) -> None:
+        a.handle_timer(now)
+        for nonce, data, _ in a.datagrams_to_send(now):
+            b.receive_datagram(nonce, data, ("127.0.0.1", 1 + (nonce - 1) % 60000), now)
+        for nonce, data, _ in b.datagrams_to_send(now):
+            a.receive_datagram(nonce, data, ("127.0.0.2", 1 + (nonce - 1) % 60000), now)
+        a.datagrams_to_send(now)
+        a.get_timer()
+        b.get_timer()
+
+    one_round(0.0)
+    t0 = time.process_time()
+    for r in range(1, rounds + 1):
+        one_round(float(r))
+    return 1e6 * (time.process_time() - t0) / (rounds * n)
+
+
 def _keepalive(report: Report, args: argparse.Namespace) -> None:
     interval = 1.0
     window = args.window or (1.0 if report.quick else 5.0)
@@ -147,8 +174,12 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
         raw = asyncio.run(_keepalive_raw(n, interval, window))
         gc.collect()
         nat = asyncio.run(_keepalive_natpool(n, interval, window))
+        core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20)
         out[str(requested)] = {
             "pairs": n,
+            "raw_us_per_exchange": round(1e6 * raw["cpu"] / max(1.0, raw["exchanges_per_s"]), 2),
+            "natpool_us_per_exchange": round(1e6 * nat["cpu"] / max(1.0, nat["exchanges_per_s"]), 2),
+            "core_only_us_per_exchange": round(core_us, 2),
             "raw_cpu_pct": round(100 * raw["cpu"], 2),
             "natpool_cpu_pct": round(100 * nat["cpu"], 2),
             "ratio": round(nat["cpu"] / raw["cpu"], 2) if raw["cpu"] > 0 else None,
@@ -352,11 +383,16 @@ def _print_table(report: Report) -> None:
         ka = r["keepalive"]
         print(f"\nkeepalive CPU, % of one core, both ends in one process, 1 ping/{ka['interval_s']:g}s, "
               f"{ka['window_s']:g}s window")
-        print(f"  {'pairs':>8} {'raw %':>8} {'natpool %':>10} {'ratio':>7} {'raw ex/s':>10} {'natpool ex/s':>13}")
+        print(f"  {'pairs':>8} {'raw %':>8} {'natpool %':>10} {'ratio':>7} {'raw ex/s':>10} {'natpool ex/s':>13} "
+              f"{'µs/ex raw':>10} {'natpool':>8} {'core alone':>11}")
         for v in ka.values():
             if isinstance(v, dict):
                 print(f"  {v['pairs']:>8} {v['raw_cpu_pct']:>8.2f} {v['natpool_cpu_pct']:>10.2f} "
-                      f"{v['ratio']!s:>7} {v['raw_exchanges_per_s']:>10.0f} {v['natpool_exchanges_per_s']:>13.0f}")
+                      f"{v['ratio']!s:>7} {v['raw_exchanges_per_s']:>10.0f} {v['natpool_exchanges_per_s']:>13.0f} "
+                      f"{v['raw_us_per_exchange']:>10} {v['natpool_us_per_exchange']:>8} "
+                      f"{v['core_only_us_per_exchange']:>11}")
+        print("  (core alone = the sans-IO PairPools exchanging the same frames with no sockets: the part of "
+              "natpool's cost the driver cannot remove)")
     if "memory" in r:
         m = r["memory"]
         print(f"\nmemory per endpoint ({m['pairs']} pairs, both ends)")
