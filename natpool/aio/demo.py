@@ -71,6 +71,8 @@ class Monitor:
     violations: list[str] = field(default_factory=list)
     locked: set[tuple[str, int]] = field(default_factory=set)  # (node, nonce) that ever went silent
     expired: Counter[str] = field(default_factory=Counter)
+    expiry_reasons: Counter[str] = field(default_factory=Counter)  # before the final close
+    closing: bool = False
     app_early: Counter[str] = field(default_factory=Counter)
 
     def observer(self, node: str) -> Any:
@@ -89,8 +91,9 @@ class Monitor:
         def on_event(ev: object) -> None:
             if isinstance(ev, StateChanged) and ev.target in ("Locked", "InUse"):
                 self.locked.add((node, ev.nonce))
-            if isinstance(ev, StateChanged) and ev.target == "Expired":
+            if isinstance(ev, StateChanged) and ev.target == "Expired" and not self.closing:
                 self.expired[node] += 1
+                self.expiry_reasons[f"{node}:{ev.reason.value if ev.reason else '?'}"] += 1
         return on_event
 
 
@@ -155,6 +158,7 @@ class Demo:
             ticker.cancel()
             self._table()
         finally:
+            mon.closing = True
             for t in collectors:
                 t.cancel()
             for server in servers.values():
@@ -312,6 +316,7 @@ class Demo:
             print(f"  {node:<5} drops {dict((r.value, n) for r, n in pool.core.drops.items()) or '{}'}, "
                   f"send errors {pool.stats.send_errors}, sockets opened {pool.stats.sockets_opened} "
                   f"closed {pool.stats.sockets_closed} leased {len(self.leases[node])}")
+        print(f"  expired while running {dict(mon.expiry_reasons) or 'none'} (released leases expire CLOSED)")
         print(f"  entries that went silent: {len(mon.locked)}; keepalives seen after a lock: "
               f"{sum(1 for v in mon.violations if 'keepalive' in v)}")
         if violations:
