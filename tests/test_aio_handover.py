@@ -218,3 +218,13 @@ def test_bench_quick_smoke_reports_ratios(capsys: pytest.CaptureFixture[str]) ->
     report = json.loads(capsys.readouterr().out)
     assert report["ops"]["take_any_ratio"] > 0 and report["handover"]["handover_us"]["n"] == 50
     assert set(report["targets"]) >= {"take_any_ratio", "handover_p50_ms", "handover_p99_ms"}
+
+
+def test_demo_exits_non_zero_when_a_guarantee_is_violated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import natpool.aio.demo as demo
+
+    # Pretend Idle were a silent state: every keepalive on the wire now violates "silence after lock".
+    monkeypatch.setattr(demo, "SILENT", frozenset({"Idle", "Locked", "InUse", "Expired"}))
+    code = cli_main(["demo", "--pairs", "2", "--takes", "0", "--ping-interval", "0.02", "--duration", "0.2",
+                     "--seed", "1", "--quiet"])
+    assert code == 1
