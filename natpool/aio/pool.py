@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 RECV_BUFFER = 2048
 TIMER_SLACK = 0.001  # take every timer due within 1 ms in one wake-up
 EARLY_LIMIT = 256  # application datagrams kept for a lease between Locked and the hand-over
+EARLY_BEFORE_ADD = 8  # datagrams kept that arrive between opening the socket and registering the entry
 SILENT_STATES = frozenset({"Locked", "InUse", "Expired"})
 
 Event = StateChanged | Drained
@@ -105,12 +106,13 @@ class DriverStats:
 class _EntryProtocol(asyncio.DatagramProtocol):
     """Feeds one entry's datagrams into the pool; nothing else lives here (kept tiny on purpose)."""
 
-    __slots__ = ("_nonce", "_owner", "entry", "transport")
+    __slots__ = ("_nonce", "_owner", "early", "entry", "transport")
 
     def __init__(self, owner: AsyncPairPool, nonce: int) -> None:
         self._owner = owner
         self._nonce = nonce
         self.entry: PairEntry | None = None  # set once the core registered it
+        self.early: list[tuple[bytes, Any]] | None = None  # arrived before that (uvloop reads at once)
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,7 +123,15 @@ class _EntryProtocol(asyncio.DatagramProtocol):
             transport.max_size = RECV_BUFFER
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._owner._on_datagram(self._nonce, self.entry, data, addr)
+        entry = self.entry
+        if entry is None:
+            # The socket reads before add() registered the entry (the peer pinged first): keep a few.
+            if self.early is None:
+                self.early = []
+            if len(self.early) < EARLY_BEFORE_ADD:
+                self.early.append((data, addr))
+            return
+        self._owner._on_datagram(self._nonce, entry, data, addr)
 
     def error_received(self, exc: Exception) -> None:
         self._owner._on_socket_error(self._nonce, exc)
@@ -338,6 +348,9 @@ class AsyncPairPool:
             self._transports[nonce] = transport
         finally:
             self._pending.discard(nonce)
+        early, protocol.early = protocol.early, None
+        for data, addr in early or ():
+            self._on_datagram(nonce, entry, data, addr)
         self._after_input()
         return entry
 
@@ -644,20 +657,20 @@ class AsyncPairPool:
     def release(self, lease: Lease) -> None:
         """Done with a leased pair: its entry expires (CLOSED) and its socket is closed."""
         lease.release(self.now())
-        transport = lease.transport
-        if isinstance(transport, asyncio.BaseTransport):
+        transport = _lease_transport(lease)
+        if transport is not None:
             transport.close()
         self.kick()
 
     @staticmethod
     def set_lease_protocol(lease: Lease, protocol: asyncio.DatagramProtocol) -> None:
         """Route a leased socket's datagrams to ``protocol``, first replaying those that arrived meanwhile."""
-        transport = lease.transport
-        if not isinstance(transport, asyncio.BaseTransport):
+        transport = _lease_transport(lease)
+        if transport is None:
             raise LocalError("lease carries no asyncio transport")
         buffer = transport.get_protocol()
         transport.set_protocol(protocol)
-        protocol.connection_made(transport)  # type: ignore[arg-type]  # 3.11 selector transport
+        protocol.connection_made(transport)
         if isinstance(buffer, LeasedProtocol):
             while buffer.buffer:
                 data, addr = buffer.buffer.popleft()
@@ -677,6 +690,15 @@ class AsyncPairPool:
         lease.transport = transport
         lease.sock = transport.get_extra_info("socket")
         return lease
+
+
+def _lease_transport(lease: Lease) -> asyncio.DatagramTransport | None:
+    """The lease's transport, by duck type: neither CPython 3.11's nor uvloop's UDP transport subclasses
+    ``asyncio.DatagramTransport`` (uvloop's not even ``BaseTransport``)."""
+    transport = lease.transport
+    if transport is None or not hasattr(transport, "set_protocol") or not hasattr(transport, "sendto"):
+        return None
+    return cast(asyncio.DatagramTransport, transport)
 
 
 def _bind_udp(addr: Addr) -> socket.socket:
