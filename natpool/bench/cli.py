@@ -17,16 +17,19 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from natpool.aio import run as aio_run
+from natpool.aio import uvloop_available
 from natpool.aio.pool import AsyncPairPool
 from natpool.bench.raw import RawKeepalive, open_udp, tcp_exchange_times, udp_rtts
 from natpool.config import PairConfig
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 
+T = TypeVar("T")
 KERNEL_SLAB_EST = 2700  # bytes of kernel slab per UDP socket on this machine kind (measured-facts.md)
 
 TARGETS = {
@@ -56,10 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=["keepalive", "memory", "handover", "ops"], action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--window", type=float, default=None, help="seconds of CPU measurement per setup")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="run the keepalive and handover sections (natpool and baselines alike) on uvloop")
 
 
 def run(args: argparse.Namespace) -> int:
     report = Report(quick=bool(args.quick))
+    report.put("loop", "uvloop" if args.uvloop and uvloop_available() else "asyncio")
+    if args.uvloop and not uvloop_available():
+        report.notes.append("--uvloop given but uvloop is not installed: measured on asyncio")
     sections = args.only or ["ops", "memory", "handover", "keepalive"]
     started = time.perf_counter()
     for name in sections:
@@ -72,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     return 0
+
+
+def _run(args: argparse.Namespace, coro: Coroutine[Any, Any, T]) -> T:
+    """One measurement on a fresh loop: uvloop with ``--uvloop`` (when installed), else asyncio."""
+    return aio_run(coro, use_uvloop=bool(args.uvloop))
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -171,9 +184,9 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
             report.notes.append(f"keepalive: {requested} pairs with both ends need {2 * requested} sockets; "
                                 f"the open-file limit allows {n} pairs, measured those")
         gc.collect()
-        raw = asyncio.run(_keepalive_raw(n, interval, window))
+        raw = _run(args, _keepalive_raw(n, interval, window))
         gc.collect()
-        nat = asyncio.run(_keepalive_natpool(n, interval, window))
+        nat = _run(args, _keepalive_natpool(n, interval, window))
         core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20)
         out[str(requested)] = {
             "pairs": n,
@@ -313,8 +326,8 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
 def _handover(report: Report, args: argparse.Namespace) -> None:
     count = 50 if report.quick else 400
     out: dict[str, Any] = {"takes": count}
-    rtts = asyncio.run(udp_rtts(count * 4))
-    tcp = asyncio.run(tcp_exchange_times(count))
+    rtts = _run(args, udp_rtts(count * 4))
+    tcp = _run(args, tcp_exchange_times(count))
     out["udp_rtt_us"] = _pcts(rtts)
     out["tcp_connect_2rt_us"] = _pcts(tcp)
     try:
@@ -323,7 +336,7 @@ def _handover(report: Report, args: argparse.Namespace) -> None:
         report.notes.append(f"handover: not measured ({exc})")
         report.put("handover", out)
         return
-    times = asyncio.run(handover_times(count))
+    times = _run(args, handover_times(count))
     out["handover_us"] = _pcts(times)
     out["p50_vs_udp_rtt"] = round(out["handover_us"]["p50"] / out["udp_rtt_us"]["p50"], 1)
     out["p50_vs_tcp_exchange"] = round(out["handover_us"]["p50"] / out["tcp_connect_2rt_us"]["p50"], 2)
@@ -377,7 +390,7 @@ def _targets(report: Report) -> dict[str, Any]:
 
 def _print_table(report: Report) -> None:
     r = report.results
-    print(f"natpool bench{' --quick' if report.quick else ''}  (python {sys.version.split()[0]}, "
+    print(f"natpool bench{' --quick' if report.quick else ''}  (python {sys.version.split()[0]}, {r['loop']}, "
           f"elapsed {r.get('elapsed_s')} s)")
     if "keepalive" in r:
         ka = r["keepalive"]
