@@ -211,3 +211,23 @@ def test_keepalive_over_ipv6_loopback_with_sockets_bound_by_the_pool() -> None:
             assert alice.snapshot(41).drops == {}
 
     run(main())
+
+
+def test_send_errors_are_reported_to_the_entry_and_expire_it() -> None:
+    async def main() -> None:
+        # An IPv4 socket cannot send to an IPv6 peer: every send fails at once (asyncio reports it via
+        # error_received), the driver tells the core, and max_send_failures later the entry expires.
+        cfg = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=0.005, max_send_failures=3)
+        sa = bound_socket()
+        pair = EndpointPair(Endpoint("alice", "127.0.0.1", sa.getsockname()[1]), Endpoint("bob", "::1", 9), 51)
+        async with AsyncPairPool("alice", cfg) as alice:
+            expired: asyncio.Future[StateChanged] = asyncio.get_running_loop().create_future()
+            alice.on_event(lambda ev: expired.set_result(ev) if isinstance(ev, StateChanged)
+                           and ev.target == "Expired" and not expired.done() else None)
+            await alice.add(pair, is_pinger=True, sock=sa)
+            ev = await expired
+            assert ev.reason is not None and ev.reason.value == "send_failures"
+            assert alice.stats.send_errors >= 3 and len(alice) == 0
+            assert alice.stats.sockets_closed == 1
+
+    run(main())
