@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable
@@ -82,6 +83,7 @@ class Collect(asyncio.DatagramProtocol):
 @pytest.mark.parametrize("alice_pings", [True, False])
 def test_take_over_tcp_returns_leases_on_both_sides_with_the_socket_still_bound(alice_pings: bool) -> None:
     async def main() -> None:
+        fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
         async with two_nodes() as (alice, bob, _sa, _sb):
             pair = await add_pair(alice, bob, 0x51, alice_pings)
             await add_pair(alice, bob, 0x52, alice_pings)
@@ -111,6 +113,9 @@ def test_take_over_tcp_returns_leases_on_both_sides_with_the_socket_still_bound(
             bob.release(theirs)
             assert lease.transport.is_closing()  # type: ignore[attr-defined]
             assert alice.handover_outcomes["lease"] == 1 and bob.handover_outcomes["lease"] == 1
+        await asyncio.sleep(0)  # let the closed transports' connection_lost run (not a timing wait)
+        if fds_before is not None:
+            assert len(os.listdir("/proc/self/fd")) == fds_before  # sockets, TCP and leases: nothing leaked
 
     run(main())
 

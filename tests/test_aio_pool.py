@@ -7,6 +7,7 @@ bounds, never timing assertions.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -110,8 +111,17 @@ def test_bind_failure_leaves_the_pool_unchanged() -> None:
     run(main())
 
 
+def open_fds() -> int | None:
+    """Open file descriptors of this process (Linux); None where /proc is absent."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
 def test_close_closes_every_socket_and_refuses_further_use() -> None:
     async def main() -> None:
+        fds_before = open_fds()
         alice = AsyncPairPool("alice", FAST)
         expired: list[StateChanged] = []
         alice.on_event(lambda ev: expired.append(ev) if isinstance(ev, StateChanged) else None)
@@ -132,6 +142,8 @@ def test_close_closes_every_socket_and_refuses_further_use() -> None:
         await alice.close()  # idempotent
         for s in socks:
             s.close()
+        if fds_before is not None:
+            assert open_fds() == fds_before  # no descriptor outlives the pool
 
     run(main())
 
