@@ -30,7 +30,7 @@ def mutant_settings() -> settings:
     base = settings.default
     assert base is not None
     return settings(base, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
-                    max_examples=max(base.max_examples, 200), stateful_step_count=30, print_blob=False)
+                    max_examples=max(base.max_examples, 1000), stateful_step_count=30, print_blob=False)
 
 
 def test_every_mutant_has_an_expectation() -> None:

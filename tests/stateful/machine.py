@@ -13,7 +13,16 @@ and again at teardown) checks the bounded liveness properties.
 from __future__ import annotations
 
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    Bundle,
+    MultipleResults,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
 
 from natpool.wire import signal as wire
 from natpool.wire.signal import Signal, SignalType
@@ -27,19 +36,32 @@ dt_st = st.one_of(st.sampled_from([0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 
 index_st = st.integers(min_value=0, max_value=63)
 
 
+def _links(*maybe: Link | None) -> MultipleResults[Link]:
+    """Only the takes that opened a channel (a refusal at once opens none)."""
+    return multiple(*(link for link in maybe if link is not None))
+
+
 class HandoverMachine(RuleBasedStateMachine):
     """Two pools, a faulty network and signalling; the spec's properties after every step."""
 
     pairs = Bundle("pairs")
+    links = Bundle("links")
 
     def __init__(self) -> None:
         super().__init__()
         self.world = World(settle=False)
+        self.faults = True
 
-    @initialize(settle=st.booleans())
-    def setup(self, settle: bool) -> None:
-        """``settle``: settle_time > max datagram lifetime, and the network may duplicate (spec: settle)."""
+    @initialize(settle=st.booleans(), faults=st.booleans())
+    def setup(self, settle: bool, faults: bool) -> None:
+        """``settle``: settle_time > max datagram lifetime, and the network may duplicate (spec: settle).
+
+        ``faults`` (swarm testing): without it, loss, breaks, removals and
+        forged input are off, so short programs reach deep protocol states
+        (simultaneous takes, drains) that faults would otherwise cut short.
+        """
         self.world = World(settle=settle)
+        self.faults = faults
 
     # --- pairs ---------------------------------------------------------------------
 
@@ -48,11 +70,12 @@ class HandoverMachine(RuleBasedStateMachine):
     def punch(self, pinger: str) -> PairRef:
         return self.world.punch(pinger)
 
-    @precondition(lambda self: len(self.world.pairs) < MAX_PAIRS)
+    @precondition(lambda self: self.faults and len(self.world.pairs) < MAX_PAIRS)
     @rule(target=pairs, node=node_st, is_pinger=st.booleans())
     def add_one_side(self, node: str, is_pinger: bool) -> PairRef:
         return self.world.add_one_side(node, is_pinger)
 
+    @precondition(lambda self: self.faults)
     @rule(node=node_st, pair=pairs)
     def remove(self, node: str, pair: PairRef) -> None:
         self.world.remove(node, pair)
@@ -69,7 +92,7 @@ class HandoverMachine(RuleBasedStateMachine):
         """Any in-flight copy, not only the oldest: this is reordering."""
         self.world.deliver_datagram(i % len(self.world.sim.network.in_flight))
 
-    @precondition(lambda self: bool(self.world.sim.network.in_flight))
+    @precondition(lambda self: self.faults and bool(self.world.sim.network.in_flight))
     @rule(i=index_st)
     def drop_datagram(self, i: int) -> None:
         self.world.drop_datagram(i % len(self.world.sim.network.in_flight))
@@ -79,6 +102,7 @@ class HandoverMachine(RuleBasedStateMachine):
     def duplicate_datagram(self, i: int) -> None:
         self.world.duplicate_datagram(i % len(self.world.sim.network.in_flight))
 
+    @precondition(lambda self: self.faults)
     @rule(node=node_st, pair=pairs, kind=st.sampled_from(["garbage", "wrong_nonce", "foreign"]),
           junk=st.binary(max_size=24))
     def inject_datagram(self, node: str, pair: PairRef, kind: str, junk: bytes) -> None:
@@ -86,22 +110,20 @@ class HandoverMachine(RuleBasedStateMachine):
 
     # --- takes -------------------------------------------------------------------------
 
-    @rule(node=node_st, pair=pairs)
-    def take(self, node: str, pair: PairRef) -> None:
-        self.world.take(node, pair)
+    @rule(target=links, node=node_st, pair=pairs)
+    def take(self, node: str, pair: PairRef) -> MultipleResults[Link]:
+        return _links(self.world.take(node, pair))
 
     @precondition(lambda self: bool(self.world.pairs))
-    @rule(node=node_st, n=st.integers(min_value=1, max_value=3))
-    def take_any(self, node: str, n: int) -> None:
+    @rule(target=links, node=node_st, n=st.integers(min_value=1, max_value=3))
+    def take_any(self, node: str, n: int) -> MultipleResults[Link]:
         """``n`` concurrent take_any(peer) calls on one node."""
-        for _ in range(n):
-            self.world.take(node, None)
+        return _links(*(self.world.take(node, None) for _ in range(n)))
 
-    @rule(pair=pairs, first=node_st)
-    def take_both_sides(self, pair: PairRef, first: str) -> None:
+    @rule(target=links, pair=pairs, first=node_st)
+    def take_both_sides(self, pair: PairRef, first: str) -> MultipleResults[Link]:
         """Simultaneous takes of one pair from both nodes (the tie-break case)."""
-        self.world.take(first, pair)
-        self.world.take(NODES[1 - NODES.index(first)], pair)
+        return _links(self.world.take(first, pair), self.world.take(NODES[1 - NODES.index(first)], pair))
 
     @precondition(lambda self: bool(self.world.leases()))
     @rule(i=index_st)
@@ -111,26 +133,14 @@ class HandoverMachine(RuleBasedStateMachine):
 
     # --- signalling ------------------------------------------------------------------------
 
-    def _link(self, i: int) -> Link:
-        return self.world.links[i % len(self.world.links)]
+    @rule(link=links, to_responder=st.booleans())
+    def deliver_signal(self, link: Link, to_responder: bool) -> None:
+        """Deliver the head of one direction's queue (a no-op when it is empty)."""
+        self.world.deliver_signal(link, link.resp_node if to_responder else link.ini_node)
 
-    @precondition(lambda self: any(link.to_resp or link.to_ini for link in self.world.links))
-    @rule(i=index_st, to_responder=st.booleans())
-    def deliver_signal(self, i: int, to_responder: bool) -> None:
-        """Deliver the head of one queue (of the ``i``-th link that has something queued)."""
-        busy = [link for link in self.world.links if link.to_resp or link.to_ini]
-        link = busy[i % len(busy)]
-        node = link.resp_node if to_responder else link.ini_node
-        if not link.queue_to(node):
-            node = link.ini_node if to_responder else link.resp_node
-        self.world.deliver_signal(link, node)
-
-    @precondition(lambda self: any(link.to_resp or link.to_ini for link in self.world.links))
-    @rule(i=index_st)
-    def deliver_link(self, i: int) -> None:
+    @rule(link=links)
+    def deliver_link(self, link: Link) -> None:
         """Deliver everything queued on one link, both ways, in FIFO order (a prompt channel)."""
-        busy = [link for link in self.world.links if link.to_resp or link.to_ini]
-        link = busy[i % len(busy)]
         moved = True
         while moved:
             moved = self.world.deliver_signal(link, link.resp_node) | self.world.deliver_signal(link, link.ini_node)
@@ -140,18 +150,17 @@ class HandoverMachine(RuleBasedStateMachine):
         """A prompt network for one moment: deliver every queued signal and in-flight datagram, FIFO."""
         self.world.flush()
 
-    @precondition(lambda self: bool(self.world.links))
-    @rule(i=index_st)
-    def break_channel(self, i: int) -> None:
-        self.world.break_link(self._link(i))
+    @precondition(lambda self: self.faults)
+    @rule(link=links)
+    def break_channel(self, link: Link) -> None:
+        self.world.break_link(link)
 
-    @precondition(lambda self: bool(self.world.links))
-    @rule(i=index_st, to_responder=st.booleans(),
+    @precondition(lambda self: self.faults)
+    @rule(link=links, to_responder=st.booleans(),
           kind=st.sampled_from(["garbage", "replay", "wrong_sid", "wrong_nonce", "seq_gap", "oversized"]),
           junk=st.binary(max_size=40))
-    def inject_signal(self, i: int, to_responder: bool, kind: str, junk: bytes) -> None:
+    def inject_signal(self, link: Link, to_responder: bool, kind: str, junk: bytes) -> None:
         """A malformed, replayed or mismatched message queued on a live channel."""
-        link = self._link(i)
         to_node = link.resp_node if to_responder else link.ini_node
         sender = link.session(link.ini_node if to_responder else link.resp_node)
         last = sender.sent[-1] if sender is not None and sender.sent else None
@@ -169,9 +178,10 @@ class HandoverMachine(RuleBasedStateMachine):
             data = wire.encode(Signal(last.type, last.nonce, last.sid, last.seq + 5, last.reason))
         self.world.inject_signal(link, to_node, data)
 
-    @rule(node=node_st, pair=st.one_of(st.none(), pairs),
+    @precondition(lambda self: self.faults)
+    @rule(target=links, node=node_st, pair=st.one_of(st.none(), pairs),
           kind=st.sampled_from(["garbage", "lock", "not_lock"]), junk=st.binary(max_size=40))
-    def open_bogus_channel(self, node: str, pair: PairRef | None, kind: str, junk: bytes) -> None:
+    def open_bogus_channel(self, node: str, pair: PairRef | None, kind: str, junk: bytes) -> Link:
         """A channel to ``node`` opened by no local initiator: garbage, a LOCK from a peer that then
         vanishes (or for an unknown nonce), or a session that does not start with LOCK #1."""
         nonce = pair.nonce if pair is not None else 0xDEAD
@@ -182,7 +192,7 @@ class HandoverMachine(RuleBasedStateMachine):
             data = wire.encode(Signal(SignalType.LOCK, nonce, sid, 1))
         else:
             data = wire.encode(Signal(SignalType.TAKE, nonce, sid, 1))
-        self.world.open_bogus(node, data)
+        return self.world.open_bogus(node, data)
 
     # --- liveness ---------------------------------------------------------------------------
 

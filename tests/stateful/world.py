@@ -173,6 +173,7 @@ class World:
         self._sent_by_pool: set[int] = set()  # datagram ids a pool (not the test) sent
         self._log_seen = 0
         self._silence_seen = 0
+        self._outcomes: dict[int, tuple[Session, object]] = {}  # id(session) -> (session, first outcome)
         self._snapshot: dict[tuple[str, int], str] = {}  # entry states as of the last check
 
     @property
@@ -279,7 +280,7 @@ class World:
 
     # --- takes and sessions ----------------------------------------------------------
 
-    def take(self, node: str, ref: PairRef | None) -> None:
+    def take(self, node: str, ref: PairRef | None) -> Link | None:
         """take(nonce) with ``ref``, take_any(peer) without; a refusal at once is recorded, not raised."""
         link_id = len(self.links) + 1
         pool = self.nodes[node].pool
@@ -295,14 +296,19 @@ class World:
         except UnknownPair:
             self.take_errors.append((node, "UnknownPair"))
         else:
-            self.links.append(Link(link_id, node, session))
+            link = Link(link_id, node, session)
+            self.links.append(link)
+            self.sync()
+            return link
         self.sync()
+        return None
 
-    def open_bogus(self, node: str, data: bytes) -> None:
+    def open_bogus(self, node: str, data: bytes) -> Link:
         """A channel opened by someone else whose first message is ``data`` (malformed, replayed...)."""
         link = Link(len(self.links) + 1, B if node == A else A, None)
         link.to_resp.append(data)
         self.links.append(link)
+        return link
 
     def sessions(self) -> list[tuple[str, Session]]:
         out: list[tuple[str, Session]] = []
@@ -523,7 +529,7 @@ class World:
         for key in set(holders) | set(self.handed) | set(leases):
             handed = max(self.handed.get(key, 0), leases.get(key, 0))
             if not props.atomic_take(handed, len(holders.get(key, []))):
-                self.fail(props.ATOMIC_TAKE, f"{key[0]}:{self.labels.get(key[1])} handed out {handed}x, "
+                self.fail(props.ATOMIC_TAKE, f"{key[0]}:{self.labels.get(key[1])} handed out {handed} times, "
                                              f"live holders {holders.get(key, [])}")
 
     def check_strict_silence(self) -> None:
@@ -550,6 +556,19 @@ class World:
             self._snapshot[(node, nonce)] = entry.state
 
     def check_no_leak(self) -> None:
+        """NoLeak: held entries have a live owner; a role is done exactly when its machine is final,
+        and its outcome, once set, never changes (one outcome per side)."""
+        for node, s in self.sessions():
+            machine = _MACHINE_OF[type(s)]
+            final = s.state in TABLES[machine].final
+            if s.done != final:
+                self.fail(props.NO_LEAK, f"{node}: {machine} {self.who(s)} is {s.state} but "
+                                         f"{'done' if s.done else 'not done'} ({s.outcome!r})")
+            first = self._outcomes.setdefault(id(s), (s, s.outcome))[1]
+            if first is not None and s.outcome is not first:
+                self.fail(props.NO_LEAK, f"{self.who(s)} changed its outcome from {first!r} to {s.outcome!r}")
+            if first is None and s.outcome is not None:
+                self._outcomes[id(s)] = (s, s.outcome)
         for node, n in self.nodes.items():
             reg = n.pool.handovers
             for e in n.pool.entries():
