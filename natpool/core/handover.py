@@ -340,6 +340,11 @@ class Session:
     def _advance(self, now: float) -> None:
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        """Short enough for a shrunk hypothesis trace: role, pair, session id prefix, state, outcome."""
+        outcome = "" if self.outcome is None else f", -> {type(self.outcome).__name__}"
+        return f"{type(self).__name__}({self.nonce:#x}, sid={self.sid[:4].hex()}.., {self.state}{outcome})"
+
     @property
     def settled(self) -> bool:
         """Guard ``settled``: entry Locked and ``settle_time`` elapsed since entering Settling.
