@@ -338,6 +338,7 @@ def _handover(report: Report, args: argparse.Namespace) -> None:
         return
     times = _run(args, handover_times(count))
     out["handover_us"] = _pcts(times)
+    out["handover_memory_signalling_us"] = _pcts(_run(args, handover_times(count, transport="memory")))
     out["p50_vs_udp_rtt"] = round(out["handover_us"]["p50"] / out["udp_rtt_us"]["p50"], 1)
     out["p50_vs_tcp_exchange"] = round(out["handover_us"]["p50"] / out["tcp_connect_2rt_us"]["p50"], 2)
     report.put("handover", out)
@@ -424,6 +425,8 @@ def _print_table(report: Report) -> None:
         if "handover_us" in h:
             print(f"  natpool take()       p50 {h['handover_us']['p50']:>9} p99 {h['handover_us']['p99']:>9}"
                   f"   ({h['p50_vs_udp_rtt']}x UDP RTT, {h['p50_vs_tcp_exchange']}x TCP exchange)")
+            m = h["handover_memory_signalling_us"]
+            print(f"  same, in-process signalling p50 {m['p50']:>9} p99 {m['p99']:>9}   (protocol cost without TCP)")
     if "ops" in r:
         o = r["ops"]
         print(f"\npool operations at {o['pairs']} pairs (sans-IO PairPool vs dict), µs per op")

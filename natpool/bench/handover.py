@@ -8,22 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import TcpSignalling, TcpSignallingServer
 from natpool.bench.raw import open_udp
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
+from natpool.signalling import MemoryChannel, MemorySignalling
 
 
-async def handover_times(count: int, ping_interval: float = 0.05) -> list[float]:
-    """``count`` sequential takes (alternating initiator side and pinger role), in seconds each."""
+async def handover_times(count: int, ping_interval: float = 0.05, transport: str = "tcp") -> list[float]:
+    """``count`` sequential takes (alternating initiator side and pinger role), in seconds each.
+
+    ``transport="memory"`` swaps the TCP signalling for in-process channels, which isolates the
+    protocol's own cost (sessions, generated machines, drain) from connection set-up.
+    """
     cfg = PairConfig(ping_interval=ping_interval, no_inbound_timeout=30.0, ping_lifespan=1.0)
     a, b = AsyncPairPool("a", cfg), AsyncPairPool("b", cfg)
     sa = await TcpSignallingServer(a.serve_handover).start()
     sb = await TcpSignallingServer(b.serve_handover).start()
-    a.signalling = TcpSignalling("a", {"b": sb.address})
-    b.signalling = TcpSignalling("b", {"a": sa.address})
+    if transport == "memory":
+        tasks: set[asyncio.Task[object]] = set()
+
+        def spawn(pool: AsyncPairPool) -> Callable[[str, MemoryChannel], None]:
+            def on_incoming(_peer: str, channel: MemoryChannel) -> None:
+                task = asyncio.ensure_future(pool.serve_handover(channel))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            return on_incoming
+
+        a.signalling = MemorySignalling(spawn(b))
+        b.signalling = MemorySignalling(spawn(a))
+    else:
+        a.signalling = TcpSignalling("a", {"b": sb.address})
+        b.signalling = TcpSignalling("b", {"a": sa.address})
     times: list[float] = []
     try:
         for i in range(count):
