@@ -77,9 +77,18 @@ def action_guard(a: Action, defines: Any) -> ast.expr:
     for _, idx, val in a.effect:
         for x in (*idx, val):
             extra += step_conditions(inline(x, defines))
-    if not extra:
+    inlined = inline(a.guard, defines)
+    have = {ast.dump(c) for c in (inlined.values if isinstance(inlined, ast.BoolOp)
+                                  and isinstance(inlined.op, ast.And) else [inlined])}
+    unique = []
+    for c in extra:
+        key = ast.dump(c)
+        if key not in have:
+            have.add(key)
+            unique.append(c)
+    if not unique:
         return a.guard
-    return ast.BoolOp(op=ast.And(), values=[a.guard, *extra])
+    return ast.BoolOp(op=ast.And(), values=[a.guard, *unique])
 
 
 def _emit_action(i: int, a: Action, system: System, model: Model, var_names: tuple[str, ...]) -> list[str]:
