@@ -16,13 +16,13 @@ from stateful.machine import HandoverMachine
 def stateful_settings() -> settings:
     """Examples and program length scaled from the loaded profile.
 
-    ci (60) -> 240 programs of up to 50 steps (~10 s on one core);
+    ci (60) -> 480 programs of up to 50 steps (~15 s on one core);
     thorough (2000) -> 4000 programs of up to 100 steps (several minutes).
     """
     base = settings.default
     assert base is not None
     thorough = base.max_examples >= 1000
-    return settings(base, max_examples=base.max_examples * (2 if thorough else 4),
+    return settings(base, max_examples=base.max_examples * (2 if thorough else 8),
                     stateful_step_count=100 if thorough else 50)
 
 
