@@ -233,3 +233,23 @@ def test_demo_exits_non_zero_when_a_guarantee_is_violated(monkeypatch: pytest.Mo
     code = cli_main(["demo", "--pairs", "2", "--takes", "0", "--ping-interval", "0.02", "--duration", "0.2",
                      "--seed", "1", "--quiet"])
     assert code == 1
+
+
+def test_unaccepted_responder_leases_close_with_the_pool_and_on_lease_hands_them_out() -> None:
+    async def main() -> None:
+        async with two_nodes() as (alice, bob, _sa, _sb):
+            got: list[Lease] = []
+            alice.on_lease = got.append
+            await add_pair(alice, bob, 0xA1, True)
+            await add_pair(alice, bob, 0xA2, True)
+            mine = await alice.take(0xA1)  # bob's responder lease is never accepted
+            theirs = await bob.take(0xA2)  # alice's goes to on_lease
+            assert [lease.nonce for lease in got] == [0xA2]
+            unaccepted = bob._incoming.get_nowait()
+            bob._incoming.put_nowait(unaccepted)
+            alice.release(mine)
+            bob.release(theirs)
+            alice.release(got[0])
+        assert unaccepted.transport is not None and unaccepted.transport.is_closing()  # type: ignore[attr-defined]
+
+    run(main())

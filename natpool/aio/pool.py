@@ -196,7 +196,9 @@ class AsyncPairPool:
 
     Use as ``async with AsyncPairPool("alice") as pool:``; ``close`` closes
     every socket the pool still owns (handed-over sockets belong to their
-    lease). ``signalling`` is needed only for :meth:`take` / :meth:`take_any`.
+    lease, except responder leases never accepted, which close with the
+    pool). ``signalling`` is needed only for :meth:`take` / :meth:`take_any`;
+    responder leases go to ``on_lease`` if given, else queue for :meth:`accept`.
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class AsyncPairPool:
         signalling: Signalling | None = None,
         listeners: Sequence[object] = (),
         wire_observer: WireObserver | None = None,
+        on_lease: Callable[[Lease], None] | None = None,
     ) -> None:
         self.local_identity = local_identity
         self.config = config if config is not None else PairConfig()
@@ -214,6 +217,8 @@ class AsyncPairPool:
         self.signalling = signalling
         self.stats = DriverStats()
         self.wire_observer = wire_observer
+        #: Called with each lease this side hands out as responder; without it they queue for accept().
+        self.on_lease = on_lease
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transports: dict[int, asyncio.DatagramTransport] = {}
         self._send_errors: Counter[int] = Counter()
@@ -294,6 +299,12 @@ class AsyncPairPool:
         self._drain_events()
         for nonce in list(self._transports):
             self._close_transport(nonce)
+        # Responder leases nobody accepted yet have no owner but us: close their sockets too.
+        while not self._incoming.empty():
+            unclaimed = self._incoming.get_nowait()
+            transport = _lease_transport(unclaimed)
+            if transport is not None:
+                transport.close()
         for sub in list(self._subscriptions):
             sub.close()
         # Let the loop run the transports' connection_lost callbacks so the fds are really gone.
@@ -647,7 +658,10 @@ class AsyncPairPool:
                 self._handover_tasks.discard(task)
         self.handover_outcomes["lease"] += 1
         leased = self._detach(lease)
-        self._incoming.put_nowait(leased)
+        if self.on_lease is not None:
+            self.on_lease(leased)
+        else:
+            self._incoming.put_nowait(leased)
         return leased
 
     async def accept(self) -> Lease:
