@@ -21,8 +21,13 @@ What the driver adds to the core, and why it is shaped this way
 * After every input (datagram or timer) the core's outgoing datagrams are
   written to the right transports; a send error is reported to the entry
   (``send_failed``) so repeated failures expire it.
-* Events (``StateChanged`` / ``Drained``) are drained after every input and
-  fanned out to subscribers; an expired entry's socket is closed at once.
+* Events (``StateChanged`` / ``Drained``) are drained after every input that
+  produced one (the core flags them through ``PairPool.on_entry_event``, so
+  the common pong costs no queue round trip) and fanned out to callbacks and
+  subscribers; an expired entry's socket is closed at once.
+* Once an entry is silent (Locked/InUse) a datagram that is not keepalive-sized
+  is the application's — the peer went InUse first and started talking — so
+  it is kept (bounded) for the lease instead of being dropped.
 * Handover: :meth:`take` / :meth:`take_any` / :meth:`serve_handover` run the
   sessions through :mod:`natpool.aio.handover` over a user-supplied
   :class:`~natpool.signalling.Signalling`. The lease hands the still-bound
@@ -442,7 +447,7 @@ class AsyncPairPool:
 
     # --- the input path (hot: one call per datagram) ---------------------------------------------
 
-    def _on_datagram(self, nonce: int, entry: PairEntry | None, data: bytes, addr: Any) -> None:
+    def _on_datagram(self, nonce: int, entry: PairEntry, data: bytes, addr: Any) -> None:
         self.stats.datagrams_in += 1
         assert self._loop is not None
         now = self._loop.time()
@@ -456,7 +461,7 @@ class AsyncPairPool:
             return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
         self.core.receive_datagram(nonce, data, addr, now)
-        if entry is not None and not self._events_pending and not entry.has_output:
+        if not self._events_pending and not entry.has_output:
             # Fast path (e.g. a pong): nothing to send, no event. Only this entry changed, and a datagram
             # alone never brings a deadline forward (it refreshes liveness or clears a ping).
             if self._waiting:
