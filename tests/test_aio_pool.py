@@ -243,3 +243,24 @@ def test_send_errors_are_reported_to_the_entry_and_expire_it() -> None:
             assert alice.stats.sockets_closed == 1
 
     run(main())
+
+
+def test_a_ping_flood_is_absorbed_without_amplification() -> None:
+    async def main() -> None:
+        async with AsyncPairPool("alice", FAST) as alice:
+            pair, sa, sb = make_pair(61)
+            ea = await alice.add(pair, is_pinger=False, sock=sa)  # alice answers pings
+            sb.setblocking(False)
+            ping = (61).to_bytes(8, "big") + b"\x00"
+            def seen_at_least(n: int) -> Callable[[], bool]:
+                return lambda: ea.stats.received + sum(ea.stats.drops.values()) >= n
+
+            for batch in range(1, 11):  # batches small enough for the kernel's receive buffer
+                for _ in range(50):
+                    sb.sendto(ping, pair.a.addr)
+                await wait_until(alice, seen_at_least(50 * batch))
+            assert ea.stats.sent <= ea.stats.received  # at most one pong per ping: no amplification
+            assert alice.snapshot(61).state == "Idle"
+            sb.close()
+
+    run(main())
