@@ -152,7 +152,8 @@ class Search:
                 for p, afn in aprops:
                     bad = afn(st, nx)
                     if bad is not None:
-                        fail(p.name, "action", bad, i, tuple(n for n, _ in p.params), detail=cs.action_names[aid],
+                        fail(p.name, "action", bad, i, tuple(n for n, _ in p.params),
+                             detail=f"violated by the step {cs.action_names[aid]}",
                              extra=self._add(canon(nx) if canon else nx, i, (aid, params), d)[0])
                         stop = True
                 if stop:
