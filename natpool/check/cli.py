@@ -85,7 +85,8 @@ def _check(args: argparse.Namespace, mutant: str | None, paths: list[Path], verb
     results: list[tuple[str, Result, tuple[str, ...]]] = []
     bad = False
     caught: list[str] = []
-    for k, path in enumerate(paths):
+    wrote_json = False
+    for path in paths:
         model = load_model(path, system)
         if mutant and model.expect:
             continue
@@ -100,8 +101,9 @@ def _check(args: argparse.Namespace, mutant: str | None, paths: list[Path], verb
             if verbose:
                 print(render(doc, search.cs))
                 print()
-            if args.trace_json is not None and k == 0 and v is result.violations[0]:
+            if args.trace_json is not None and not wrote_json:
                 write_json(args.trace_json, doc)
+                wrote_json = True
             if args.trace_dir is not None:
                 tag = f"{mutant}-" if mutant else ""
                 write_json(args.trace_dir / f"{tag}{model.name}-{v.prop}.json", doc)
