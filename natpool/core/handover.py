@@ -263,9 +263,13 @@ class Session:
                 self._busy = False
 
     def _release_entry(self, now: float, gone: bool) -> None:
-        """Rule 4: InLocking -> Idle (or Expired if the pair is gone remotely); Locked -> Expired."""
+        """Rule 4: InLocking -> Idle (or Expired if the pair is gone remotely); Locked -> Expired.
+
+        Only while this session owns the entry (the model's ``owner[n][p] == s``):
+        an entry handed to a responder by the tie-break is no longer ours.
+        """
         entry = self.entry
-        if entry is None:
+        if entry is None or self._registry.owner(self.nonce) is not self:
             return
         self._busy = True
         try:
