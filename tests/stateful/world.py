@@ -210,6 +210,9 @@ class World:
                                                         f"generated machine, then {step!r}"))
             self.violations.append((props.TRACE, f"{step!r} starts from {source}, but the last recorded "
                                                  f"state of {step.who} was {prev[1]}"))
+        elif prev is None and machine in TABLES and source != TABLES[machine].initial:
+            self.violations.append((props.TRACE, f"{step!r} is the first step of {step.who}, "
+                                                 f"but does not start from {TABLES[machine].initial}"))
         self.last_state[id(model)] = (model, target)
         if isinstance(model, PairEntry):
             if not props.symmetry_step(source, target):
