@@ -16,6 +16,8 @@ from stateful.world import MAX_LIFETIME, A, B, Violation, World
 
 from natpool import props
 from natpool.core.lease import Lease
+from natpool.machines.tables import TABLES
+from natpool.specgen.load import load_machines
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 
@@ -109,3 +111,12 @@ def test_claim_without_a_session_is_a_leak() -> None:
     with pytest.raises(Violation) as caught:
         world.check()
     assert caught.value.prop == props.NO_LEAK
+
+
+def test_trace_validation_uses_the_specs_relation() -> None:
+    """The tables the trace is validated against are exactly spec/*.toml's transition relation."""
+    for name, spec in load_machines(SPEC).items():
+        table = TABLES[name]
+        assert {key: t.target for key, t in spec.table().items()} == {
+            key: target for key, (target, _guard) in table.transitions.items()}
+        assert (table.initial, table.final) == (spec.initial, spec.final)
