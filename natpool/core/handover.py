@@ -162,11 +162,7 @@ class Session:
 
     def handle_timer(self, now: float) -> None:
         with self._registry.lock:
-            if self.done:
-                return
-            if self.deadline is not None and now >= self.deadline and self._can_fail():
-                self._fail(HandoverTimeout(f"handover of {self.nonce:#x} exceeded lock_timeout"), now,
-                           abort=AbortReason.TIMEOUT)
+            if self.done or self._timed_out(now):
                 return
             self._advance(now)
 
@@ -179,7 +175,7 @@ class Session:
             except RemoteProtocolError as exc:
                 self._protocol_failure(exc, now)  # after the end: only counted
                 return
-            if self.done:
+            if self.done or self._timed_out(now):  # a late driver must not carry us past lock_timeout
                 self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
                 return
             self.received.append(sig)
@@ -207,6 +203,14 @@ class Session:
         self._advance(now)
 
     # -- shared mechanics (lock held) --
+
+    def _timed_out(self, now: float) -> bool:
+        """Fail with HandoverTimeout if ``lock_timeout`` has passed (and failing is still allowed)."""
+        if self.deadline is None or now < self.deadline or not self._can_fail():
+            return False
+        self._fail(HandoverTimeout(f"handover of {self.nonce:#x} exceeded lock_timeout"), now,
+                   abort=AbortReason.TIMEOUT)
+        return True
 
     def _wake(self) -> None:
         if self.waker is not None:
