@@ -267,6 +267,13 @@ def _make_canon(system: System, model: Model, var_names: tuple[str, ...], domain
             return mapping.get(value, value)
         return value
 
+    def flatten(value: Any, out: set[int]) -> None:
+        if isinstance(value, tuple):
+            for x in value:
+                flatten(x, out)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out.add(value)
+
     def apply(st: State, mapping: dict[int, int]) -> State:
         out = list(st)
         inv = {v: k for k, v in mapping.items()}
@@ -296,6 +303,12 @@ def _make_canon(system: System, model: Model, var_names: tuple[str, ...], domain
                     run = [s]
             if len(run) > 1:
                 ties.append(run)
+        if ties:
+            referenced: set[int] = set()
+            for k in ref_pos:
+                flatten(st[k], referenced)
+            # identical sessions nobody refers to are interchangeable as they are
+            ties = [run for run in ties if referenced.intersection(run)]
         if ties:
             # Sessions equal on every indexed variable differ only in how refs name
             # them: try each order of the tied ones and keep the smallest state,
