@@ -110,3 +110,29 @@ def test_tla_module_explores_the_same_graph_as_the_checker(name: str, tmp_path: 
         assert mod.holds("Terminal", env) == cs.terminal(st)
         for p, fn in cs.invariants:
             assert mod.holds(p.name, env) == (fn(st) is None)
+
+
+def test_operators_are_defined_before_use(outputs: dict[Path, str]) -> None:
+    """SANY rejects a forward reference, which a parser alone does not."""
+    tla = pytest.importorskip("tla")
+    tree = tla.parse(outputs[ROOT / "spec" / "tla" / f"{MODULE}.tla"])
+    units = [u for u in tree.units if type(u).__name__ == "OperatorDefinition"]
+    names = {u.name for u in units}
+    defined: set[str] = set()
+
+    def used(node: object, out: set[str]) -> None:
+        if hasattr(node, "_fields"):
+            if type(node).__name__ == "OperatorApplication":
+                out.add(node.operator)  # type: ignore[attr-defined]
+            for f in node._fields:
+                used(getattr(node, f), out)
+        elif isinstance(node, list | tuple):
+            for x in node:
+                used(x, out)
+
+    for u in units:
+        refs: set[str] = set()
+        used(u.definiens, refs)
+        forward = (refs & names) - defined - {u.name}
+        assert not forward, f"{u.name} uses {sorted(forward)} before their definition"
+        defined.add(u.name)
