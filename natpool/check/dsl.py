@@ -339,6 +339,9 @@ class Translator:
         comp = g.generators[0]
         assert isinstance(comp.target, ast.Name)
         var = comp.target.id
+        if var in local or var in self.scope.locals:
+            # also catches capture after a define is inlined into an action binding the same name
+            raise SpecError(f"{f}(): {var!r} is already bound here; use another name")
         inner = local | {var}
         dom = self.expr(comp.iter, local)
         conds = [self.expr(c, inner) for c in comp.ifs]
