@@ -20,7 +20,7 @@ from natpool.machines.tables import TABLES
 def stateful_runs() -> tuple[settings, int]:
     """Settings for one run and how many runs, scaled from the loaded profile.
 
-    ci (60, derandomized) -> one run of 480 programs of up to 50 steps;
+    ci (60, derandomized) -> one run of 480 programs of up to 50 steps (~20 s);
     thorough (2000) -> 4 runs of 2000 programs of up to 100 steps. Hypothesis
     keeps per-example data for a whole run (~0.4 MB per long program), so
     the thorough budget is split into runs to bound memory; splitting only
