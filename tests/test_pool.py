@@ -385,3 +385,19 @@ def test_indexes_follow_every_transition(ops: list[tuple[str, int, str, float]])
             assert pool.idle_count(p) == sum(e.state == "Idle" for e in live)
         timers = [t for e in pool.entries() if (t := e.get_timer()) is not None]
         assert pool.get_timer() == (min(timers) if timers else None)
+
+
+def test_a_deadline_moving_later_costs_no_heap_push_and_stays_exact() -> None:
+    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=1000.0))
+    pool.add(pair(1), False, 0.0)
+    ping = encode(Frame(1, Kind.PING))
+    remote = pair(1).b.addr
+    for i in range(100):
+        assert pool.receive_and_reply(1, ping, remote, i * 0.01) == [(encode(Frame(1, Kind.PONG)), remote)]
+    assert len(pool._heap) == 1  # the slot armed at add() (3.0) was kept, not re-pushed per ping
+    assert not pool.has_pending_output()
+    assert pool.get_timer() == pytest.approx(0.99 + 3.0)  # still exact: the old slot is re-slotted on demand
+    pool.handle_timer(3.0)  # the old slot's time: nothing is due
+    assert pool.get(1).state == "Idle" and pool.next_event() is None
+    pool.handle_timer(0.99 + 3.0)
+    assert 1 not in pool

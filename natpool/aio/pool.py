@@ -460,10 +460,15 @@ class AsyncPairPool:
             early.append((data, addr))
             return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
-        self.core.receive_datagram(nonce, data, addr, now)
-        if not self._events_pending and not entry.has_output:
-            # Fast path (e.g. a pong): nothing to send, no event. Only this entry changed, and a datagram
-            # alone never brings a deadline forward (it refreshes liveness or clears a ping).
+        # The entry's answer (a pong) comes back in the same call and goes out on its socket at once.
+        replies = self.core.receive_and_reply(nonce, data, addr, now)
+        if replies:
+            transport = self._transports.get(nonce)
+            if transport is not None:
+                self._send(nonce, transport, replies, now)
+        if not self._events_pending and not self.core.has_pending_output():
+            # Fast path (a ping or a pong): no event, nothing else queued. Only this entry changed, and a
+            # datagram alone never brings a deadline forward (it refreshes liveness or clears a ping).
             if self._waiting:
                 assert self._changed is not None
                 self._changed.set()
@@ -472,6 +477,17 @@ class AsyncPairPool:
             return
         # Anything that could bring a deadline forward (a transition) shows up as an event and re-arms.
         self._after_input(now, rearm=False)
+
+    def _send(self, nonce: int, transport: asyncio.DatagramTransport,
+              frames: list[tuple[bytes, tuple[str, int]]], now: float) -> None:
+        for data, addr in frames:
+            if self.wire_observer is not None:
+                self._observe("send", nonce, data, addr)
+            try:
+                transport.sendto(data, addr)
+                self.stats.datagrams_out += 1
+            except OSError as exc:
+                self._report_send_error(nonce, exc, now)
 
     def _observe(self, direction: str, nonce: int, data: bytes, addr: Any) -> None:
         assert self.wire_observer is not None

@@ -30,7 +30,7 @@ from natpool.errors import DropReason, InvalidState, RemoteProtocolError
 from natpool.machines import EntryMachine
 from natpool.machines.entry import EntryEvent, EntryState
 from natpool.machines.tables import ENTRY
-from natpool.wire.frame import Frame, Kind, decode, encode
+from natpool.wire.frame import FRAME_SIZE, Frame, Kind, decode, encode
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +52,16 @@ _FINAL: Final = ENTRY.final
 _IN_LOCKING: Final[EntryState] = "InLocking"
 _LOCKED: Final[EntryState] = "Locked"
 _EXPIRED: Final[EntryState] = "Expired"
+
+# Hot path: a well-formed frame for this entry is recognised and built without
+# going through Frame objects (decode/encode stay the authority for anything
+# else). The layout (8-byte big-endian nonce, then the kind byte) is checked here.
+_PING_BYTE: Final = int(Kind.PING)
+_PONG_BYTE: Final = int(Kind.PONG)
+assert encode(Frame(0x0102030405060708, Kind.PONG)) == (0x0102030405060708).to_bytes(8, "big") + bytes([_PONG_BYTE])
+assert FRAME_SIZE == 9 and (_PING_BYTE, _PONG_BYTE) == (0, 1)
+_PING_SUFFIX: Final = bytes([_PING_BYTE])
+_PONG_SUFFIX: Final = bytes([_PONG_BYTE])
 
 # The hand-written initial value must be the generated machine's initial state.
 assert EntryMachine.initial_state is not None and EntryMachine.initial_state.value == _IDLE
@@ -329,23 +339,29 @@ class PairEntry:
 
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         """Account for one inbound datagram; bad or unexpected input is dropped and counted."""
-        if addr[0] != self._raddr[0] or addr[1] != self._raddr[1]:
+        raddr = self._raddr
+        if addr[0] != raddr[0] or addr[1] != raddr[1]:
             self._drop(DropReason.FOREIGN_ADDRESS, addr)
             return
-        try:
-            frame = decode(data)
-        except RemoteProtocolError as exc:
-            self._drop(exc.reason, addr)
-            return
-        if frame.nonce != self.nonce:
-            self._drop(DropReason.WRONG_NONCE, addr)
-            return
+        # Fast path: a valid frame carrying our nonce (the nonce is never 0), no Frame object.
+        if len(data) == FRAME_SIZE and data[8] <= _PONG_BYTE and int.from_bytes(data[:8], "big") == self.nonce:
+            is_ping = data[8] == _PING_BYTE
+        else:
+            try:
+                frame = decode(data)
+            except RemoteProtocolError as exc:
+                self._drop(exc.reason, addr)
+                return
+            if frame.nonce != self.nonce:
+                self._drop(DropReason.WRONG_NONCE, addr)
+                return
+            is_ping = frame.kind is Kind.PING  # pragma: no cover - the fast path takes every valid frame
         state = self.state
         if state not in _TALKING:
             self._drop(DropReason.SILENT_STATE, addr)
             return
         self._now = now
-        if frame.kind is Kind.PING:
+        if is_ping:
             if self.is_pinger or self._pongs >= MAX_QUEUED_PONGS:
                 self._drop(DropReason.UNEXPECTED, addr)
                 return
@@ -371,14 +387,16 @@ class PairEntry:
             self._ping_queued = False
             self._pongs = 0
             return []
-        out: list[tuple[bytes, tuple[str, int]]] = []
+        raddr = self._raddr
+        prefix = self.nonce.to_bytes(8, "big")
         if self._ping_queued:
             self._ping_queued = False
-            out.append((encode(Frame(self.nonce, Kind.PING)), self._raddr))
-        if self._pongs:
-            pong = encode(Frame(self.nonce, Kind.PONG))
-            out.extend((pong, self._raddr) for _ in range(self._pongs))
-            self._pongs = 0
+            out = [(prefix + _PING_SUFFIX, raddr)]
+            if self._pongs:  # pragma: no cover - an entry is either the pinger or the ponger
+                out.extend([(prefix + _PONG_SUFFIX, raddr)] * self._pongs)
+        else:
+            out = [(prefix + _PONG_SUFFIX, raddr)] * self._pongs
+        self._pongs = 0
         # A round is known to have succeeded once the next one starts with no
         # failure reported in between; only then do consecutive failures reset.
         if not self._failed_round:

@@ -75,7 +75,11 @@ class PairPool:
         self._events: deque[EntryOutput] = deque()
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
         self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce), lazily invalidated
-        self._armed: dict[int, float] = {}  # nonce -> the deadline its live heap item carries
+        # nonce -> the entry's deadline. Its heap slot may carry an earlier time: a deadline
+        # that moved later (the ponger's no-inbound deadline on every ping) is not pushed again
+        # but re-pushed when the old slot reaches the top, so most datagrams cost no heap push.
+        # Items later than the armed deadline are stale. ``get_timer`` stays exact.
+        self._armed: dict[int, float] = {}
         self._seq = itertools.count()
         #: Extension point (e.g. handover sessions): called with every entry
         #: event after the indexes are updated, under :attr:`lock`.
@@ -179,6 +183,28 @@ class PairPool:
             entry.receive_datagram(data, addr, now)
             self._touched(entry)
 
+    def receive_and_reply(self, nonce: int, data: bytes, addr: tuple[str, int],
+                          now: float) -> list[tuple[bytes, tuple[str, int]]]:
+        """``receive_datagram``, returning that entry's frames due now (the pong) in the same lock hold.
+
+        The hot path of a driver that answers on the socket the datagram came in on:
+        no outbox round trip. Other entries' queued output stays for ``datagrams_to_send``.
+        """
+        with self.lock:
+            entry = self._entries.get(nonce)
+            if entry is None:
+                self.drops[DropReason.WRONG_NONCE] += 1
+                _log.debug("dropped datagram from %s for unknown pair %#x", addr, nonce)
+                return []
+            entry.receive_datagram(data, addr, now)
+            out = entry.datagrams_to_send(now) if entry.has_output else []
+            self._touched(entry)
+            return out
+
+    def has_pending_output(self) -> bool:
+        """True when ``datagrams_to_send`` has something to return."""
+        return bool(self._outbox)
+
     def datagrams_to_send(self, now: float) -> list[tuple[int, bytes, tuple[str, int]]]:
         """Every frame due now, as (nonce, data, addr); only entries with queued output are visited."""
         with self.lock:
@@ -204,9 +230,13 @@ class PairPool:
             heap, armed = self._heap, self._armed
             while heap:
                 deadline, _, nonce = heap[0]
-                if armed.get(nonce) == deadline:
+                real = armed.get(nonce)
+                if real == deadline:
                     return deadline
-                heapq.heappop(heap)
+                if real is not None and real > deadline:  # moved later: re-slot it now
+                    heapq.heapreplace(heap, (real, next(self._seq), nonce))
+                else:
+                    heapq.heappop(heap)
             return None
 
     def handle_timer(self, now: float) -> None:
@@ -215,11 +245,17 @@ class PairPool:
             heap, armed = self._heap, self._armed
             limit = now + TIMER_SLACK
             due: dict[int, None] = {}
+            seq = self._seq
             while heap and heap[0][0] <= limit:
-                deadline, _, nonce = heapq.heappop(heap)
-                if armed.get(nonce) == deadline:
+                _, _, nonce = heapq.heappop(heap)
+                real = armed.get(nonce)
+                if real is None:
+                    continue
+                if real <= limit:
                     del armed[nonce]
                     due[nonce] = None
+                else:  # a slot whose deadline moved later (a stale later item cannot be <= limit here)
+                    heapq.heappush(heap, (real, next(seq), nonce))
             for nonce in due:
                 entry = self._entries.get(nonce)
                 if entry is not None:
@@ -270,9 +306,12 @@ class PairPool:
         if deadline is None:
             armed.pop(nonce, None)
             return
-        if armed.get(nonce) == deadline:
+        current = armed.get(nonce)
+        if current == deadline:
             return
         armed[nonce] = deadline
+        if current is not None and current < deadline:
+            return  # its earlier slot is re-pushed at ``deadline`` when it reaches the top
         heap = self._heap
         heapq.heappush(heap, (deadline, next(self._seq), nonce))
         if len(heap) > 2 * len(armed) + 1024:  # too many stale items: rebuild
