@@ -156,12 +156,22 @@ def take_any_no_claim() -> AbstractContextManager[None]:
     return _patched(PairPool, "_claim_any_locked", claim_any)
 
 
+def upstream() -> AbstractContextManager[None]:
+    """Upstream's failure handling: a failed exchange leaves the entry as it is (claimed, owned by nobody).
+
+    Only this part of the checker's "upstream" mutant (its NoLeak bug) is
+    mirrored: the rest of that exchange (lock at once on LOCK, wait for ping
+    timeouts, BUSY on both sides) is a different protocol, not a patch.
+    """
+    return _patched(Session, "_release_entry", lambda self, now, gone: None)
+
+
 #: Mutant name (as in spec/mutants.toml, the model checker's) -> the runtime patch.
-#: Not mirrored: "upstream" (a different protocol, not a one-line bug).
 MUTANTS: Final[dict[str, Callable[[], AbstractContextManager[None]]]] = {
     "no-cas": no_cas,
     "no-drain": no_drain,
     "resume-locked": resume_locked,
     "no-tiebreak": no_tiebreak,
     "take-any-no-claim": take_any_no_claim,
+    "upstream": upstream,
 }
