@@ -56,7 +56,7 @@ class Report:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--quick", action="store_true", help="a small version (< 20 s), for smoke tests")
-    parser.add_argument("--only", choices=["keepalive", "memory", "handover", "ops"], action="append",
+    parser.add_argument("--only", choices=["keepalive", "memory", "handover", "ops", "sim"], action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--window", type=float, default=None, help="seconds of CPU measurement per setup")
     parser.add_argument("--uvloop", action="store_true",
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     report.put("loop", "uvloop" if args.uvloop and uvloop_available() else "asyncio")
     if args.uvloop and not uvloop_available():
         report.notes.append("--uvloop given but uvloop is not installed: measured on asyncio")
-    sections = args.only or ["ops", "memory", "handover", "keepalive"]
+    sections = args.only or ["ops", "memory", "handover", "keepalive", "sim"]
     started = time.perf_counter()
     for name in sections:
         _log(args, f"bench: {name} ...")
@@ -277,6 +277,17 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         for _ in range(claims):
             claim_any("b", 1.0)
 
+    hold: list[float] = []
+
+    def pool_take_any_hold() -> None:
+        # What claim_any does while holding the pool lock, timed from inside the lock.
+        lock, claim_locked, clock = pool.lock, pool._claim_any_locked, time.perf_counter
+        for _ in range(claims):
+            with lock:
+                t0 = clock()
+                claim_locked("b", 1.0)
+                hold.append(clock() - t0)
+
     gc.collect()
     gc.disable()
     try:
@@ -285,6 +296,7 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         t_dict_get = _per_op(dict_get, n)
         t_get = _per_op(pool_get, n)
         t_take_any = _per_op(pool_take_any, claims)
+        pool_take_any_hold()
         t_dict_take = _per_op(dict_take, claims)
     finally:
         gc.enable()
@@ -312,6 +324,8 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "take_any_us": round(t_take_any * 1e6, 3), "dict_pop_us": round(t_dict_take * 1e6, 3),
         "take_any_ratio": round(t_take_any / t_dict_get, 1),
         "take_any_samples": claims,
+        "take_any_lock_hold_us": {"p50": round(statistics.median(hold) * 1e6, 2),
+                                  "p99": round(statistics.quantiles(hold, n=100)[98] * 1e6, 2)},
         "machine_transition_us": round(t_machine * 1e6, 2),
         "take_any_without_machine_us": round(max(0.0, t_take_any - t_machine) * 1e6, 3),
     })
@@ -344,6 +358,26 @@ def _handover(report: Report, args: argparse.Namespace) -> None:
     report.put("handover", out)
 
 
+# --- simulator speed ---------------------------------------------------------------------------
+
+
+def _sim(report: Report, args: argparse.Namespace) -> None:
+    """Virtual seconds per wall second of the deterministic simulator (what bounds the stateful tests)."""
+    from natpool.sim.bench import bench_ratio
+
+    runs = [(100, 60.0)] if report.quick else [(100, 600.0), (1000, 120.0)]
+    out: dict[str, Any] = {}
+    for pairs, virtual in runs:
+        gc.collect()
+        res = bench_ratio(pairs=pairs, virtual_seconds=virtual)
+        out[str(pairs)] = {
+            "pairs": pairs, "virtual_s": virtual, "wall_s": round(res.wall_seconds, 3),
+            "virtual_per_wall": round(res.ratio, 1), "datagrams": res.datagrams, "events": res.events,
+            "wall_us_per_datagram": round(1e6 * res.wall_seconds / max(1, res.datagrams), 2),
+        }
+    report.put("sim", out)
+
+
 def _pcts(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
     q = statistics.quantiles(s, n=100, method="inclusive") if len(s) > 1 else [s[0]] * 99
@@ -355,6 +389,7 @@ SECTIONS: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "memory": _memory,
     "handover": _handover,
     "ops": _ops,
+    "sim": _sim,
 }
 
 
@@ -435,6 +470,15 @@ def _print_table(report: Report) -> None:
         print(f"  take_any  {o['take_any_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['take_any_ratio']}x); "
               f"one transition through the generated machine {o['machine_transition_us']} µs, "
               f"rest {o['take_any_without_machine_us']} µs")
+        h = o["take_any_lock_hold_us"]
+        print(f"  take_any holds the pool lock p50 {h['p50']} µs, p99 {h['p99']} µs (the CAS: idle index + "
+              f"begin_lock through the machine)")
+    if "sim" in r:
+        print("\nsimulator (2 nodes, default PairConfig, virtual clock), no target")
+        for v in r["sim"].values():
+            print(f"  {v['pairs']:>6} pairs: {v['virtual_s']:g} s virtual in {v['wall_s']} s wall -> "
+                  f"{v['virtual_per_wall']:,}x real time ({v['datagrams']} datagrams, "
+                  f"{v['wall_us_per_datagram']} µs wall each)")
     print("\ntargets (reported, not asserted)")
     for key, t in r.get("targets", {}).items():
         print(f"  {key:<34} {t['value']!s:>8}  target <= {t['target']:<5} {'met' if t['met'] else 'MISSED'}")
