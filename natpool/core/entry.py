@@ -340,7 +340,8 @@ class PairEntry:
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> None:
         """Account for one inbound datagram; bad or unexpected input is dropped and counted."""
         raddr = self._raddr
-        if addr[0] != raddr[0] or addr[1] != raddr[1]:
+        # An IPv4 address is exactly (host, port); IPv6 adds flowinfo and scope, compared on host/port only.
+        if addr != raddr and (addr[0] != raddr[0] or addr[1] != raddr[1]):
             self._drop(DropReason.FOREIGN_ADDRESS, addr)
             return
         # Fast path: a valid frame carrying our nonce (the nonce is never 0), no Frame object.
@@ -421,13 +422,14 @@ class PairEntry:
         """The earliest deadline this entry needs ``handle_timer`` for, or None."""
         state = self.state
         cfg = self.config
-        if state == _IDLE:
+        if state == _IDLE:  # the hot case: plain comparisons, no min() calls
             t = self.last_seen + cfg.no_inbound_timeout
-            if self._pings is not None:
-                if state in _PINGING:
-                    t = min(t, self._next_ping)
-                if self._pings:
-                    t = min(t, self._pings[0] + cfg.ping_lifespan)
+            pings = self._pings
+            if pings is not None:
+                if state in _PINGING and self._next_ping < t:
+                    t = self._next_ping
+                if pings and pings[0] + cfg.ping_lifespan < t:
+                    t = pings[0] + cfg.ping_lifespan
             return t
         if state == _IN_LOCKING:
             assert self._lock_started is not None

@@ -209,10 +209,12 @@ class PairPool:
         """Every frame due now, as (nonce, data, addr); only entries with queued output are visited."""
         with self.lock:
             out: list[tuple[int, bytes, tuple[str, int]]] = []
+            append, entries = out.append, self._entries
             for nonce in self._outbox:
-                entry = self._entries.get(nonce)
+                entry = entries.get(nonce)
                 if entry is not None:
-                    out.extend((nonce, data, addr) for data, addr in entry.datagrams_to_send(now))
+                    for data, addr in entry.datagrams_to_send(now):
+                        append((nonce, data, addr))
             self._outbox.clear()
             return out
 
