@@ -448,10 +448,12 @@ class AsyncPairPool:
     # --- the input path (hot: one call per datagram) ---------------------------------------------
 
     def _on_datagram(self, nonce: int, entry: PairEntry, data: bytes, addr: Any) -> None:
-        self.stats.datagrams_in += 1
+        stats = self.stats
+        stats.datagrams_in += 1
         assert self._loop is not None
         now = self._loop.time()
-        if self.wire_observer is not None:
+        observer = self.wire_observer
+        if observer is not None:
             self._observe("recv", nonce, data, addr)
         if self._silent and nonce in self._silent and len(data) != FRAME_SIZE:
             early = self._early.get(nonce)
@@ -461,12 +463,18 @@ class AsyncPairPool:
             return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
         # The entry's answer (a pong) comes back in the same call and goes out on its socket at once.
-        replies = self.core.receive_and_reply(nonce, data, addr, now)
-        if replies:
-            transport = self._transports.get(nonce)
-            if transport is not None:
+        core = self.core
+        replies = core.receive_and_reply(nonce, data, addr, now)
+        if replies and (transport := self._transports.get(nonce)) is not None:
+            if observer is None and len(replies) == 1:  # the common pong, inline
+                try:
+                    transport.sendto(*replies[0])
+                    stats.datagrams_out += 1
+                except OSError as exc:
+                    self._report_send_error(nonce, exc, now)
+            else:
                 self._send(nonce, transport, replies, now)
-        if not self._events_pending and not self.core.has_pending_output():
+        if not self._events_pending and not core.has_pending_output():
             # Fast path (a ping or a pong): no event, nothing else queued. Only this entry changed, and a
             # datagram alone never brings a deadline forward (it refreshes liveness or clears a ping).
             if self._waiting:
@@ -536,16 +544,16 @@ class AsyncPairPool:
         sends = self.core.datagrams_to_send(now)
         if not sends:
             return
-        transports = self._transports
+        transports, observer, stats = self._transports, self.wire_observer, self.stats
         for nonce, data, addr in sends:
             transport = transports.get(nonce)
             if transport is None:
                 continue
-            if self.wire_observer is not None:
+            if observer is not None:
                 self._observe("send", nonce, data, addr)
             try:
                 transport.sendto(data, addr)
-                self.stats.datagrams_out += 1
+                stats.datagrams_out += 1
             except OSError as exc:
                 self._report_send_error(nonce, exc, now)
 
