@@ -372,8 +372,11 @@ class PairEntry:
             if not pings:  # the ponger never expects a pong; the pinger only with one outstanding
                 self._drop(DropReason.UNEXPECTED, addr)
                 return
-            sample = max(0.0, now - pings.pop(0))
-            self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
+            sample = now - pings.pop(0)
+            if sample < 0.0:
+                sample = 0.0
+            srtt = self.srtt
+            self.srtt = sample if srtt is None else 0.875 * srtt + 0.125 * sample
             if state == _IN_LOCKING and not pings:
                 self._emit(Drained(self.nonce, now))
         self.last_seen = now
@@ -466,7 +469,7 @@ class PairEntry:
             return
         pings = self._pings
         if pings:
-            life = self._ping_life(state)
+            life = cfg.ping_lifespan if state != _IN_LOCKING else self._ping_life(state)
             expired = 0
             while expired < len(pings) and pings[expired] + life <= due:
                 expired += 1

@@ -258,11 +258,12 @@ class PairPool:
                     due[nonce] = None
                 else:  # a slot whose deadline moved later (a stale later item cannot be <= limit here)
                     heapq.heappush(heap, (real, next(seq), nonce))
+            entries, touched = self._entries, self._touched
             for nonce in due:
-                entry = self._entries.get(nonce)
+                entry = entries.get(nonce)
                 if entry is not None:
                     entry.handle_timer(now)
-                    self._touched(entry)
+                    touched(entry)
 
     def next_event(self) -> EntryOutput | None:
         """Oldest undelivered event of any entry (including the final one of removed entries)."""
