@@ -222,7 +222,10 @@ def _run_machine(entry: PairEntry, event: EntryEvent, target: str, listeners: tu
             try:
                 machine.fire(event)
             except BaseException:
-                _local.machines.pop(tuple(map(id, listeners)), None)
+                cache = _local.machines
+                key = tuple(map(id, listeners))
+                if cache.get(key) is reusable:  # not if a nested call already replaced it
+                    del cache[key]
                 raise
             finally:
                 proxy.target = None
