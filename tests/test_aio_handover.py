@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from aio_support import bound_socket
+from aio_support import run as _run
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import HELLO_PREFIX, TcpSignalling, TcpSignallingServer
@@ -26,21 +28,10 @@ CFG = PairConfig(ping_interval=0.02, no_inbound_timeout=5.0, ping_lifespan=1.0, 
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    errors: list[dict[str, Any]] = []
-
-    async def bounded() -> Any:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        return await asyncio.wait_for(coro, BOUND)
-
-    result = asyncio.run(bounded())
-    assert errors == []
-    return result
+    return _run(coro, BOUND)
 
 
-def udp() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    return s
+udp = bound_socket
 
 
 @asynccontextmanager

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aio_support import bound_socket
+from aio_support import run as _run
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.config import PairConfig
@@ -21,26 +23,11 @@ from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import BindFailed, DropReason, DuplicateNonce, PoolClosed
 
 BOUND = 10.0
-FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=5.0)
-
-
 def run(coro: Awaitable[Any]) -> Any:
-    """Run bounded; any exception the loop swallowed (e.g. in a protocol callback) fails the test."""
-    errors: list[dict[str, Any]] = []
-
-    async def bounded() -> Any:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        return await asyncio.wait_for(coro, BOUND)
-
-    result = asyncio.run(bounded())
-    assert errors == []
-    return result
+    return _run(coro, BOUND)
 
 
-def bound_socket() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    return s
+FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=5.0)
 
 
 def make_pair(nonce: int) -> tuple[EndpointPair, socket.socket, socket.socket]:
