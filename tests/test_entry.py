@@ -577,3 +577,26 @@ def test_silent_states_send_nothing_and_transitions_follow_the_spec(
     assert [(c.event, c.source, c.target) for c in changes] == rec.seen
     for c in changes:
         assert ENTRY.step(c.source, c.event) == c.target
+
+
+ODD_ADDRS: list[object] = [(), ("127.0.0.1",), None, 5, "127.0.0.1", (40002, "127.0.0.1"), (b"127.0.0.1", 40002)]
+
+
+@pytest.mark.parametrize("addr", ODD_ADDRS, ids=repr)
+@pytest.mark.parametrize("data", [PING, PONG, b"", b"x" * 100])
+def test_malformed_source_address_is_a_counted_drop(addr: object, data: bytes) -> None:
+    """A driver may hand over any address object; the entry drops it as foreign instead of raising."""
+    e = make(is_pinger=False)
+    e.receive_datagram(data, addr, 1.0)  # type: ignore[arg-type]
+    assert e.stats.drops == {DropReason.FOREIGN_ADDRESS: 1}
+    assert e.stats.received == 0
+    assert e.datagrams_to_send(1.0) == []
+
+
+@pytest.mark.parametrize("addr", [(BOB.host, BOB.port, 0, 0), ("127.0.0.1", BOB.port, 7, 3)], ids=repr)
+def test_ipv6_style_four_tuple_matches_on_host_and_port(addr: tuple[str, int, int, int]) -> None:
+    a = make(is_pinger=True)
+    a.datagrams_to_send(0.0)
+    a.receive_datagram(PONG, addr, 0.1)  # type: ignore[arg-type]
+    assert a.stats.received == 1
+    assert a.outstanding == 0

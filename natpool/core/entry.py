@@ -67,6 +67,13 @@ _PONG_SUFFIX: Final = bytes([_PONG_BYTE])
 assert EntryMachine.initial_state is not None and EntryMachine.initial_state.value == _IDLE
 
 
+def _same_host_port(addr: object, raddr: tuple[str, int]) -> bool:
+    """``addr`` names ``raddr`` (IPv6 4-tuples included); False for anything malformed, never raises."""
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return False
+    return bool(addr[0] == raddr[0] and addr[1] == raddr[1])
+
+
 class ExpiryReason(enum.Enum):
     """Why an entry left the pool (or, for ``LOCK_TIMEOUT`` on abort, gave up a lock)."""
 
@@ -344,7 +351,7 @@ class PairEntry:
         """Account for one inbound datagram; bad or unexpected input is dropped and counted."""
         raddr = self._raddr
         # An IPv4 address is exactly (host, port); IPv6 adds flowinfo and scope, compared on host/port only.
-        if addr != raddr and (addr[0] != raddr[0] or addr[1] != raddr[1]):
+        if addr != raddr and not _same_host_port(addr, raddr):
             self._drop(DropReason.FOREIGN_ADDRESS, addr)
             return
         # Fast path: a valid frame carrying our nonce (the nonce is never 0), no Frame object.
