@@ -36,10 +36,11 @@ from natpool.core.entry import StateChanged
 from natpool.core.lease import Lease
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import HandoverError, PairBusy
+from natpool.machines.tables import ENTRY
 from natpool.wire.frame import FRAME_SIZE
 
 A, B = "alice", "bob"
-SILENT = frozenset({"Locked", "InUse", "Expired"})
+SILENT = ENTRY.sets["silent"]
 APP_HELLO = b"natpool-demo application data"
 
 

@@ -61,6 +61,7 @@ from natpool.errors import (
     PoolClosed,
     UnknownPair,
 )
+from natpool.machines.tables import ENTRY
 from natpool.signalling import SignalChannel, Signalling
 from natpool.wire.frame import FRAME_SIZE
 
@@ -70,7 +71,7 @@ RECV_BUFFER = 2048
 TIMER_SLACK = 0.001  # take every timer due within 1 ms in one wake-up
 EARLY_LIMIT = 256  # application datagrams kept for a lease between Locked and the hand-over
 EARLY_BEFORE_ADD = 8  # datagrams kept that arrive between opening the socket and registering the entry
-SILENT_STATES = frozenset({"Locked", "InUse", "Expired"})
+SILENT_STATES = ENTRY.sets["silent"]  # spec/entry.toml: no keepalive goes out; other datagrams are the app's
 
 Event = StateChanged | Drained
 Addr = tuple[str, int]
@@ -579,7 +580,7 @@ class AsyncPairPool:
                           event.reason)
                 if event.target in SILENT_STATES:
                     self._silent.add(event.nonce)
-                if event.target == "Expired":
+                if event.target in ENTRY.final:
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
                     self._silent.discard(event.nonce)
                     self._early.pop(event.nonce, None)
