@@ -146,3 +146,9 @@ def test_unknown_peer_and_unreachable_peer() -> None:
             await sig.open("bob")
 
     run(main())
+
+
+def test_identity_too_long_for_a_hello_is_refused_up_front() -> None:
+    with pytest.raises(LocalError):
+        TcpSignalling("a" * 100, max_frame=64)
+    assert TcpSignalling("a" * (64 - len(HELLO_PREFIX)), max_frame=64).max_frame == 64

@@ -137,6 +137,10 @@ class TcpSignalling:
     ) -> None:
         if not local_identity:
             raise LocalError("local_identity must be non-empty")
+        hello = len(HELLO_PREFIX) + len(local_identity.encode())
+        if hello > max_frame:
+            # Checked here, not in open(): a refused hello would leave the new connection open.
+            raise LocalError(f"hello for {local_identity!r} is {hello} bytes, more than max_frame {max_frame}")
         self.local_identity = local_identity
         self.peers: dict[str, tuple[str, int]] = dict(peers or {})
         self.max_frame = max_frame
