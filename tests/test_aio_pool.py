@@ -251,3 +251,23 @@ def test_a_ping_flood_is_absorbed_without_amplification() -> None:
             sb.close()
 
     run(main())
+
+
+def test_malformed_source_addresses_are_dropped_even_with_a_wire_observer() -> None:
+    """``datagram_received`` with an address no socket would report: counted, observed, never raised."""
+    async def main() -> None:
+        seen: list[tuple[str, tuple[str, int]]] = []
+        async with AsyncPairPool("alice", FAST) as alice:
+            alice.wire_observer = lambda direction, _n, _d, addr, _s: seen.append((direction, addr))
+            pair, sa, sb = make_pair(23)
+            sb.close()
+            entry = await alice.add(pair, is_pinger=False, sock=sa)
+            protocol = alice.transport(23).get_protocol()
+            odd: list[object] = [(), ("127.0.0.1",), None, 5, ("127.0.0.1", "port")]
+            for addr in odd:
+                protocol.datagram_received((23).to_bytes(8, "big") + b"\x00", addr)  # type: ignore[attr-defined]
+            assert entry.stats.drops[DropReason.FOREIGN_ADDRESS] == len(odd)
+            assert entry.stats.received == 0
+            assert [d for d, _ in seen] == ["recv"] * len(odd)
+
+    run(main())

@@ -504,7 +504,11 @@ class AsyncPairPool:
             state = str(self.core.get(nonce).state)
         except UnknownPair:
             state = "Unknown"
-        self.wire_observer(direction, nonce, data, (str(addr[0]), int(addr[1])), state)
+        try:
+            host_port = (str(addr[0]), int(addr[1]))
+        except (TypeError, ValueError, IndexError, KeyError):
+            host_port = (repr(addr), 0)  # not an IP address; the core drops it as FOREIGN_ADDRESS
+        self.wire_observer(direction, nonce, data, host_port, state)
 
     def _on_socket_error(self, nonce: int, exc: Exception) -> None:
         # ICMP errors (e.g. port unreachable) surface here on Linux; they are the peer's problem.
