@@ -1,12 +1,12 @@
 """Handover sessions (spec/handover.md), sans-IO.
 
 One :class:`InitiatorSession` runs per ``take``; one :class:`ResponderSession`
-per incoming LOCK. Each binds one generated machine (``InitiatorMachine`` /
-``ResponderMachine``) with the session as its model, so every protocol step
-goes through the spec's transition table and guards (``entry_claimed``,
+per incoming LOCK. Every protocol step fires on a generated machine
+(``InitiatorMachine`` / ``ResponderMachine``) whose model is the session, so
+it goes through the spec's transition table and guards (``entry_claimed``,
 ``entry_locked``, ``peer_may_proceed``, ``settled`` are properties here).
-Sessions are rare (one per take), so holding a machine instance is cheap
-compared with the per-entry machines the pool avoids.
+Constructing a machine per session cost ~150 us on every take's critical
+path, so non-final events reuse one machine per thread (:func:`_fire_session`).
 
 The session drives its entry's lifecycle (``finish_lock``, ``abort_lock``,
 ``use``, ``expire``); the pool performs the initial claim (CAS) and routes
@@ -28,7 +28,9 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
+
+from statemachine import StateMachine
 
 from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
 from natpool.core.lease import Lease, Role
@@ -45,6 +47,7 @@ from natpool.errors import (
     UnknownPair,
 )
 from natpool.machines import InitiatorMachine, ResponderMachine
+from natpool.machines.tables import INITIATOR, RESPONDER, Table
 from natpool.wire import signal as wire
 from natpool.wire.signal import AbortReason, Signal, SignalType
 
@@ -102,6 +105,117 @@ class HandoverRegistry:
         session = self._owners.get(nonce)
         if session is not None:
             session.on_entry_event(event, now)
+
+
+# --- the generated session machines, bound only while a session transitions ------------
+#
+# Same technique as natpool.core.entry._run_machine: constructing a bound
+# InitiatorMachine / ResponderMachine costs ~150 us, on the critical path of
+# every take. python-statemachine reads the active state from the model's
+# ``state`` field on every event and resolves the guards as attribute reads on
+# the model given at construction, so one machine per thread bound to a proxy
+# that forwards ``state`` and the guards to a swappable session behaves, per
+# event, exactly like a machine bound to that session. ``machine.model`` (what
+# listeners receive as ``model``) is the real session while the event runs.
+# A final target stops a machine's engine for good, so those events (Done,
+# Failed, Refused: one per session) use a fresh binding.
+
+
+class _SessionProxy:
+    """The model a reusable session machine is bound to; forwards to ``target``."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Session) -> None:
+        self.target: Session | None = target
+
+    def _session(self) -> Any:
+        target = self.target
+        assert target is not None, "reusable session machine used outside _fire_session"
+        return target
+
+    @property
+    def state(self) -> str:
+        return str(self._session().state)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._session().state = value
+
+    @property
+    def entry_claimed(self) -> bool:
+        return bool(self._session().entry_claimed)
+
+    @property
+    def entry_locked(self) -> bool:
+        return bool(self._session().entry_locked)
+
+    @property
+    def peer_may_proceed(self) -> bool:
+        return bool(self._session().peer_may_proceed)
+
+    @property
+    def settled(self) -> bool:
+        return bool(self._session().settled)
+
+
+class _ReusableSession:
+    """One thread's reusable machine for one machine class and listener set."""
+
+    __slots__ = ("busy", "listeners", "machine", "proxy")
+
+    def __init__(self, cls: type[StateMachine], session: Session, listeners: tuple[object, ...]) -> None:
+        self.proxy = _SessionProxy(session)
+        self.listeners = listeners  # held, so the ids in the cache key stay unique
+        self.machine = cls(model=self.proxy, start_value=session.state, listeners=list(listeners))
+        self.busy = False
+
+
+#: Per thread, keyed by machine class and the listeners' ids (bounded like the entry's cache).
+_MAX_REUSABLE: Final = 8
+_local = threading.local()
+
+
+def _fire_session(session: Session, cls: type[StateMachine], table: Table, event: str) -> None:
+    """Fire ``event`` on ``session`` through the generated machine ``cls``.
+
+    The thread's reusable machine is used unless it is mid-transition (a
+    listener that transitions another session) or the target is final (or
+    not in the table: then a fresh binding raises exactly as before). A
+    failed fire discards the reusable machine, so no half-processed engine
+    state carries over.
+    """
+    listeners = session._registry.listeners
+    hit = table.transitions.get((session.state, event))
+    if hit is not None and hit[0] not in table.final:
+        cache: dict[tuple[object, ...], _ReusableSession] | None = getattr(_local, "machines", None)
+        if cache is None:
+            cache = _local.machines = {}
+        key = (cls, *map(id, listeners))
+        reusable = cache.get(key)
+        if reusable is None:
+            if len(cache) >= _MAX_REUSABLE:
+                del cache[next(iter(cache))]
+            reusable = cache[key] = _ReusableSession(cls, session, listeners)
+        if not reusable.busy:
+            reusable.busy = True
+            machine = reusable.machine
+            proxy = reusable.proxy
+            proxy.target = session
+            model: Any = session
+            machine.model = model
+            try:
+                machine.send(event)
+            except BaseException:
+                if cache.get(key) is reusable:  # not if a nested call already replaced it
+                    del cache[key]
+                raise
+            finally:
+                proxy.target = None
+                machine.model = proxy
+                reusable.busy = False
+            return
+    cls(model=session, start_value=session.state, listeners=list(listeners)).send(event)
 
 
 # --- sessions ---------------------------------------------------------------
@@ -336,8 +450,12 @@ class Session:
 
     # -- role hooks --
 
+    _machine_cls: type[StateMachine]
+    _table: Table
+
     def _machine_fire(self, event: str) -> None:
-        raise NotImplementedError
+        """Every session transition goes through the generated machine (see :func:`_fire_session`)."""
+        _fire_session(self, self._machine_cls, self._table, event)
 
     def _can_fail(self) -> bool:
         raise NotImplementedError
@@ -377,6 +495,8 @@ class InitiatorSession(Session):
     """One ``take``: LOCK -> (LOCKED) -> lock locally -> TAKE -> (TAKEN) -> use."""
 
     role: Role = "initiator"
+    _machine_cls = InitiatorMachine
+    _table = INITIATOR
 
     def __init__(self, registry: HandoverRegistry, entry: PairEntry, now: float,
                  sid: bytes | None = None) -> None:
@@ -385,18 +505,15 @@ class InitiatorSession(Session):
         self.nonce = entry.nonce
         self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
         self.deadline = now + entry.config.lock_timeout
-        self.machine = InitiatorMachine(model=self, listeners=list(registry.listeners))
+        self.state = INITIATOR.initial  # the machine's initial state; transitions go through it
         registry.bind(self.nonce, self)
-        self.machine.fire("send_lock")  # guard entry_claimed: the caller's claim won
+        self._machine_fire("send_lock")  # guard entry_claimed: the caller's claim won
         self._emit(SignalType.LOCK)
 
     @property
     def entry_locked(self) -> bool:
         """Guard ``entry_locked``: our entry finished its lock (drained, silent)."""
         return self.entry is not None and self.entry.state == "Locked"
-
-    def _machine_fire(self, event: str) -> None:
-        self.machine.send(event)
 
     def _can_fail(self) -> bool:
         return self.state in ("Start", "Locking", "Draining", "Taking")
@@ -418,10 +535,10 @@ class InitiatorSession(Session):
             self._fail(PeerRefused(f"peer aborted the handover of {self.nonce:#x}: {sig.reason.name}"), now,
                        gone=gone)
         elif st == "Locking" and sig.type is SignalType.LOCKED:
-            self.machine.send("recv_locked")
+            self._machine_fire("recv_locked")
             self._advance(now)
         elif st == "Locking" and sig.type is SignalType.BUSY:
-            self.machine.send("recv_busy")
+            self._machine_fire("recv_busy")
             self._release_entry(now, gone=False)
             self._finish(PairBusy(f"peer refused pair {self.nonce:#x}: busy"), now)
         elif st == "Taking" and sig.type is SignalType.TAKEN:
@@ -438,7 +555,7 @@ class InitiatorSession(Session):
         if self.state == "Draining":
             self._lock_entry(now)  # pinger: once drained; ponger: at once (peer pinger is Locked)
             if self.entry_locked:
-                self.machine.send("send_take")  # point of no return
+                self._machine_fire("send_take")  # point of no return
                 self._emit(SignalType.TAKE)
         if self.state == "Settling":
             self._try_settle(now)
@@ -448,11 +565,13 @@ class ResponderSession(Session):
     """One incoming LOCK: accept (or refuse) -> LOCKED -> (TAKE) -> lock -> TAKEN -> use."""
 
     role: Role = "responder"
+    _machine_cls = ResponderMachine
+    _table = RESPONDER
 
     def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float) -> None:
         """Process the session's first signal; call with the pool lock held (the pool's accept_session does)."""
         super().__init__(registry, now)
-        self.machine = ResponderMachine(model=self, listeners=list(registry.listeners))
+        self.state = RESPONDER.initial  # the machine's initial state; transitions go through it
         try:
             sig = wire.decode(data)
         except RemoteProtocolError as exc:
@@ -488,16 +607,13 @@ class ResponderSession(Session):
                 return
         self.entry = entry
         registry.bind(self.nonce, self)
-        self.machine.send("accept")  # guard entry_claimed
+        self._machine_fire("accept")  # guard entry_claimed
         self._advance(now)
 
     @property
     def peer_may_proceed(self) -> bool:
         """Guard ``peer_may_proceed``: a pinger must be Locked (drained, silent) before LOCKED goes out."""
         return self.entry is not None and (not self.entry.is_pinger or self.entry.state == "Locked")
-
-    def _machine_fire(self, event: str) -> None:
-        self.machine.send(event)
 
     def _can_fail(self) -> bool:
         return self.state in ("Start", "Draining", "Committed")
@@ -506,7 +622,7 @@ class ResponderSession(Session):
                 reply: AbortReason | None = None, busy: bool = False) -> None:
         if drop is not None:
             self._drop(drop.reason, drop.detail)
-        self.machine.send("refuse")
+        self._machine_fire("refuse")
         if busy:
             self._emit(SignalType.BUSY)
         elif reply is not None:
@@ -540,7 +656,7 @@ class ResponderSession(Session):
             if self.entry is not None and self.entry.is_pinger:
                 self._lock_entry(now)  # pinger responder locks first (drains), then LOCKED
             if self.peer_may_proceed:
-                self.machine.send("send_locked")
+                self._machine_fire("send_locked")
                 self._emit(SignalType.LOCKED)
         if self.state == "Settling":
             self._try_settle(now)
