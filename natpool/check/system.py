@@ -56,10 +56,6 @@ class Property:
     why: str
     texts: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(k for k in ("invariant", "action", "stuck") if getattr(self, k) is not None)
-
 
 @dataclass(frozen=True)
 class Symmetry:

@@ -66,7 +66,7 @@ def build_steps(search: Search, v: Violation) -> list[dict[str, Any]]:
             prev = concrete[k - 1][1]
             node = at(prev, *pvals) if at is not None else None
         steps.append({"step": k, "action": action, "params": params, "node": node,
-                      "state": {name: _jsonable(val) for name, val in zip(cs.variables, st, strict=True)}})
+                      "state": state_dict(cs, st)})
     return steps
 
 
@@ -136,4 +136,5 @@ def render(doc: dict[str, Any], cs: Compiled) -> str:
 
 
 def state_dict(cs: Compiled, st: State) -> dict[str, Any]:
+    """One model state as JSON-ready ``{variable: value}``."""
     return {name: _jsonable(val) for name, val in zip(cs.variables, st, strict=True)}
