@@ -21,6 +21,7 @@ from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import HandoverError, PairBusy, UnknownPair
+from natpool.machines.tables import ENTRY
 from natpool.sim.clock import SimulationError, TimerHandle
 from natpool.sim.network import Addr
 from natpool.sim.records import DeliveredDatagram, SentDatagram, frame_kind
@@ -299,7 +300,7 @@ class SimNode:
         ev = pool.next_event()
         while ev is not None:
             self.events.append(ev)
-            if isinstance(ev, StateChanged) and ev.target == "Expired":
+            if isinstance(ev, StateChanged) and ev.target in ENTRY.final:
                 self._release(ev.nonce)
             ev = pool.next_event()
         if self._active:
