@@ -97,12 +97,12 @@ def test_take_over_tcp_returns_leases_on_both_sides_with_the_socket_still_bound(
             ca, cb = Collect(), Collect()
             alice.set_lease_protocol(lease, ca)
             bob.set_lease_protocol(theirs, cb)
-            assert isinstance(lease.transport, asyncio.DatagramTransport) or lease.transport is not None
-            lease.transport.sendto(b"hello bob", pair.b.addr)  # type: ignore[attr-defined]
+            assert lease.transport is not None and theirs.transport is not None
+            lease.transport.sendto(b"hello bob", pair.b.addr)
             assert await cb.got.get() == b"hello bob"
             alice.release(lease)
             bob.release(theirs)
-            assert lease.transport.is_closing()  # type: ignore[attr-defined]
+            assert lease.transport.is_closing() and theirs.transport.is_closing()
             assert alice.handover_outcomes["lease"] == 1 and bob.handover_outcomes["lease"] == 1
         await asyncio.sleep(0)  # let the closed transports' connection_lost run (not a timing wait)
         if fds_before is not None:
@@ -241,6 +241,6 @@ def test_unaccepted_responder_leases_close_with_the_pool_and_on_lease_hands_them
             alice.release(mine)
             bob.release(theirs)
             alice.release(got[0])
-        assert unaccepted.transport is not None and unaccepted.transport.is_closing()  # type: ignore[attr-defined]
+        assert unaccepted.transport is not None and unaccepted.transport.is_closing()
 
     run(main())

@@ -167,7 +167,7 @@ class Demo:
             for node_leases in self.leases.values():
                 for lease in node_leases.values():
                     if lease.transport is not None:
-                        lease.transport.close()  # type: ignore[attr-defined]
+                        lease.transport.close()
             await pa.close()
             await pb.close()
             await asyncio.sleep(0)

@@ -308,7 +308,7 @@ class AsyncPairPool:
         # Responder leases nobody accepted yet have no owner but us: close their sockets too.
         while not self._incoming.empty():
             unclaimed = self._incoming.get_nowait()
-            transport = _lease_transport(unclaimed)
+            transport = unclaimed.transport
             if transport is not None:
                 transport.close()
         for sub in list(self._subscriptions):
@@ -705,7 +705,7 @@ class AsyncPairPool:
     def release(self, lease: Lease) -> None:
         """Done with a leased pair: its entry expires (CLOSED) and its socket is closed."""
         lease.release(self.now())
-        transport = _lease_transport(lease)
+        transport = lease.transport
         if transport is not None:
             transport.close()
         self.kick()
@@ -713,7 +713,7 @@ class AsyncPairPool:
     @staticmethod
     def set_lease_protocol(lease: Lease, protocol: asyncio.DatagramProtocol) -> None:
         """Route a leased socket's datagrams to ``protocol``, first replaying those that arrived meanwhile."""
-        transport = _lease_transport(lease)
+        transport = lease.transport
         if transport is None:
             raise LocalError("lease carries no asyncio transport")
         buffer = transport.get_protocol()
@@ -738,15 +738,6 @@ class AsyncPairPool:
         lease.transport = transport
         lease.sock = transport.get_extra_info("socket")
         return lease
-
-
-def _lease_transport(lease: Lease) -> asyncio.DatagramTransport | None:
-    """The lease's transport, by duck type: neither CPython 3.11's nor uvloop's UDP transport subclasses
-    ``asyncio.DatagramTransport`` (uvloop's not even ``BaseTransport``)."""
-    transport = lease.transport
-    if transport is None or not hasattr(transport, "set_protocol") or not hasattr(transport, "sendto"):
-        return None
-    return cast(asyncio.DatagramTransport, transport)
 
 
 def _bind_udp(addr: Addr) -> socket.socket:

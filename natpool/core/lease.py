@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from natpool.core.entry import ExpiryReason, PairEntry
 from natpool.endpoints import EndpointPair
+
+if TYPE_CHECKING:  # annotations only: the sans-IO core never creates or touches these
+    import asyncio
 
 Role = Literal["initiator", "responder"]
 
@@ -20,6 +23,9 @@ class Lease:
     driver fills ``sock`` / ``transport`` with the pair's still-bound UDP
     socket, so the application sends from the very port the NAT mapping is
     keyed on (no close-then-rebind gap). The sans-IO core leaves them None.
+    ``transport`` is typed as the asyncio interface it implements (uvloop's
+    and CPython 3.11's UDP transports do not subclass it); ``sock`` is what
+    ``get_extra_info("socket")`` returns (asyncio's read-only socket wrapper).
     """
 
     pair: EndpointPair
@@ -27,7 +33,7 @@ class Lease:
     role: Role
     sid: bytes = b""
     sock: object | None = None
-    transport: object | None = None
+    transport: asyncio.DatagramTransport | None = None
     lock: AbstractContextManager[object] | None = field(default=None, repr=False)  # the pool's lock
     released: bool = field(default=False, init=False)
 
