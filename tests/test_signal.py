@@ -125,3 +125,11 @@ def test_local_construction_errors_raise(kwargs: dict[str, object]) -> None:
 def test_abort_requires_reason() -> None:
     with pytest.raises(ValueError):
         Signal(SignalType.ABORT, 1, b"\x01" * 16, 1)
+
+
+@pytest.mark.parametrize("data", ["\x91" * 30, None, 30, [0x91] * 30], ids=lambda d: type(d).__name__)
+def test_non_bytes_input_is_malformed_not_a_type_error(data: object) -> None:
+    """A user-written channel that hands over str/None must cost a counted drop, not a TypeError."""
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(data)  # type: ignore[arg-type]
+    assert info.value.reason is DropReason.MALFORMED

@@ -85,6 +85,9 @@ def encode(sig: Signal) -> bytes:
 
 def decode(data: bytes) -> Signal:
     """Parse one signal; raise :class:`RemoteProtocolError` (OVERSIZED / MALFORMED) otherwise."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        # A user-written SignalChannel that delivers, say, str: dropped like any bad signal, not a TypeError.
+        raise RemoteProtocolError(DropReason.MALFORMED, f"signal is {type(data).__name__}, not bytes")
     n = len(data)
     if n > MAX_SIGNAL_SIZE:
         raise RemoteProtocolError(DropReason.OVERSIZED, f"signal is {n} bytes, limit {MAX_SIGNAL_SIZE}")
