@@ -24,12 +24,14 @@ class Endpoint:
 
     def validate(self) -> None:
         """Raise :class:`InvalidPair` unless this endpoint could ever be bound or reached."""
-        if not self.identity:
+        if not self.identity or not isinstance(self.identity, str):
             raise InvalidPair("endpoint identity must be a non-empty string")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
             raise InvalidPair(f"endpoint host {self.host!r} is not an IP address literal") from None
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise InvalidPair(f"endpoint port must be an int, got {type(self.port).__name__}")
         if not 0 < self.port < 65536:
             raise InvalidPair(f"endpoint port {self.port} is outside 1..65535")
 

@@ -59,6 +59,10 @@ BAD_PAIRS: list[tuple[str, EndpointPair, type[Exception]]] = [
     ("bad-port", EndpointPair(ep("alice", 0), ep("bob", 1001), 99), InvalidPair),
     ("port-too-big", EndpointPair(ep("alice", 1000), ep("bob", 70000), 99), InvalidPair),
     ("empty-identity", EndpointPair(ep("alice", 1000), ep("", 1001), 99), InvalidPair),
+    ("str-port", EndpointPair(ep("alice", 1000), ep("bob", "1001"), 99), InvalidPair),  # type: ignore[arg-type]
+    ("float-port", EndpointPair(ep("alice", 1000), ep("bob", 1001.5), 99), InvalidPair),  # type: ignore[arg-type]
+    ("bool-port", EndpointPair(ep("alice", 1000), ep("bob", True), 99), InvalidPair),
+    ("int-identity", EndpointPair(ep("alice", 1000), ep(5, 1001), 99), InvalidPair),  # type: ignore[arg-type]
 ]
 
 
