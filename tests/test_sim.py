@@ -286,7 +286,7 @@ def test_step_fires_one_event_at_a_time() -> None:
 
 def test_local_send_errors_expire_the_entry_with_send_failures() -> None:
     # (the pinger: a ponger's failure count is reset by every inbound ping)
-    cfg = PairConfig(max_send_failures=3)  # 3 failed pings end before the 20 s no-inbound timeout
+    cfg = PairConfig(max_send_failures=3)  # 3 failed pings (15 s) end before the 21 s no-inbound timeout
     sim = Simulation(1, config=cfg)
     a, b = sim.add_node("alice"), sim.add_node("bob")
     nonce = sim.punch(a, b).nonce
