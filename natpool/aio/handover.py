@@ -68,65 +68,90 @@ async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
 
 
 async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progress: Progress) -> Lease:
+    """Flush, then sleep on one future until a signal was processed, the waker fired or the timer is due.
+
+    One reader task per session feeds incoming signals straight into the
+    session (no task per message, no ``asyncio.wait`` per step); only this
+    coroutine sends, so the session's output order is kept.
+    """
     loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
     loop_thread = threading.get_ident()
+    dirty = False  # something happened since the last flush
+    sleeper: asyncio.Future[None] | None = None
+    fired: float | None = None  # the last timer handled
+
+    def wake_local() -> None:
+        nonlocal dirty
+        dirty = True
+        if sleeper is not None and not sleeper.done():
+            sleeper.set_result(None)
 
     def waker() -> None:
-        # The pool may route an entry event from another thread; Event is not thread-safe.
+        # The pool may route an entry event from another thread; futures are not thread-safe.
         if threading.get_ident() == loop_thread:
-            wake.set()
+            wake_local()
         else:
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(wake_local)
+
+    async def reader() -> None:
+        while True:
+            try:
+                data = await channel.recv()
+            except Exception as exc:
+                log.debug("handover %#x: signalling channel ended: %r", session.nonce, exc)
+                session.channel_closed(clock())
+                wake_local()
+                return
+            session.receive_signal(data, clock())
+            wake_local()
 
     session.waker = waker
-    recv_task: asyncio.Task[bytes] | None = asyncio.ensure_future(channel.recv())
+    reader_task: asyncio.Task[None] | None = asyncio.ensure_future(reader())
     try:
         while True:
-            wake.clear()  # before flushing: anything queued from here on wakes the wait below
+            dirty = False  # before flushing: anything queued from here on skips the sleep below
             if not await _flush(session, channel, clock):
                 session.channel_closed(clock())
-                if recv_task is not None:
-                    recv_task.cancel()
-                    recv_task = None
+                if reader_task is not None:
+                    reader_task.cancel()
+                    reader_task = None
                 continue
             if on_progress is not None:
                 on_progress()
             if session.done:
                 break
             timer = session.get_timer()
-            timeout = None if timer is None else max(0.0, timer - clock())
-            waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(wake.wait())}
-            if recv_task is not None:
-                waiters.add(recv_task)  # type: ignore[arg-type]
-            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                if w is not recv_task:
-                    w.cancel()
-            if recv_task is not None and recv_task in done:
-                exc = recv_task.exception()
-                if exc is None:
-                    session.receive_signal(recv_task.result(), clock())
-                    recv_task = asyncio.ensure_future(channel.recv())
-                else:
-                    log.debug("handover %#x: signalling channel ended: %r", session.nonce, exc)
-                    session.channel_closed(clock())
-                    recv_task = None
-            timer = session.get_timer()
             now = clock()
             if timer is not None and now + TIMER_SLACK >= timer:
+                if timer == fired:  # the same timer again: never spin without yielding to the loop
+                    await asyncio.sleep(0)
+                fired = timer
                 session.handle_timer(max(now, timer))
+                continue
+            if dirty:
+                continue
+            sleeper = loop.create_future()
+            handle = None if timer is None else loop.call_later(timer - now, wake_local)
+            try:
+                await sleeper
+            finally:
+                sleeper = None
+                if handle is not None:
+                    handle.cancel()
     except asyncio.CancelledError:
+        if reader_task is not None:
+            reader_task.cancel()
+            reader_task = None
         session.cancel(clock())
         with contextlib.suppress(Exception):
             await asyncio.wait_for(_flush(session, channel, clock), timeout=CANCEL_SEND_TIMEOUT)
         raise
     finally:
         session.waker = None
-        if recv_task is not None:
-            recv_task.cancel()
+        if reader_task is not None:
+            reader_task.cancel()
             with contextlib.suppress(BaseException):
-                await recv_task
+                await reader_task
         await _close(channel)
         if on_progress is not None:
             on_progress()
