@@ -83,6 +83,28 @@ def test_pump_wakes_on_drain_without_polling() -> None:
     run(main)
 
 
+def test_pump_wakes_when_the_drain_arrives_on_another_thread() -> None:
+    """The pong is fed on a worker thread: the waker hops to the loop thread and the session completes."""
+
+    async def main() -> None:
+        clock = asyncio.get_running_loop().time
+        a, b = pools("a", clock())
+        [(_, _ping, _addr)] = a.datagrams_to_send(clock())
+        ca, cb = memory_channel_pair()
+        session = a.start_take(NONCE, None, clock())
+        initiator = asyncio.ensure_future(run_initiator(a, session, ca, clock))
+        responder = asyncio.ensure_future(serve_responder(b, cb, clock))
+        while session.state != "Draining":
+            await asyncio.sleep(0)
+        pong = encode(Frame(NONCE, Kind.PONG))
+        await asyncio.to_thread(a.receive_datagram, NONCE, pong, PAIR.b.addr, clock())
+        lease_a, lease_b = await asyncio.gather(initiator, responder)
+        assert (lease_a.role, lease_b.role) == ("initiator", "responder")
+        assert [decode(d).type for d in ca.sent] == [SignalType.LOCK, SignalType.TAKE]
+
+    run(main)
+
+
 def test_pump_times_out_when_the_peer_never_answers() -> None:
     async def main() -> None:
         clock = asyncio.get_running_loop().time
