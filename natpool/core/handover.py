@@ -516,7 +516,7 @@ class InitiatorSession(Session):
         return self.entry is not None and self.entry.state == "Locked"
 
     def _can_fail(self) -> bool:
-        return self.state in ("Start", "Locking", "Draining", "Taking")
+        return self.state in INITIATOR.sets["abortable"]
 
     def lose_tie_break(self, now: float) -> None:
         """Rule 5, ponger side: the peer's (pinger's) session wins; our InLocking entry goes to the responder.
@@ -616,7 +616,7 @@ class ResponderSession(Session):
         return self.entry is not None and (not self.entry.is_pinger or self.entry.state == "Locked")
 
     def _can_fail(self) -> bool:
-        return self.state in ("Start", "Draining", "Committed")
+        return self.state in RESPONDER.sets["abortable"]
 
     def _refuse(self, err: HandoverError, now: float, drop: RemoteProtocolError | None = None,
                 reply: AbortReason | None = None, busy: bool = False) -> None:

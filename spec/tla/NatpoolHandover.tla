@@ -60,6 +60,7 @@ Initiator_step(s, e) ==
     [] (s = "Draining" /\ e = "fail") -> "Failed"
     [] (s = "Taking" /\ e = "fail") -> "Failed"
     [] (s = "Settling" /\ e = "fail") -> "Failed"
+Initiator_abortable == {"Draining", "Locking", "Start", "Taking"}
 Initiator_live == {"Draining", "Locking", "Settling", "Start", "Taking"}
 
 Responder_can(s, e) == <<s, e>> \in {<<"Start", "accept">>, <<"Start", "refuse">>, <<"Draining", "send_locked">>, <<"Committed", "recv_take">>, <<"Settling", "settle">>, <<"Start", "fail">>, <<"Draining", "fail">>, <<"Committed", "fail">>, <<"Settling", "fail">>}
@@ -73,6 +74,7 @@ Responder_step(s, e) ==
     [] (s = "Draining" /\ e = "fail") -> "Failed"
     [] (s = "Committed" /\ e = "fail") -> "Failed"
     [] (s = "Settling" /\ e = "fail") -> "Failed"
+Responder_abortable == {"Committed", "Draining", "Start"}
 Responder_live == {"Committed", "Draining", "Settling", "Start"}
 
 \* ---- domains
