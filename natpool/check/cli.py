@@ -70,8 +70,12 @@ def _table(results: list[tuple[str, Result, tuple[str, ...]]]) -> str:
             cells.append(v)
         rows.append(cells)
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths, strict=True)))
-                     for r in rows)
+    table = "\n".join("  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths, strict=True)))
+                      for r in rows)
+    if any(expect for _, _, expect in results):
+        table += ("\nfail* = a violation the model expects: it breaks an assumption on purpose (its `expect` and doc"
+                  " say which), to show the assumption is needed. MISSED = an expected violation did not occur.")
+    return table
 
 
 def _check(args: argparse.Namespace, mutant: str | None, paths: list[Path], verbose: bool,
