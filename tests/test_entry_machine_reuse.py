@@ -1,6 +1,6 @@
 """The reusable per-thread EntryMachine behaves exactly like a machine bound afresh per transition.
 
-``natpool.core.entry._run_machine`` fires events on one machine per thread
+``natpool.core.entry._run_machine`` (via ``natpool.core.binding.fire``) fires events on one machine per thread
 bound to a proxy model. These tests run the same random operations against
 the real code and against a reference that binds a fresh ``EntryMachine``
 for every event, and require identical states, listener callbacks, events
@@ -19,12 +19,12 @@ from statemachine.exceptions import TransitionNotAllowed
 
 import natpool.core.entry as entry_mod
 from natpool.config import PairConfig
+from natpool.core import binding
 from natpool.core.entry import ExpiryReason, PairEntry
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import InvalidState
 from natpool.machines import EntryMachine
 from natpool.machines.entry import EVENTS, EntryEvent
-from natpool.machines.tables import ENTRY
 from natpool.wire.frame import Frame, Kind, encode
 
 ALICE = Endpoint("alice", "127.0.0.1", 40001)
@@ -32,7 +32,7 @@ BOB = Endpoint("bob", "127.0.0.1", 40002)
 CFG = PairConfig(lock_timeout=1000.0, settle_time=0.5)
 
 
-def _fresh_run_machine(entry: PairEntry, event: EntryEvent, target: str, listeners: tuple[object, ...]) -> None:
+def _fresh_run_machine(entry: PairEntry, event: EntryEvent, listeners: tuple[object, ...]) -> None:
     """The reference: a fresh binding per event (what the runtime did before the reuse)."""
     EntryMachine(model=entry, start_value=entry.state, listeners=list(listeners)).fire(event)
 
@@ -91,8 +91,7 @@ def _run(ops: list[tuple[int, str, str]], fresh: bool, monkeypatch: pytest.Monke
                     e.handle_timer(now)
                 else:  # bypass the table pre-check: the machine alone decides (guards included)
                     event: EntryEvent = raw_event  # type: ignore[assignment]
-                    target = ENTRY.step(e.state, event) or ""
-                    entry_mod._run_machine(e, event, target, e._listeners)
+                    entry_mod._run_machine(e, event, e._listeners)
                     trace.append("fired")
             except (TransitionNotAllowed, InvalidState) as exc:
                 trace.append(type(exc).__name__)
@@ -144,7 +143,7 @@ def test_a_failing_listener_discards_the_reusable_machine() -> None:
     e = _entry(0x3, (boom,))
     with pytest.raises(RuntimeError):
         e.begin_lock(1.0)
-    assert (id(boom),) not in entry_mod._local.machines
+    assert (EntryMachine, id(boom)) not in binding.reusable_machines()
     boom.armed = False
     state = e.state
     e2 = _entry(0x4, (boom,))
@@ -160,7 +159,7 @@ def test_transitions_on_other_threads_use_their_own_machine() -> None:
     def work(e: PairEntry) -> None:
         assert e.begin_lock(1.0)
         e.abort_lock(1.1)
-        machines.append(entry_mod._local.machines[()].machine)
+        machines.append(binding.reusable_machines()[(EntryMachine,)].machine)
 
     threads = [threading.Thread(target=work, args=(e,)) for e in entries]
     for t in threads:
@@ -174,7 +173,7 @@ def test_transitions_on_other_threads_use_their_own_machine() -> None:
 def test_the_proxy_keeps_no_entry_between_transitions() -> None:
     e = _entry(0x20)
     assert e.begin_lock(1.0)
-    reusable = entry_mod._local.machines[()]
+    reusable = binding.reusable_machines()[(EntryMachine,)]
     assert reusable.proxy.target is None
     assert reusable.machine.model is reusable.proxy
     assert not reusable.busy

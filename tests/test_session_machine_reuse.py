@@ -1,6 +1,6 @@
 """The reusable per-thread session machines behave exactly like a machine bound afresh per transition.
 
-``natpool.core.handover._fire_session`` fires non-final session events on
+``natpool.core.binding.fire`` fires non-final session events on
 one Initiator/Responder machine per thread bound to a proxy model. These
 tests run random handover schedules (both roles, tie-breaks, broken
 channels, lost keepalives) against the real code and against a reference
@@ -20,20 +20,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from statemachine import StateMachine
 
-import natpool.core.handover as ho
 from natpool.config import PairConfig
+from natpool.core import binding
 from natpool.core.entry import PairEntry
 from natpool.core.handover import Session
 from natpool.core.pool import PairPool
 from natpool.errors import PairBusy, UnknownPair
+from natpool.machines import InitiatorMachine, ResponderMachine
 from natpool.machines.tables import Table
 
 NONCE = 0xB0B
 
 
-def _fresh_fire(session: Session, cls: type[StateMachine], table: Table, event: str) -> None:
+def _fresh_fire(cls: type[StateMachine], table: Table, target: Any, event: str, listeners: tuple[object, ...]) -> None:
     """The reference: a fresh binding per event (what the sessions did before the reuse)."""
-    cls(model=session, start_value=session.state, listeners=list(session._registry.listeners)).send(event)
+    cls(model=target, start_value=target.state, listeners=list(listeners)).send(event)
 
 
 class Recorder:
@@ -62,7 +63,7 @@ def _run(pinger: str, plan: list[tuple[str, float, int | None]], loss: float, se
          mp: pytest.MonkeyPatch) -> list[object]:
     with mp.context() as m:
         if fresh:
-            m.setattr(ho, "_fire_session", _fresh_fire)
+            m.setattr(binding, "fire", _fresh_fire)
         cfg = PairConfig(lock_timeout=0.5)
         net = Net(cfg)
         recs = {n: Recorder(n) for n in (A, B)}
@@ -113,7 +114,7 @@ def test_the_proxy_keeps_no_session_between_transitions() -> None:
     link = net.take(A, NONCE)
     net.run_sessions()
     assert link.initiator.state == "Done"
-    cache: dict[tuple[object, ...], Any] = ho._local.machines
+    cache = binding.reusable_machines()
     assert cache  # the non-final events used reusable machines
     for reusable in cache.values():
         assert reusable.proxy.target is None
@@ -137,4 +138,5 @@ def test_a_failing_listener_discards_the_reusable_session_machine() -> None:
     net.run_until(10.0)
     with pytest.raises(RuntimeError):
         net.take(A, NONCE)
-    assert not any(key[1:] == (id(boom),) for key in getattr(ho._local, "machines", {}))
+    sessions = (InitiatorMachine, ResponderMachine)
+    assert not any(key[0] in sessions and key[1:] == (id(boom),) for key in binding.reusable_machines())

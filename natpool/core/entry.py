@@ -16,15 +16,15 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
-import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, cast
+from typing import Final, Protocol, cast
 
 from statemachine.exceptions import TransitionNotAllowed
 
 from natpool.config import PairConfig
+from natpool.core import binding
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, InvalidState, RemoteProtocolError
 from natpool.machines import EntryMachine
@@ -135,111 +135,9 @@ class EntryObserver(Protocol):
     def entry_drop(self, entry: PairEntry, reason: DropReason) -> None: ...
 
 
-# --- the generated machine, bound only while an entry transitions ----------------------------
-#
-# python-statemachine reads the active state from the model's ``state`` field
-# on every event (its configuration cache is keyed by the identity of that
-# value) and resolves the ``drained``/``settled`` guards as attribute reads on
-# the model object given at construction. So one machine bound to a proxy
-# whose fields forward to a swappable target behaves, per event, exactly like
-# a machine freshly bound to that target, at a third of the cost.
-# ``machine.model`` (what callbacks receive as ``model``) is set to the real
-# entry for the duration of the event.
-
-
-class _EntryProxy:
-    """The model a reusable :class:`EntryMachine` is bound to; forwards to ``target``."""
-
-    __slots__ = ("target",)
-
-    def __init__(self, target: PairEntry) -> None:
-        self.target: PairEntry | None = target
-
-    def _entry(self) -> PairEntry:
-        target = self.target
-        assert target is not None, "reusable entry machine used outside _run_machine"
-        return target
-
-    @property
-    def state(self) -> str:
-        return self._entry().state
-
-    @state.setter
-    def state(self, value: str) -> None:
-        self._entry().state = cast(EntryState, value)
-
-    @property
-    def drained(self) -> bool:
-        return self._entry().drained
-
-    @property
-    def settled(self) -> bool:
-        return self._entry().settled
-
-
-class _Reusable:
-    """One thread's reusable machine for one listener set."""
-
-    __slots__ = ("busy", "listeners", "machine", "proxy")
-
-    def __init__(self, entry: PairEntry, listeners: tuple[object, ...]) -> None:
-        self.proxy = _EntryProxy(entry)
-        self.listeners = listeners  # held, so the ids in the cache key stay unique
-        self.machine = EntryMachine(model=self.proxy, start_value=entry.state, listeners=list(listeners))
-        self.busy = False
-
-
-#: Reusable machines per thread, keyed by the listeners' ids (bounded: pools
-#: with distinct listener objects come and go, e.g. in tests).
-_MAX_REUSABLE: Final = 8
-_local = threading.local()
-
-
-def _reusable_for(entry: PairEntry, listeners: tuple[object, ...]) -> _Reusable:
-    cache: dict[tuple[int, ...], _Reusable] | None = getattr(_local, "machines", None)
-    if cache is None:
-        cache = _local.machines = {}
-    key = tuple(map(id, listeners))
-    reusable = cache.get(key)
-    if reusable is None:
-        if len(cache) >= _MAX_REUSABLE:
-            del cache[next(iter(cache))]
-        reusable = cache[key] = _Reusable(entry, listeners)
-    return reusable
-
-
-def _run_machine(entry: PairEntry, event: EntryEvent, target: str, listeners: tuple[object, ...]) -> None:
-    """Fire ``event`` on ``entry`` through the generated machine.
-
-    The thread's reusable machine is used unless it is already mid-transition
-    (a listener that transitions another entry) or ``target`` is final (the
-    engine stops for good in a final state); then a fresh binding is used. A
-    failed fire discards the reusable machine, so no half-processed engine
-    state carries over.
-    """
-    if target not in _FINAL:
-        reusable = _reusable_for(entry, listeners)
-        if not reusable.busy:
-            reusable.busy = True
-            machine = reusable.machine
-            proxy = reusable.proxy
-            proxy.target = entry
-            model: Any = entry
-            machine.model = model
-            try:
-                machine.fire(event)
-            except BaseException:
-                cache = _local.machines
-                key = tuple(map(id, listeners))
-                if cache.get(key) is reusable:  # not if a nested call already replaced it
-                    del cache[key]
-                raise
-            finally:
-                proxy.target = None
-                machine.model = proxy
-                reusable.busy = False
-            return
-    EntryMachine(model=entry, start_value=entry.state, listeners=list(listeners)).fire(event)
+def _run_machine(entry: PairEntry, event: EntryEvent, listeners: tuple[object, ...]) -> None:
+    """Fire ``event`` through the generated :class:`EntryMachine` (see :mod:`natpool.core.binding`)."""
+    binding.fire(EntryMachine, ENTRY, entry, event, listeners)
 
 
 class PairEntry:
@@ -573,7 +471,7 @@ class PairEntry:
         guard = hit[1]
         if guard and not getattr(self, guard):
             return False
-        _run_machine(self, event, hit[0], self._listeners)
+        _run_machine(self, event, self._listeners)
         target = self.state
         self._entered(source, target, now)
         self._emit(StateChanged(self.nonce, source, target, event, reason, now))

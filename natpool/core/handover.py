@@ -6,7 +6,7 @@ per incoming LOCK. Every protocol step fires on a generated machine
 it goes through the spec's transition table and guards (``entry_claimed``,
 ``entry_locked``, ``peer_may_proceed``, ``settled`` are properties here).
 Constructing a machine per session cost ~150 us on every take's critical
-path, so non-final events reuse one machine per thread (:func:`_fire_session`).
+path, so non-final events reuse one machine per thread (:mod:`natpool.core.binding`).
 
 The session drives its entry's lifecycle (``finish_lock``, ``abort_lock``,
 ``use``, ``expire``); the pool performs the initial claim (CAS) and routes
@@ -28,10 +28,11 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING
 
 from statemachine import StateMachine
 
+from natpool.core import binding
 from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
 from natpool.core.lease import Lease, Role
 from natpool.errors import (
@@ -105,117 +106,6 @@ class HandoverRegistry:
         session = self._owners.get(nonce)
         if session is not None:
             session.on_entry_event(event, now)
-
-
-# --- the generated session machines, bound only while a session transitions ------------
-#
-# Same technique as natpool.core.entry._run_machine: constructing a bound
-# InitiatorMachine / ResponderMachine costs ~150 us, on the critical path of
-# every take. python-statemachine reads the active state from the model's
-# ``state`` field on every event and resolves the guards as attribute reads on
-# the model given at construction, so one machine per thread bound to a proxy
-# that forwards ``state`` and the guards to a swappable session behaves, per
-# event, exactly like a machine bound to that session. ``machine.model`` (what
-# listeners receive as ``model``) is the real session while the event runs.
-# A final target stops a machine's engine for good, so those events (Done,
-# Failed, Refused: one per session) use a fresh binding.
-
-
-class _SessionProxy:
-    """The model a reusable session machine is bound to; forwards to ``target``."""
-
-    __slots__ = ("target",)
-
-    def __init__(self, target: Session) -> None:
-        self.target: Session | None = target
-
-    def _session(self) -> Any:
-        target = self.target
-        assert target is not None, "reusable session machine used outside _fire_session"
-        return target
-
-    @property
-    def state(self) -> str:
-        return str(self._session().state)
-
-    @state.setter
-    def state(self, value: str) -> None:
-        self._session().state = value
-
-    @property
-    def entry_claimed(self) -> bool:
-        return bool(self._session().entry_claimed)
-
-    @property
-    def entry_locked(self) -> bool:
-        return bool(self._session().entry_locked)
-
-    @property
-    def peer_may_proceed(self) -> bool:
-        return bool(self._session().peer_may_proceed)
-
-    @property
-    def settled(self) -> bool:
-        return bool(self._session().settled)
-
-
-class _ReusableSession:
-    """One thread's reusable machine for one machine class and listener set."""
-
-    __slots__ = ("busy", "listeners", "machine", "proxy")
-
-    def __init__(self, cls: type[StateMachine], session: Session, listeners: tuple[object, ...]) -> None:
-        self.proxy = _SessionProxy(session)
-        self.listeners = listeners  # held, so the ids in the cache key stay unique
-        self.machine = cls(model=self.proxy, start_value=session.state, listeners=list(listeners))
-        self.busy = False
-
-
-#: Per thread, keyed by machine class and the listeners' ids (bounded like the entry's cache).
-_MAX_REUSABLE: Final = 8
-_local = threading.local()
-
-
-def _fire_session(session: Session, cls: type[StateMachine], table: Table, event: str) -> None:
-    """Fire ``event`` on ``session`` through the generated machine ``cls``.
-
-    The thread's reusable machine is used unless it is mid-transition (a
-    listener that transitions another session) or the target is final (or
-    not in the table: then a fresh binding raises exactly as before). A
-    failed fire discards the reusable machine, so no half-processed engine
-    state carries over.
-    """
-    listeners = session._registry.listeners
-    hit = table.transitions.get((session.state, event))
-    if hit is not None and hit[0] not in table.final:
-        cache: dict[tuple[object, ...], _ReusableSession] | None = getattr(_local, "machines", None)
-        if cache is None:
-            cache = _local.machines = {}
-        key = (cls, *map(id, listeners))
-        reusable = cache.get(key)
-        if reusable is None:
-            if len(cache) >= _MAX_REUSABLE:
-                del cache[next(iter(cache))]
-            reusable = cache[key] = _ReusableSession(cls, session, listeners)
-        if not reusable.busy:
-            reusable.busy = True
-            machine = reusable.machine
-            proxy = reusable.proxy
-            proxy.target = session
-            model: Any = session
-            machine.model = model
-            try:
-                machine.send(event)
-            except BaseException:
-                if cache.get(key) is reusable:  # not if a nested call already replaced it
-                    del cache[key]
-                raise
-            finally:
-                proxy.target = None
-                machine.model = proxy
-                reusable.busy = False
-            return
-    cls(model=session, start_value=session.state, listeners=list(listeners)).send(event)
 
 
 # --- sessions ---------------------------------------------------------------
@@ -454,8 +344,8 @@ class Session:
     _table: Table
 
     def _machine_fire(self, event: str) -> None:
-        """Every session transition goes through the generated machine (see :func:`_fire_session`)."""
-        _fire_session(self, self._machine_cls, self._table, event)
+        """Every session transition goes through the generated machine (see :mod:`natpool.core.binding`)."""
+        binding.fire(self._machine_cls, self._table, self, event, self._registry.listeners)
 
     def _can_fail(self) -> bool:
         raise NotImplementedError
