@@ -16,8 +16,17 @@ The public API, in layers:
 
 from natpool.aio.pool import AsyncPairPool, DriverStats, EntrySnapshot, LeasedProtocol, Subscription, WireObserver
 from natpool.config import PairConfig
-from natpool.core import Drained, EntryOutput, EntryStats, ExpiryReason, PairEntry, PairPool, StateChanged
-from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession
+from natpool.core import (
+    Drained,
+    EntryObserver,
+    EntryOutput,
+    EntryStats,
+    ExpiryReason,
+    PairEntry,
+    PairPool,
+    StateChanged,
+)
+from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease, LeaseBuffer, LeaseOwner, Role
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import (
@@ -54,6 +63,7 @@ __all__ = [
     "Endpoint",
     "EndpointPair",
     "EntryEvent",
+    "EntryObserver",
     "EntryOutput",
     "EntrySnapshot",
     "EntryState",
@@ -80,6 +90,7 @@ __all__ = [
     "RemoteProtocolError",
     "ResponderSession",
     "Role",
+    "Session",
     "SignalChannel",
     "SignalProtocolError",
     "Signalling",

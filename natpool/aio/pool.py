@@ -498,6 +498,9 @@ class AsyncPairPool:
             if early is None:
                 early = self._early[nonce] = LeasedProtocol(self.stats)
             early.datagram_received(data, addr)
+            if self._waiting:
+                assert self._changed is not None
+                self._changed.set()
             return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
         # The entry's answer (a pong) comes back in the same call and goes out on its socket at once.
