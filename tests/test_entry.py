@@ -313,8 +313,10 @@ def test_foreign_and_malformed_datagrams_are_counted_never_answered(is_pinger: b
     e.datagrams_to_send(0.0)
     remote = e.remote.addr
     bad: list[tuple[bytes, tuple[str, int], DropReason]] = [
-        (PING, ("127.0.0.1", 9), DropReason.FOREIGN_ADDRESS),
-        (PONG, ("10.0.0.1", remote[1]), DropReason.FOREIGN_ADDRESS),
+        (b"", ("127.0.0.1", 9), DropReason.FOREIGN_ADDRESS),
+        (encode(Frame(NONCE + 1, Kind.PING)), ("10.0.0.1", remote[1]), DropReason.FOREIGN_ADDRESS),
+        (PING, ("127.0.0.1", 9), DropReason.ADDRESS_MISMATCH),  # our own frame: see test_entry_address.py
+        (PONG, ("10.0.0.1", remote[1]), DropReason.ADDRESS_MISMATCH),
         (b"", remote, DropReason.MALFORMED),
         (PING + b"x", remote, DropReason.MALFORMED),
         (PING[:8] + b"\x07", remote, DropReason.MALFORMED),

@@ -270,12 +270,15 @@ def test_pool_drops_aggregate_entry_drops_and_unknown_nonces() -> None:
     e = pool.add(pair(1), True, 0.0)
     remote = e.remote.addr
     pool.receive_datagram(1, b"junk", remote, 0.1)
-    pool.receive_datagram(1, encode(Frame(1, Kind.PING)), ("127.0.0.1", 9), 0.1)
+    pool.receive_datagram(1, encode(Frame(7, Kind.PING)), ("127.0.0.1", 9), 0.1)
+    pool.receive_datagram(1, encode(Frame(1, Kind.PING)), ("127.0.0.1", 9), 0.1)  # its own frame, elsewhere
     pool.receive_datagram(42, encode(Frame(42, Kind.PONG)), remote, 0.1)
-    assert pool.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.WRONG_NONCE: 1}
-    assert e.stats.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1}
+    assert pool.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.ADDRESS_MISMATCH: 1,
+                          DropReason.WRONG_NONCE: 1}
+    assert e.stats.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.ADDRESS_MISMATCH: 1}
+    assert e.seen_from == ("127.0.0.1", 9)
     pool.remove(1, 0.2)
-    assert sum(pool.drops.values()) == 3  # counts outlive the entry
+    assert sum(pool.drops.values()) == 4  # counts outlive the entry
 
 
 def test_send_failures_through_the_pool() -> None:

@@ -193,19 +193,25 @@ def test_log_records_sender_state_at_send_time() -> None:
 
 
 def test_injected_foreign_and_malformed_datagrams_are_logged_and_dropped() -> None:
-    sim, a, _b = two_nodes()
+    sim, a, b = two_nodes()
     (entry,) = a.pool.entries()
+    (peer,) = b.pool.entries()
     sim.run_until(1.0)
     ping = encode(Frame(entry.nonce, Kind.PING))
-    sim.inject(("10.9.9.9", 5555), entry.local.addr, ping)
+    sim.inject(("10.9.9.9", 5555), peer.local.addr, ping)  # its own frame from elsewhere: ADDRESS_MISMATCH
+    sim.inject(("10.9.9.9", 5555), peer.local.addr, b"\x00garbage")
     sim.inject(entry.remote.addr, entry.local.addr, b"\x00garbage")
     sim.run_until(2.0)
-    assert a.pool.drops[DropReason.FOREIGN_ADDRESS] == 1
+    assert b.pool.drops[DropReason.ADDRESS_MISMATCH] == 1 and peer.seen_from == ("10.9.9.9", 5555)
+    assert b.pool.drops[DropReason.FOREIGN_ADDRESS] == 1
     assert a.pool.drops[DropReason.MALFORMED] == 1
     injected = [d for d in sim.log if d.sender == INJECTED]
-    assert [(d.kind, d.state, d.nonce) for d in injected] == [("ping", None, 0), ("garbage", None, 0)]
-    assert not [d for d in sim.log if d.sender == "alice" and 1.0 <= d.time <= 2.0]  # never answered
-    assert entry.state == "Idle"
+    assert [(d.kind, d.state, d.nonce) for d in injected] == [("ping", None, 0), ("garbage", None, 0),
+                                                               ("garbage", None, 0)]
+    pongs = [d for d in sim.log if d.sender == "bob" and 1.0 <= d.time <= 2.0]
+    assert all(d.dst == peer.remote.addr for d in pongs)  # the injected ping is never answered
+    assert len(pongs) == len([d for d in sim.log if d.sender == "alice" and 1.0 <= d.time < 2.0])
+    assert entry.state == peer.state == "Idle"
 
 
 def test_datagrams_to_a_removed_pair_are_counted_as_unowned() -> None:
