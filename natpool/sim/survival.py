@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from natpool.config import PairConfig
 from natpool.sim.network import NetConfig
@@ -94,3 +95,64 @@ def keepalive_survival(
     wall = time.perf_counter() - start
     return SurvivalResult(loss, cfg.ping_interval, cfg.no_inbound_timeout, seeds, virtual_seconds,
                           seeds - len(expiries), tuple(expiries), wall)
+
+
+# --- the `natpool bench` figure ------------------------------------------------------------------
+
+#: Loss rates of the bench figure, and the one the defaults are held to.
+BENCH_LOSSES = (0.1, 0.3, 0.5)
+TARGET_LOSS = 0.3
+TARGET_ALIVE = 0.99
+#: What the defaults are compared with: the defaults before they were measured (ping 5 s / no-inbound 21 s).
+BASELINE = PairConfig(ping_interval=5.0, no_inbound_timeout=21.0)
+
+
+def bench_figure(quick: bool = False, config: PairConfig | None = None) -> dict[str, Any]:
+    """Survival of ``config`` (the defaults) and of :data:`BASELINE` at :data:`BENCH_LOSSES` (JSON-ready).
+
+    Full: 50 seeds x 10 virtual minutes per cell (a few seconds of wall time);
+    ``quick``: 10 seeds x 3 virtual minutes.
+    """
+    cfg = config if config is not None else PairConfig()
+    seeds, virtual = (10, 180.0) if quick else (50, 600.0)
+    start = time.perf_counter()
+    rows: dict[str, Any] = {}
+    target_cell: SurvivalResult | None = None
+    for name, c in (("defaults", cfg), ("baseline", BASELINE)):
+        cells: dict[str, Any] = {}
+        for loss in BENCH_LOSSES:
+            res = keepalive_survival(loss, c, seeds=seeds, virtual_seconds=virtual)
+            cells[f"{loss:g}"] = res.as_dict()
+            if name == "defaults" and loss == TARGET_LOSS:
+                target_cell = res
+        rows[name] = {"ping_interval_s": c.ping_interval, "no_inbound_timeout_s": c.no_inbound_timeout,
+                      "by_loss": cells}
+    assert target_cell is not None
+    return {
+        "seeds": seeds, "virtual_s": virtual, "delay_s": [DELAY_MIN, DELAY_MAX], "configs": rows,
+        "target": {"loss": TARGET_LOSS, "alive_fraction": TARGET_ALIVE, "value": round(target_cell.alive_fraction, 4),
+                   "met": target_cell.alive_fraction >= TARGET_ALIVE},
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def format_figure(fig: dict[str, Any]) -> str:
+    """The plain-text table ``natpool bench`` prints for :func:`bench_figure`'s result."""
+    lines = [f"keepalive survival under random loss (simulator: one pair per seed, {fig['seeds']} seeds x "
+             f"{fig['virtual_s']:g} s virtual, {fig['delay_s'][0] * 1000:g}-{fig['delay_s'][1] * 1000:g} ms one way; "
+             f"{fig['wall_s']} s wall)"]
+    losses = list(next(iter(fig["configs"].values()))["by_loss"])
+    lines.append(f"  {'config':<30}" + "".join(f"{float(k):>22.0%}" for k in losses))
+    for name, row in fig["configs"].items():
+        label = f"{name} {row['ping_interval_s']:g} s / {row['no_inbound_timeout_s']:g} s"
+        cells = []
+        for k in losses:
+            c = row["by_loss"][k]
+            median = c["first_expiry_median_s"]
+            cells.append(f"{c['alive']}/{c['seeds']} alive" + (f" ({median:g} s)" if median is not None else ""))
+        lines.append(f"  {label:<30}" + "".join(f"{cell:>22}" for cell in cells))
+    t = fig["target"]
+    lines.append(f"  (alive after the run; median first expiry of the others in brackets) target: >= "
+                 f"{t['alive_fraction']:.0%} alive at {t['loss']:.0%} loss: {t['value']:.0%} "
+                 f"{'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
