@@ -142,7 +142,7 @@ def format_figure(fig: dict[str, Any]) -> str:
              f"{fig['virtual_s']:g} s virtual, {fig['delay_s'][0] * 1000:g}-{fig['delay_s'][1] * 1000:g} ms one way; "
              f"{fig['wall_s']} s wall)"]
     losses = list(next(iter(fig["configs"].values()))["by_loss"])
-    lines.append(f"  {'config':<30}" + "".join(f"{float(k):>22.0%}" for k in losses))
+    lines.append(f"  {'config':<30}" + "".join(f"{float(k):>24.0%}" for k in losses))
     for name, row in fig["configs"].items():
         label = f"{name} {row['ping_interval_s']:g} s / {row['no_inbound_timeout_s']:g} s"
         cells = []
@@ -150,7 +150,7 @@ def format_figure(fig: dict[str, Any]) -> str:
             c = row["by_loss"][k]
             median = c["first_expiry_median_s"]
             cells.append(f"{c['alive']}/{c['seeds']} alive" + (f" ({median:g} s)" if median is not None else ""))
-        lines.append(f"  {label:<30}" + "".join(f"{cell:>22}" for cell in cells))
+        lines.append(f"  {label:<30}" + "".join(f"{cell:>24}" for cell in cells))
     t = fig["target"]
     lines.append(f"  (alive after the run; median first expiry of the others in brackets) target: >= "
                  f"{t['alive_fraction']:.0%} alive at {t['loss']:.0%} loss: {t['value']:.0%} "
