@@ -206,12 +206,20 @@ table ip natpool {{
   counter udp_out {{}}
   counter udp_in {{}}
   counter dropped_in {{}}
+  set flows_out {{
+    type inet_service . inet_service; flags dynamic; counter; size 65535;
+  }}
+  set flows_in {{
+    type inet_service . inet_service; flags dynamic; counter; size 65535;
+  }}
   chain count {{
     type filter hook forward priority -10; policy accept;
     oifname "wan" {KEEPALIVE_MATCH} counter name keepalive_out
     iifname "wan" {KEEPALIVE_MATCH} counter name keepalive_in
     oifname "wan" meta l4proto udp counter name udp_out
     iifname "wan" meta l4proto udp counter name udp_in
+    oifname "wan" {KEEPALIVE_MATCH} update @flows_out {{ udp sport . udp dport }}
+    iifname "wan" {KEEPALIVE_MATCH} update @flows_in {{ udp sport . udp dport }}
   }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
@@ -383,6 +391,31 @@ class Lab:
             c = item.get("counter")
             if isinstance(c, dict) and "name" in c:
                 out[str(c["name"])] = int(c.get("packets", 0))
+        return out
+
+    def flow_counters(self, host: str) -> dict[str, dict[tuple[int, int], int]]:
+        """Keepalive-shaped datagrams per flow through the router: ``{"out"|"in": {(sport, dport): packets}}``.
+
+        Ports as the forward hook sees them: on the way out the host's local
+        port (before masquerade), on the way in the router already mapped the
+        destination back to it. With port-preserving masquerade that is the
+        pair's (local port, peer public port) in both directions, so one pair
+        among hundreds can be counted on its own.
+        """
+        out: dict[str, dict[tuple[int, int], int]] = {"out": {}, "in": {}}
+        for direction in ("out", "in"):
+            data = json.loads(self.exec(f"r{host}", "nft", "-j", "list", "set", "ip", "natpool",
+                                        f"flows_{direction}").stdout)
+            for item in data.get("nftables", []):
+                s = item.get("set")
+                if not isinstance(s, dict):
+                    continue
+                for elem in s.get("elem", []):
+                    e = elem.get("elem", {}) if isinstance(elem, dict) else {}
+                    key = e.get("val", {}).get("concat") if isinstance(e.get("val"), dict) else None
+                    counter = e.get("counter") or {}
+                    if isinstance(key, list) and len(key) == 2:
+                        out[direction][(int(key[0]), int(key[1]))] = int(counter.get("packets", 0))
         return out
 
     def agent_argv(self, host: str, *extra: str) -> list[str]:

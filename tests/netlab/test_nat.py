@@ -15,6 +15,7 @@ not performance goals; waits have failure bounds only.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -166,7 +167,7 @@ def test_handover_through_the_nat(make_lab: MakeLab, make_agent: MakeAgent, figu
     t_lease = time.monotonic()
     assert lease_a["role"] == "initiator" and lease_a["state"] == "InUse"
     both_got_two = poll(lambda: all(len(s["lease_rx"]) >= 2 for s in h.status()), 3.0)
-    assert both_got_two is not None, [(s["lease_rx"], s["entries"]) for s in h.status()]
+    assert both_got_two is not None, json.dumps([(s["lease_rx"], s["entries"], s["lease"]) for s in h.status()])
     time.sleep(5 * cfg["ping_interval"])  # any stray keepalive would have crossed by now
     sa, sb = h.status()
     ca, cb = lab.counters("a"), lab.counters("b")
