@@ -5,18 +5,32 @@ The public API, in layers:
 * values — :class:`Endpoint`, :class:`EndpointPair`, :class:`PairConfig`;
 * the sans-IO core — :class:`PairPool`, :class:`PairEntry`, :class:`Lease`
   (time is an argument; datagrams, signals and timers are values);
-* the asyncio driver — :class:`AsyncPairPool` (real UDP sockets, one scheduler);
+* the asyncio driver — :class:`AsyncPairPool` (real UDP sockets, one scheduler)
+  and what it hands out: :class:`Lease` (``set_protocol``, ``remote_addr``,
+  ``mapping_deadline``, ``close``), :class:`LeasedProtocol`,
+  :class:`EntrySnapshot`, :class:`DriverStats`, :class:`Subscription`;
 * the signalling interface your transport implements — :class:`SignalChannel`,
   :class:`Signalling`;
 * errors — :mod:`natpool.errors` (local misuse raises, remote bad input is counted).
 """
 
-from natpool.aio.pool import AsyncPairPool
+from natpool.aio.pool import AsyncPairPool, DriverStats, EntrySnapshot, LeasedProtocol, Subscription, WireObserver
 from natpool.config import PairConfig
-from natpool.core import Drained, ExpiryReason, PairEntry, PairPool, StateChanged
-from natpool.core.lease import Lease
+from natpool.core import (
+    Drained,
+    EntryObserver,
+    EntryOutput,
+    EntryStats,
+    ExpiryReason,
+    PairEntry,
+    PairPool,
+    StateChanged,
+)
+from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession, Session
+from natpool.core.lease import Lease, LeaseBuffer, LeaseOwner, Role
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import (
+    BindFailed,
     ChannelBroken,
     DropReason,
     DuplicateNonce,
@@ -28,28 +42,43 @@ from natpool.errors import (
     NatPoolError,
     PairBusy,
     PeerRefused,
+    PoolClosed,
     RemoteProtocolError,
     SignalProtocolError,
     UnknownPair,
 )
+from natpool.machines.entry import EntryEvent, EntryState
 from natpool.signalling import SignalChannel, Signalling
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncPairPool",
+    "BindFailed",
     "ChannelBroken",
     "Drained",
+    "DriverStats",
     "DropReason",
     "DuplicateNonce",
     "Endpoint",
     "EndpointPair",
+    "EntryEvent",
+    "EntryObserver",
+    "EntryOutput",
+    "EntrySnapshot",
+    "EntryState",
+    "EntryStats",
     "ExpiryReason",
     "HandoverError",
+    "HandoverRegistry",
     "HandoverTimeout",
+    "InitiatorSession",
     "InvalidPair",
     "InvalidState",
     "Lease",
+    "LeaseBuffer",
+    "LeaseOwner",
+    "LeasedProtocol",
     "LocalError",
     "NatPoolError",
     "PairBusy",
@@ -57,10 +86,16 @@ __all__ = [
     "PairEntry",
     "PairPool",
     "PeerRefused",
+    "PoolClosed",
     "RemoteProtocolError",
+    "ResponderSession",
+    "Role",
+    "Session",
     "SignalChannel",
     "SignalProtocolError",
     "Signalling",
     "StateChanged",
+    "Subscription",
     "UnknownPair",
+    "WireObserver",
 ]

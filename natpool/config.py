@@ -41,6 +41,17 @@ class PairConfig:
     * ``settle_time`` 0 — extra quiet period before ``use``. Zero is exact
       on networks that do not duplicate datagrams; set it to the maximum
       datagram lifetime where duplicates are possible (see spec/properties).
+    * ``nat_mapping_timeout`` 30 s — not a timer of the pool: how long the
+      NAT on the path keeps a silent UDP mapping. After the hand-over no
+      keepalive refreshes it, so the application must send before
+      ``Lease.mapping_deadline`` (the last inbound keepalive plus this).
+      Linux conntrack drops an unreplied or young UDP flow after 30 s
+      (``nf_conntrack_udp_timeout``) and an ASSURED one (traffic seen both
+      ways) after 120 s (``nf_conntrack_udp_timeout_stream``); a punched pair
+      is usually ASSURED, but many home routers use 30 s for every flow, so
+      the default assumes the short one. Measured through a real Linux NAT:
+      a silent application has exactly this minus the time since the last
+      keepalive before the peer's datagrams are dropped at the router.
     """
 
     ping_interval: float = 5.0
@@ -51,6 +62,7 @@ class PairConfig:
     lock_timeout: float = 5.0
     max_send_failures: int = 5
     settle_time: float = 0.0
+    nat_mapping_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("ping_interval", "no_inbound_timeout", "ping_lifespan", "lock_timeout", "min_drain_grace"):
@@ -62,3 +74,5 @@ class PairConfig:
             raise LocalError("PairConfig.no_inbound_timeout must exceed ping_interval")
         if self.max_send_failures < 1:
             raise LocalError("PairConfig.max_send_failures must be >= 1")
+        if self.nat_mapping_timeout <= 0:
+            raise LocalError("PairConfig.nat_mapping_timeout must be > 0")

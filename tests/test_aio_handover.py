@@ -85,9 +85,10 @@ def test_take_over_tcp_returns_leases_on_both_sides_with_the_socket_still_bound(
             assert lease.nonce == theirs.nonce == 0x51
             assert lease.entry.state == "InUse" and theirs.entry.state == "InUse"
             for mine, side in ((lease, pair.a), (theirs, pair.b)):
-                sock: Any = mine.sock  # asyncio's TransportSocket wrapper around the bound socket
-                assert sock is not None and sock.fileno() != -1 and sock.type == socket.SOCK_DGRAM
+                sock = mine.socket  # the real socket, not asyncio's TransportSocket wrapper
+                assert isinstance(sock, socket.socket) and sock.fileno() != -1 and sock.type == socket.SOCK_DGRAM
                 assert sock.getsockname()[1] == side.port  # the very port the NAT mapping is keyed on
+                assert mine.local_addr == sock.getsockname() and mine.remote_addr != mine.local_addr
             # The pooled entries are gone from the pools' sockets; the other pair is untouched.
             assert len(alice) == 1 and len(bob) == 1
             assert alice.get(0x52).state == "Idle"
@@ -95,13 +96,15 @@ def test_take_over_tcp_returns_leases_on_both_sides_with_the_socket_still_bound(
                 alice.transport(0x51)
             # The handed-over sockets carry application data end to end.
             ca, cb = Collect(), Collect()
-            alice.set_lease_protocol(lease, ca)
-            bob.set_lease_protocol(theirs, cb)
+            lease.set_protocol(ca)
+            theirs.set_protocol(cb)
             assert lease.transport is not None and theirs.transport is not None
-            lease.transport.sendto(b"hello bob", pair.b.addr)
+            assert lease.remote_addr == pair.b.addr and theirs.remote_addr == pair.a.addr
+            lease.transport.sendto(b"hello bob", lease.remote_addr)
             assert await cb.got.get() == b"hello bob"
-            alice.release(lease)
-            bob.release(theirs)
+            lease.close()
+            async with theirs:
+                pass  # closes on exit, like lease.close()
             assert lease.transport.is_closing() and theirs.transport.is_closing()
             assert alice.handover_outcomes["lease"] == 1 and bob.handover_outcomes["lease"] == 1
         await asyncio.sleep(0)  # let the closed transports' connection_lost run (not a timing wait)

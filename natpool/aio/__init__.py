@@ -9,9 +9,10 @@ not pull in the event-loop machinery. A node, in short::
     pool.signalling = TcpSignalling("alice", {"bob": ("198.51.100.7", 7000)})
     await pool.add(pair, is_pinger=True, sock=punched_socket)   # kept alive from now on
     lease = await pool.take_any("bob")       # or, when bob took: lease = await pool.accept()
-    pool.set_lease_protocol(lease, MyProtocol())                # the socket is still bound and open
-    ...
-    pool.release(lease); await server.close(); await pool.close()
+    async with lease:                        # closes the lease (its socket, its entry) on exit
+        lease.set_protocol(MyProtocol())     # replays what the peer sent before; the socket is still bound
+        lease.transport.sendto(b"hi", lease.remote_addr)   # before lease.mapping_deadline, and often
+    await server.close(); await pool.close()
 
 ``natpool demo`` (:mod:`natpool.aio.demo`) runs exactly this for two nodes
 in one process.

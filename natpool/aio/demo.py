@@ -248,18 +248,12 @@ class Demo:
 
     def _adopt(self, node: str, lease: Lease) -> None:
         self.leases[node][lease.nonce] = lease
-        transport: Any = lease.transport
+        transport = lease.transport
         if transport is None:
             self.monitor.violations.append(f"{node}: lease {lease.nonce:#x} came without its socket")
             return
-        set_protocol = getattr(self.pools[node], "set_lease_protocol", None)
-        proto = LeaseProtocol(self, node, lease.nonce)
-        if set_protocol is not None:
-            set_protocol(lease, proto)
-        else:
-            transport.set_protocol(proto)
-        remote = lease.pair.remote(node)
-        transport.sendto(APP_HELLO, remote.addr)
+        lease.set_protocol(LeaseProtocol(self, node, lease.nonce))
+        transport.sendto(APP_HELLO, lease.remote_addr)
 
     async def _ticker(self) -> None:
         self.out(f"{'t':>5}  {'node':<6} {'Idle':>5} {'InLock':>6} {'Locked':>6} {'InUse':>5} {'Expir':>5} "

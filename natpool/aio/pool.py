@@ -25,9 +25,19 @@ What the driver adds to the core, and why it is shaped this way
   produced one (the core flags them through ``PairPool.on_entry_event``, so
   the common pong costs no queue round trip) and fanned out to callbacks and
   subscribers; an expired entry's socket is closed at once.
-* Once an entry is silent (Locked/InUse) a datagram that is not keepalive-sized
-  is the application's — the peer went InUse first and started talking — so
-  it is kept (bounded) for the lease instead of being dropped.
+* Once an entry is silent (Locked/InUse, from the generated ``silent`` and
+  ``live`` sets) every datagram on its socket is the application's — the
+  peer may be handed over first and start talking while this side still
+  waits for its last signal — whatever its size, so it is kept (bounded,
+  overflow counted in ``DriverStats.lease_buffer_drops``) for the lease and
+  replayed by :meth:`Lease.set_protocol`. The one exception is a datagram
+  that decodes as this pair's own keepalive: a ping still in flight when the
+  ponger went silent, which must not leak into the application's stream;
+  the core drops it (``silent_state``) as before.
+* The receive buffer is widened to :data:`LEASE_RECV_BUFFER` (every UDP
+  payload fits) the moment the entry goes silent, synchronously with the
+  transition, so an application datagram above 2 KiB is never cut to
+  ``max_size``: on a datagram socket the kernel discards the excess silently.
 * Handover: :meth:`take` / :meth:`take_any` / :meth:`serve_handover` run the
   sessions through :mod:`natpool.aio.handover` over a user-supplied
   :class:`~natpool.signalling.Signalling`. The lease hands the still-bound
@@ -41,6 +51,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import warnings
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -59,19 +70,25 @@ from natpool.errors import (
     HandoverError,
     LocalError,
     PoolClosed,
+    RemoteProtocolError,
     UnknownPair,
 )
+from natpool.machines.entry import EntryState
 from natpool.machines.tables import ENTRY
 from natpool.signalling import SignalChannel, Signalling
 from natpool.wire.frame import FRAME_SIZE
+from natpool.wire.frame import decode as decode_frame
 
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 2048
 TIMER_SLACK = 0.001  # take every timer due within 1 ms in one wake-up
-EARLY_LIMIT = 256  # application datagrams kept for a lease between Locked and the hand-over
+EARLY_LIMIT = 256  # application datagrams kept for a lease between Locked and set_protocol
+EARLY_BYTES = 1 << 20  # ... and at most this many bytes of them (a 64 KiB datagram flood stays bounded)
+LEASE_RECV_BUFFER = 65_536  # above the largest UDP payload (65,527 bytes): a leased socket never truncates
 EARLY_BEFORE_ADD = 8  # datagrams kept that arrive between opening the socket and registering the entry
-SILENT_STATES = ENTRY.sets["silent"]  # spec/entry.toml: no keepalive goes out; other datagrams are the app's
+# spec/entry.toml: silent and live (Locked, InUse) — no keepalive goes out, inbound datagrams are the app's.
+LEASE_STATES: frozenset[str] = ENTRY.sets["silent"] & ENTRY.sets["live"]
 
 Event = StateChanged | Drained
 Addr = tuple[str, int]
@@ -85,7 +102,7 @@ class EntrySnapshot:
 
     nonce: int
     peer: str
-    state: str
+    state: EntryState
     is_pinger: bool
     srtt: float | None
     last_seen: float
@@ -107,17 +124,19 @@ class DriverStats:
     sockets_closed: int = 0
     events: int = 0
     events_lost: int = 0  # subscriber queues that were full
+    lease_buffer_drops: int = 0  # application datagrams a full lease buffer refused (before set_protocol)
 
 
 class _EntryProtocol(asyncio.DatagramProtocol):
     """Feeds one entry's datagrams into the pool; nothing else lives here (kept tiny on purpose)."""
 
-    __slots__ = ("_nonce", "_owner", "early", "entry", "transport")
+    __slots__ = ("_nonce", "_owner", "early", "entry", "sock", "transport")
 
     def __init__(self, owner: AsyncPairPool, nonce: int) -> None:
         self._owner = owner
         self._nonce = nonce
         self.entry: PairEntry | None = None  # set once the core registered it
+        self.sock: socket.socket | None = None  # the real socket, for the lease (asyncio exposes a wrapper)
         self.early: list[tuple[bytes, Any]] | None = None  # arrived before that (uvloop reads at once)
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -144,25 +163,43 @@ class _EntryProtocol(asyncio.DatagramProtocol):
 
 
 class LeasedProtocol(asyncio.DatagramProtocol):
-    """Holds a handed-over socket's datagrams until the application installs its own protocol."""
+    """A leased transport's protocol until the application calls :meth:`Lease.set_protocol`: it only buffers.
 
-    def __init__(self, limit: int = 256) -> None:
-        self.buffer: deque[tuple[bytes, Any]] = deque(maxlen=limit)
-        self.target: asyncio.DatagramProtocol | None = None
+    It starts collecting while the entry is still pooled (the first datagram
+    after the entry went silent) and becomes the transport's protocol at the
+    hand-over. Bounded by count and bytes; when full it refuses the *newest*
+    datagram (counted in :attr:`dropped` and ``DriverStats.lease_buffer_drops``),
+    so what the application replays is the unbroken start of the peer's stream.
+    """
+
+    def __init__(self, stats: DriverStats | None = None, limit: int = EARLY_LIMIT,
+                 max_bytes: int = EARLY_BYTES) -> None:
+        self.buffer: deque[tuple[bytes, Any]] = deque()
+        self.dropped = 0
+        self._bytes = 0
+        self._limit = limit
+        self._max_bytes = max_bytes
+        self._stats = stats
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.target is not None:
-            self.target.datagram_received(data, addr)
-        else:
-            self.buffer.append((data, addr))
+        if len(self.buffer) >= self._limit or self._bytes + len(data) > self._max_bytes:
+            self.dropped += 1
+            if self._stats is not None:
+                self._stats.lease_buffer_drops += 1
+            log.debug("lease buffer full: dropped a %d-byte datagram from %s", len(data), addr)
+            return
+        self.buffer.append((data, addr))
+        self._bytes += len(data)
+
+    def drain(self) -> list[tuple[bytes, Any]]:
+        """Everything buffered, oldest first; the buffer is empty afterwards."""
+        items = list(self.buffer)
+        self.buffer.clear()
+        self._bytes = 0
+        return items
 
     def error_received(self, exc: Exception) -> None:
-        if self.target is not None:
-            self.target.error_received(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.target is not None:
-            self.target.connection_lost(exc)
+        log.debug("leased socket error before the application's protocol: %s", exc)
 
 
 class Subscription:
@@ -239,10 +276,9 @@ class AsyncPairPool:
         self._handover_tasks: set[asyncio.Task[Any]] = set()
         self._incoming: asyncio.Queue[Lease] = asyncio.Queue()
         self.handover_outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
-        # Entries that went silent (Locked/InUse): a non-keepalive datagram on their socket is the
-        # application's (the peer went InUse first), kept for the lease instead of dropped.
-        self._silent: set[int] = set()
-        self._early: dict[int, deque[tuple[bytes, Any]]] = {}
+        # Entries that went silent (Locked/InUse): the datagrams on their socket are the application's
+        # (the peer went InUse first), kept here for the lease instead of dropped.
+        self._early: dict[int, LeasedProtocol] = {}
         self._events_pending = False
         chained = self.core.on_entry_event
 
@@ -362,6 +398,7 @@ class AsyncPairPool:
                 self.stats.sockets_closed += 1
                 raise
             protocol.entry = entry
+            protocol.sock = sock
             self._transports[nonce] = transport
         finally:
             self._pending.discard(nonce)
@@ -422,7 +459,7 @@ class AsyncPairPool:
         return EntrySnapshot(
             nonce=e.nonce,
             peer=e.remote.identity,
-            state=str(e.state),
+            state=e.state,
             is_pinger=e.is_pinger,
             srtt=e.srtt,
             last_seen=e.last_seen,
@@ -456,11 +493,14 @@ class AsyncPairPool:
         observer = self.wire_observer
         if observer is not None:
             self._observe("recv", nonce, data, addr)
-        if self._silent and nonce in self._silent and len(data) != FRAME_SIZE:
+        if entry.state in LEASE_STATES and not _is_own_keepalive(data, nonce):
             early = self._early.get(nonce)
             if early is None:
-                early = self._early[nonce] = deque(maxlen=EARLY_LIMIT)
-            early.append((data, addr))
+                early = self._early[nonce] = LeasedProtocol(self.stats)
+            early.datagram_received(data, addr)
+            if self._waiting:
+                assert self._changed is not None
+                self._changed.set()
             return
         # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
         # The entry's answer (a pong) comes back in the same call and goes out on its socket at once.
@@ -569,8 +609,18 @@ class AsyncPairPool:
         self.core.send_failed(nonce, now)
 
     def _note_event(self, entry: PairEntry, event: Event) -> None:
-        """Core hook (under the core's lock): only flags that events wait, so idle inputs skip the queue."""
+        """Core hook (under the core's lock): flags that events wait, so idle inputs skip the queue.
+
+        Also widens the receive buffer of an entry that just went silent, here
+        and not when the event is drained: the pump sends the signal that lets
+        the peer go InUse (and talk) before it drains, and a datagram read
+        with the 2 KiB keepalive buffer in between would be cut silently.
+        """
         self._events_pending = True
+        if type(event) is StateChanged and event.target in LEASE_STATES:
+            transport = self._transports.get(entry.nonce)
+            if transport is not None and hasattr(transport, "max_size"):  # private, see the module docstring
+                transport.max_size = LEASE_RECV_BUFFER
 
     def _drain_events(self) -> bool:
         """Fan out every pending core event; True if there was any."""
@@ -582,11 +632,8 @@ class AsyncPairPool:
             if isinstance(event, StateChanged):
                 log.debug("entry %#x %s -> %s on %s (%s)", event.nonce, event.source, event.target, event.event,
                           event.reason)
-                if event.target in SILENT_STATES:
-                    self._silent.add(event.nonce)
                 if event.target in ENTRY.final:
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
-                    self._silent.discard(event.nonce)
                     self._early.pop(event.nonce, None)
                     self._close_transport(event.nonce)
             for callback in list(self._callbacks):
@@ -712,17 +759,10 @@ class AsyncPairPool:
 
     @staticmethod
     def set_lease_protocol(lease: Lease, protocol: asyncio.DatagramProtocol) -> None:
-        """Route a leased socket's datagrams to ``protocol``, first replaying those that arrived meanwhile."""
-        transport = lease.transport
-        if transport is None:
-            raise LocalError("lease carries no asyncio transport")
-        buffer = transport.get_protocol()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if isinstance(buffer, LeasedProtocol):
-            while buffer.buffer:
-                data, addr = buffer.buffer.popleft()
-                protocol.datagram_received(data, addr)
+        """Deprecated thin alias of :meth:`Lease.set_protocol` (the lease needs no pool for it)."""
+        warnings.warn("AsyncPairPool.set_lease_protocol(lease, p) is deprecated: use lease.set_protocol(p)",
+                      DeprecationWarning, stacklevel=2)
+        lease.set_protocol(protocol)
 
     def _detach(self, lease: Lease) -> Lease:
         """Hand an InUse entry's open transport to the lease; from now on the application owns it."""
@@ -731,13 +771,26 @@ class AsyncPairPool:
         self._send_errors.pop(nonce, None)
         if transport is None:  # pragma: no cover - an InUse entry always has its socket
             raise LocalError(f"pair {nonce:#x} was handed over without a socket")
-        buffer = LeasedProtocol()
-        for data, addr in self._early.pop(nonce, ()):
-            buffer.datagram_received(data, addr)
+        pooled = transport.get_protocol()
+        sock = pooled.sock if isinstance(pooled, _EntryProtocol) else None
+        buffer = self._early.pop(nonce, None)
+        if buffer is None:
+            buffer = LeasedProtocol(self.stats)
         transport.set_protocol(buffer)
-        lease.transport = transport
-        lease.sock = transport.get_extra_info("socket")
+        if hasattr(transport, "max_size"):  # already widened when the entry went silent; kept explicit
+            transport.max_size = LEASE_RECV_BUFFER
+        lease.attach(transport, sock, self, buffer)
         return lease
+
+
+def _is_own_keepalive(data: bytes, nonce: int) -> bool:
+    """``data`` is a keepalive frame of pair ``nonce``: a late ping/pong, never application data."""
+    if len(data) != FRAME_SIZE:
+        return False
+    try:
+        return decode_frame(data).nonce == nonce
+    except RemoteProtocolError:
+        return False
 
 
 def _bind_udp(addr: Addr) -> socket.socket:

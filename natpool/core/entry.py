@@ -86,12 +86,12 @@ class ExpiryReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StateChanged:
-    """One lifecycle transition, as the generated machine performed it."""
+    """One lifecycle transition, as the generated machine performed it (states/events typed by the spec)."""
 
     nonce: int
-    source: str
-    target: str
-    event: str
+    source: EntryState
+    target: EntryState
+    event: EntryEvent
     reason: ExpiryReason | None
     at: float
 
