@@ -34,7 +34,6 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from natpool.aio.pool import AsyncPairPool
@@ -217,25 +216,20 @@ class AgentState:
         """Install the recording protocol and send ``sizes`` at once, from the leased socket to the peer."""
         self.lease = lease
         proto = _LeaseProtocol(self)
-        setter: Callable[[asyncio.DatagramProtocol], None] | None = getattr(lease, "set_protocol", None)
-        if setter is not None:
-            setter(proto)
-        else:
-            AsyncPairPool.set_lease_protocol(lease, proto)
+        lease.set_protocol(proto)  # replays what arrived since the entry went silent
         transport = lease.transport
         assert transport is not None
-        remote = lease.pair.remote(self._pool().local_identity)
         sent = []
         for size in sizes:
-            transport.sendto(payload(size), remote.addr)
+            transport.sendto(payload(size), lease.remote_addr)
             sent.append({"t": time.monotonic(), "size": size})
         entry = lease.entry
         self.lease_info = {
             "t": time.monotonic(), "role": lease.role, "state": str(entry.state), "sent": sent,
             "last_seen": entry.last_seen,
-            "last_inbound": getattr(lease, "last_inbound", None),
-            "mapping_deadline": getattr(lease, "mapping_deadline", None),
-            "sockname": list(transport.get_extra_info("sockname") or []),
+            "last_inbound": lease.last_inbound,
+            "mapping_deadline": lease.mapping_deadline,
+            "local_addr": list(lease.local_addr), "remote_addr": list(lease.remote_addr),
             "max_size": getattr(transport, "max_size", None),
         }
 
@@ -251,9 +245,8 @@ class AgentState:
     async def cmd_send(self, sizes: list[int]) -> dict[str, Any]:
         if self.lease is None or self.lease.transport is None:
             raise RuntimeError("no lease")
-        remote = self.lease.pair.remote(self._pool().local_identity)
         for size in sizes:
-            self.lease.transport.sendto(payload(size), remote.addr)
+            self.lease.transport.sendto(payload(size), self.lease.remote_addr)
         return {"t": time.monotonic()}
 
     async def cmd_status(self) -> dict[str, Any]:

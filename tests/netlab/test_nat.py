@@ -184,11 +184,14 @@ def test_handover_through_the_nat(make_lab: MakeLab, make_agent: MakeAgent, figu
         assert sorted(d["size"] for d in rx) == [9, 4000], f"{me} got {rx}"
         assert all(d["intact"] and d["from"] == [lab.public_addr(peer), h.port[peer]] for d in rx), rx
     rx_a = {d["size"]: d["t"] for d in sa["lease_rx"]}
+    t_in_use = event_time(sa, "InUse")
+    assert t_in_use is not None
     figures(f"take {1000 * (t_lease - t_take):.1f}ms (lock->lease on a {1000 * (lease_a['t'] - t_lock):.1f}ms); "
             f"keepalives before a's lock: a {pre_a}, b {pre_b}; router counters a out/in {ca['keepalive_out']}/"
             f"{ca['keepalive_in']}, b out/in {cb['keepalive_out']}/{cb['keepalive_in']} -> 0 crossed after the lock; "
             f"app data both ways intact (9 B, 4000 B); responder's instant 9 B arrived at a "
-            f"{1000 * (rx_a[9] - t_lock):.1f}ms after a's lock; leased rx max_size a {sa['lease']['max_size']}")
+            f"{1000 * (rx_a[9] - t_lock):.1f}ms after a's lock ({'before' if rx_a[9] < t_in_use else 'after'} a went "
+            f"InUse, {1000 * (t_in_use - t_lock):.1f}ms after its lock); leased rx max_size a {sa['lease']['max_size']}")
 
 
 def test_mapping_lost_under_a_running_pool(make_lab: MakeLab, make_agent: MakeAgent, figures: Figures) -> None:
