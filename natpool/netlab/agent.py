@@ -42,6 +42,7 @@ from natpool.config import PairConfig
 from natpool.core.entry import PairEntry, StateChanged
 from natpool.core.lease import Lease
 from natpool.endpoints import Endpoint, EndpointPair
+from natpool.signalling import SignalChannel
 from natpool.wire.frame import FRAME_SIZE
 
 log = logging.getLogger("natpool.netlab.agent")
@@ -111,6 +112,41 @@ class _LeaseProtocol(asyncio.DatagramProtocol):
         self.agent.lease_rx.append({"t": time.monotonic(), "size": len(data), "from": [addr[0], addr[1]],
                                     "intact": data == payload(len(data)),
                                     "keepalive_shaped": len(data) == FRAME_SIZE and data[-1] < 2})
+
+
+class _DelayedChannel:
+    """A signalling channel whose ``n``-th received message (1-based) is delivered ``delay`` s late.
+
+    For the initiator, message 2 is TAKEN: holding it back keeps the
+    initiator Locked while the responder, already InUse, starts sending, so
+    the lab deterministically exercises "application data reaches a Locked
+    entry" instead of leaving it to a race between TCP and UDP.
+    """
+
+    def __init__(self, inner: SignalChannel, n: int, delay: float) -> None:
+        self.inner, self.n, self.delay, self.count = inner, n, delay, 0
+
+    async def send(self, data: bytes) -> None:
+        await self.inner.send(data)
+
+    async def recv(self) -> bytes:
+        data = await self.inner.recv()
+        self.count += 1
+        if self.count == self.n:
+            await asyncio.sleep(self.delay)  # the point of this wrapper: a slow signalling path
+        return data
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class _DelayedSignalling(TcpSignalling):
+    def __init__(self, local_identity: str, peers: dict[str, tuple[str, int]], n: int, delay: float) -> None:
+        super().__init__(local_identity, peers)
+        self.n, self.delay = n, delay
+
+    async def open(self, peer: str) -> _DelayedChannel:  # type: ignore[override]
+        return _DelayedChannel(await super().open(peer), self.n, self.delay)
 
 
 class AgentState:
@@ -207,9 +243,13 @@ class AgentState:
         self.server = await TcpSignallingServer(self._pool().serve_handover, host=host, port=port).start()
         return {"address": list(self.server.address)}
 
-    async def cmd_peer(self, identity: str, host: str, port: int) -> dict[str, Any]:
+    async def cmd_peer(self, identity: str, host: str, port: int, delay_recv: int = 0,
+                       delay: float = 0.0) -> dict[str, Any]:
+        """Dial ``identity``'s signalling at (host, port); optionally hold back received message ``delay_recv``."""
         pool = self._pool()
-        pool.signalling = TcpSignalling(pool.local_identity, {identity: (host, port)})
+        peers = {identity: (host, port)}
+        pool.signalling = (_DelayedSignalling(pool.local_identity, peers, delay_recv, delay) if delay_recv
+                           else TcpSignalling(pool.local_identity, peers))
         return {}
 
     def _adopt(self, lease: Lease, sizes: list[int]) -> None:

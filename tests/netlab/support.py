@@ -47,12 +47,17 @@ class Hosts:
         self.a.reply(ra)
         self.b.reply(rb)
 
-    def signalling(self, responder: str = "b", send_on_lease: list[int] | None = None) -> None:
-        """The responder serves the TCP reference signalling on its side-link address; the other dials it."""
+    def signalling(self, responder: str = "b", send_on_lease: list[int] | None = None,
+                   taken_delay: float = 0.0) -> None:
+        """The responder serves the TCP reference signalling on its side-link address; the other dials it.
+
+        ``taken_delay``: the initiator receives TAKEN (its 2nd message) that much later.
+        """
         initiator = "a" if responder == "b" else "b"
         addr = self.agent(responder).call("serve", host=self.lab.side_addr(responder),
                                           send_on_lease=send_on_lease or [])["address"]
-        self.agent(initiator).call("peer", identity=responder, host=addr[0], port=addr[1])
+        self.agent(initiator).call("peer", identity=responder, host=addr[0], port=addr[1],
+                                   delay_recv=2 if taken_delay else 0, delay=taken_delay)
 
 
 def punched_hosts(lab: Lab, make_agent: Callable[[Lab, str], Agent], *, require: bool = True,

@@ -152,15 +152,17 @@ def test_handover_through_the_nat(make_lab: MakeLab, make_agent: MakeAgent, figu
     frame crossed a router after the lock, a router count would exceed the
     pools' pre-lock sends. Application data then goes both ways over the
     leased sockets through both NATs: 9 and 4,000 bytes (IP-fragmented on the
-    1500-byte veths), the responder's sent the instant it got its lease (when
-    the initiator may still be Locked). The 9-byte payload's last byte is not
-    0/1, so the routers do not count it as a keepalive.
+    1500-byte veths), the responder's sent the instant it got its lease. The
+    initiator's TAKEN is held back 0.3 s on the signalling path, so those two
+    reach the initiator while it is still Locked, every run (without the
+    delay it is a race between the TCP and the UDP path). The 9-byte
+    payload's last byte is not 0/1, so the routers do not count it as a keepalive.
     """
     lab = make_lab(LabConfig(udp_timeout=CT, udp_stream_timeout=CT))
     h = punched_hosts(lab, make_agent)
     cfg = dict(FAST, ping_interval=0.2, no_inbound_timeout=2.0, ping_lifespan=0.5)
     h.start_pools(cfg, pinger="a")
-    h.signalling(responder="b", send_on_lease=[9, 4000])
+    h.signalling(responder="b", send_on_lease=[9, 4000], taken_delay=0.3)
     assert poll(lambda: h.status()[0]["entries"][0]["frames_received"] >= 3, 5.0) is not None
     t_take = time.monotonic()
     lease_a = h.a.call("take", nonce=h.nonce, send=[9, 4000])
@@ -186,12 +188,18 @@ def test_handover_through_the_nat(make_lab: MakeLab, make_agent: MakeAgent, figu
     rx_a = {d["size"]: d["t"] for d in sa["lease_rx"]}
     t_in_use = event_time(sa, "InUse")
     assert t_in_use is not None
+    # What reached a's socket while a was still Locked: the responder's instant datagrams, kept for the lease.
+    locked_rx = [(t, size) for t, direction, state, size, _p in sa["wire"] if direction == "recv" and state == "Locked"]
+    while_locked = [size for _t, size in locked_rx]
+    assert sorted(while_locked) == [9, 4000], while_locked  # TAKEN held back 0.3 s: a was still Locked
     figures(f"take {1000 * (t_lease - t_take):.1f}ms (lock->lease on a {1000 * (lease_a['t'] - t_lock):.1f}ms); "
             f"keepalives before a's lock: a {pre_a}, b {pre_b}; router counters a out/in {ca['keepalive_out']}/"
             f"{ca['keepalive_in']}, b out/in {cb['keepalive_out']}/{cb['keepalive_in']} -> 0 crossed after the lock; "
             f"app data both ways intact (9 B, 4000 B); responder's instant 9 B arrived at a "
-            f"{1000 * (rx_a[9] - t_lock):.1f}ms after a's lock ({'before' if rx_a[9] < t_in_use else 'after'} a went "
-            f"InUse, {1000 * (t_in_use - t_lock):.1f}ms after its lock); leased rx max_size a {sa['lease']['max_size']}")
+            f"{1000 * (locked_rx[0][0] - t_lock):.1f}ms after a's lock, while Locked (sizes {while_locked}), "
+            f"kept and delivered to a's application {1000 * (rx_a[9] - locked_rx[0][0]):.1f}ms later, after a went "
+            f"InUse ({1000 * (t_in_use - t_lock):.1f}ms after its lock, TAKEN held back 0.3s); leased-socket "
+            f"max_size {sa['lease']['max_size']}")
 
 
 def test_mapping_lost_under_a_running_pool(make_lab: MakeLab, make_agent: MakeAgent, figures: Figures) -> None:
