@@ -100,6 +100,13 @@ class Agent:
         """``request`` + ``reply`` (``wait``: the reply's failure bound; ``args`` go to the agent)."""
         return self.reply(self.request(cmd, **args), wait)
 
+    def wait(self, timeout: float) -> int:
+        """The agent's exit status once it has ended; AgentError if it still runs after ``timeout``."""
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AgentError(f"agent {self.host} still running after {timeout}s") from None
+
     def close(self) -> None:
         """End the process (quit, then kill); idempotent."""
         if self._proc.poll() is None:
