@@ -29,7 +29,7 @@ from natpool.wire.frame import Frame, Kind, encode
 
 ALICE = Endpoint("alice", "127.0.0.1", 40001)
 BOB = Endpoint("bob", "127.0.0.1", 40002)
-CFG = PairConfig(lock_timeout=1000.0, settle_time=0.5)
+CFG = PairConfig(lock_timeout=PairConfig().no_inbound_timeout - PairConfig().ping_interval, settle_time=0.5)
 
 
 def _fresh_run_machine(entry: PairEntry, event: EntryEvent, listeners: tuple[object, ...]) -> None:

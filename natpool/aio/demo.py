@@ -123,7 +123,7 @@ class Demo:
         self.args = args
         self.rng = random.Random(args.seed)  # noqa: S311 - a demo schedule, not a secret
         self.cfg = PairConfig(ping_interval=args.ping_interval,
-                              no_inbound_timeout=max(5.0, 20 * args.ping_interval),
+                              no_inbound_timeout=max(10.0, 20 * args.ping_interval),
                               ping_lifespan=min(2.0, max(0.5, 5 * args.ping_interval)),
                               lock_timeout=5.0)
         self.monitor = Monitor()

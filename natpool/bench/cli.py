@@ -56,7 +56,8 @@ class Report:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--quick", action="store_true", help="a small version (< 20 s), for smoke tests")
-    parser.add_argument("--only", choices=["keepalive", "memory", "handover", "ops", "sim"], action="append",
+    parser.add_argument("--only", choices=["keepalive", "memory", "handover", "ops", "sim", "survival"],
+                        action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--window", type=float, default=None, help="seconds of CPU measurement per setup")
     parser.add_argument("--uvloop", action="store_true",
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     report.put("loop", "uvloop" if args.uvloop and uvloop_available() else "asyncio")
     if args.uvloop and not uvloop_available():
         report.notes.append("--uvloop given but uvloop is not installed: measured on asyncio")
-    sections = args.only or ["ops", "memory", "handover", "keepalive", "sim"]
+    sections = args.only or ["ops", "memory", "handover", "keepalive", "sim", "survival"]
     started = time.perf_counter()
     for name in sections:
         _log(args, f"bench: {name} ...")
@@ -378,6 +379,13 @@ def _sim(report: Report, args: argparse.Namespace) -> None:
     report.put("sim", out)
 
 
+def _survival(report: Report, args: argparse.Namespace) -> None:
+    """Keepalive survival at 10/30/50 % loss on the simulator, defaults vs the old 5 s / 21 s (natpool.sim.survival)."""
+    from natpool.sim.survival import bench_figure
+
+    report.put("survival", bench_figure(quick=report.quick))
+
+
 def _pcts(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
     q = statistics.quantiles(s, n=100, method="inclusive") if len(s) > 1 else [s[0]] * 99
@@ -390,6 +398,7 @@ SECTIONS: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "handover": _handover,
     "ops": _ops,
     "sim": _sim,
+    "survival": _survival,
 }
 
 
@@ -479,6 +488,10 @@ def _print_table(report: Report) -> None:
             print(f"  {v['pairs']:>6} pairs: {v['virtual_s']:g} s virtual in {v['wall_s']} s wall -> "
                   f"{v['virtual_per_wall']:,}x real time ({v['datagrams']} datagrams, "
                   f"{v['wall_us_per_datagram']} µs wall each)")
+    if "survival" in r:
+        from natpool.sim.survival import format_figure
+
+        print("\n" + format_figure(r["survival"]))
     print("\ntargets (reported, not asserted)")
     for key, t in r.get("targets", {}).items():
         print(f"  {key:<34} {t['value']!s:>8}  target <= {t['target']:<5} {'met' if t['met'] else 'MISSED'}")

@@ -82,6 +82,9 @@ class ExpiryReason(enum.Enum):
     LOCK_TIMEOUT = "lock_timeout"
     CLOSED = "closed"
     PEER_GONE = "peer_gone"
+    #: NO_INBOUND on an entry that received its own keepalive frames from another address
+    #: (``PairEntry.seen_from``): the path is not dead, the peer's address is not the expected one.
+    ADDRESS_MISMATCH = "address_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,7 @@ class PairEntry:
         "nonce",
         "pair",
         "remote",
+        "seen_from",
         "srtt",
         "state",
         "stats",
@@ -201,6 +205,8 @@ class PairEntry:
         self.srtt: float | None = None
         self.stats = EntryStats()
         self.locked_at: float | None = None
+        # First address this pair's own keepalive frame came from instead of ``remote`` (kept; see _foreign).
+        self.seen_from: tuple[str, int] | None = None
         self._listeners = tuple(listeners)
         self._observer = observer
         self._events: list[EntryOutput] | None = None
@@ -250,7 +256,7 @@ class PairEntry:
         raddr = self._raddr
         # An IPv4 address is exactly (host, port); IPv6 adds flowinfo and scope, compared on host/port only.
         if addr != raddr and not _same_host_port(addr, raddr):
-            self._drop(DropReason.FOREIGN_ADDRESS, addr)
+            self._foreign(data, addr)
             return
         # Fast path: a valid frame carrying our nonce (the nonce is never 0), no Frame object.
         if len(data) == FRAME_SIZE and data[8] <= _PONG_BYTE and int.from_bytes(data[:8], "big") == self.nonce:
@@ -422,6 +428,32 @@ class PairEntry:
             self._events = []
         self._events.append(event)
 
+    def _foreign(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Drop a datagram from another address than ``remote``; tell a misplaced peer from noise.
+
+        Our own well-formed keepalive frame (our nonce) from elsewhere means the
+        peer is alive but seen from another (host, port): a symmetric NAT that
+        maps each destination to a new port, or a pair built with a wrong port.
+        Counted as ADDRESS_MISMATCH, remembered in ``seen_from`` (the first such
+        address), and logged once per entry at WARNING: the operator must act
+        (the pair cannot work as configured), while a flood of such frames still
+        yields one line per entry, never one per datagram. Anything else from a
+        foreign address is FOREIGN_ADDRESS, logged at DEBUG like every drop.
+        """
+        try:
+            ours = decode(data).nonce == self.nonce
+        except RemoteProtocolError:
+            ours = False
+        if not (ours and isinstance(addr, tuple) and len(addr) >= 2
+                and isinstance(addr[0], str) and isinstance(addr[1], int)):
+            self._drop(DropReason.FOREIGN_ADDRESS, addr)
+            return
+        if self.seen_from is None:
+            self.seen_from = (addr[0], addr[1])
+            _log.warning("pair %#x: its keepalive frames arrive from %s, not from %s (symmetric NAT or wrong "
+                         "port?); dropped", self.nonce, self.seen_from, self._raddr)
+        self._drop(DropReason.ADDRESS_MISMATCH, addr)
+
     def _drop(self, reason: DropReason, addr: tuple[str, int]) -> None:
         self.stats.drops[reason] += 1
         if _log.isEnabledFor(logging.DEBUG):
@@ -449,7 +481,13 @@ class PairEntry:
         return self._fire("use", now)
 
     def expire(self, reason: ExpiryReason, now: float) -> None:
-        """Any live state -> Expired; a no-op on an Expired entry."""
+        """Any live state -> Expired; a no-op on an Expired entry.
+
+        NO_INBOUND becomes ADDRESS_MISMATCH once ``seen_from`` is set: the peer
+        was heard, from the wrong address, so the path is not simply dead.
+        """
+        if reason is ExpiryReason.NO_INBOUND and self.seen_from is not None:
+            reason = ExpiryReason.ADDRESS_MISMATCH
         if self.state in _LIVE:
             self._fire("expire", now, reason)
 
