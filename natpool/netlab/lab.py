@@ -190,8 +190,9 @@ def cleanup_stale() -> list[str]:
 def _delete_namespace(name: str) -> None:
     pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
     for p in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(p), signal.SIGKILL)
+        if p.isdigit() and int(p) != os.getpid():  # never ourselves (a thread left inside by a failed setns)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p), signal.SIGKILL)
     _run(["ip", "netns", "del", name], check=False)
 
 
