@@ -51,6 +51,7 @@ def test_defaults_are_valid_and_detect_a_dead_path_inside_a_30_s_mapping() -> No
     assert cfg.no_inbound_timeout < 30.0
     assert cfg.ping_interval * 10 <= cfg.no_inbound_timeout  # far below it: many exchanges per window
     assert cfg.lock_timeout + cfg.ping_interval < cfg.no_inbound_timeout
+    assert cfg.ping_lifespan <= cfg.ping_interval  # at most one ping outstanding (see below)
 
 
 def test_defaults_keep_pairs_alive_at_30_percent_loss_where_the_old_ones_did_not() -> None:
@@ -151,11 +152,40 @@ def test_settle_time_must_be_below_lock_timeout() -> None:
 
 
 def test_ping_lifespan_may_exceed_the_ping_interval() -> None:
-    """Not rejected (the defaults do it): several pings outstanding is safe, see the PairConfig docstring."""
-    cfg = PairConfig()
+    """Not rejected: several pings outstanding is safe, only slower to drain (see the PairConfig docstring)."""
+    cfg = PairConfig(ping_lifespan=2.0)
     assert cfg.ping_lifespan > cfg.ping_interval
     a = PairEntry(PAIR, "alice", True, cfg, 0.0)
     a.datagrams_to_send(0.0)
     a.handle_timer(cfg.ping_interval)
     a.datagrams_to_send(cfg.ping_interval)
     assert a.outstanding == 2  # the first ping (lost) is still within its lifespan
+
+
+def _lossy_keepalive(cfg: PairConfig, seconds: float) -> tuple[PairEntry, list[int]]:
+    """A pinger whose every third pong is lost (RTT 20 ms); the outstanding count seen after every step."""
+    a, b = PairEntry(PAIR, "alice", True, cfg, 0.0), PairEntry(PAIR, "bob", False, cfg, 0.0)
+    seen: list[int] = []
+    k = 0
+    while (t := k * cfg.ping_interval) <= seconds:
+        a.handle_timer(t)
+        for data, _ in a.datagrams_to_send(t):
+            b.receive_datagram(data, ALICE.addr, t + 0.01)
+        pongs = b.datagrams_to_send(t + 0.01)
+        if k % 3 != 1:
+            for data, _ in pongs:
+                a.receive_datagram(data, BOB.addr, t + 0.02)
+        seen.append(a.outstanding)
+        k += 1
+    return a, seen
+
+
+def test_default_lifespan_keeps_one_ping_outstanding_at_most_and_the_rtt_honest() -> None:
+    a, seen = _lossy_keepalive(PairConfig(), 60.0)
+    assert a.state == "Idle" and max(seen) <= 1 and seen[-1] == 0
+    assert a.srtt == pytest.approx(0.02)
+    # The reason for ping_lifespan <= ping_interval (see the PairConfig docstring): with a longer lifespan
+    # the first lost pong leaves a phantom outstanding ping and every later RTT sample is an interval long.
+    long_life, seen = _lossy_keepalive(PairConfig(ping_lifespan=2.5), 60.0)
+    assert seen[-1] >= 1
+    assert long_life.srtt is not None and long_life.srtt > PairConfig().ping_interval

@@ -277,7 +277,7 @@ def test_short_partition_healed_before_the_timeout_is_survived() -> None:
     sim, a, b = two_nodes(pairs=2)
     sim.run_until(10.0)
     sim.partition("alice", "bob")
-    # the ping sent at t=10 is cut too, so the last inbound was at ~5 s
+    # the ping sent at t=10 is cut too, so the last inbound was one interval earlier
     sim.run_until(10.0 + CFG.no_inbound_timeout - 2 * CFG.ping_interval - 1.0)
     sim.heal()
     sim.run_until(120.0)
