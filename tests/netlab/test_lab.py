@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from natpool.netlab import Lab, LabConfig, LabError
+from natpool.netlab.agent import punch
 from natpool.netlab.client import Agent
 from natpool.netlab.lab import PREFIX, cleanup_stale, list_namespaces, parse_conntrack
 
@@ -82,3 +86,28 @@ def test_two_labs_at_once_do_not_collide(make_lab: Callable[..., Lab]) -> None:
     assert _ours(two) == [] and len(_ours(one)) == 4
     with pytest.raises(LabError):
         two.exec("ha", "true")
+
+
+def test_punch_completes_between_two_loopback_sockets() -> None:
+    """The agent's simultaneous-open punch on loopback (no NAT, no root): both sides done, nothing foreign seen."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        addrs = [s.getsockname() for s in socks]
+        results: list[dict[str, Any]] = [{}, {}]
+
+        def run(i: int) -> None:
+            results[i] = punch(socks[i], addrs[1 - i], timeout=5.0, interval=0.02)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10.0)
+        assert [r["done"] for r in results] == [True, True], results
+        assert all(r["heard"] and r["seen_from"] == [] and r["sent"] >= 1 for r in results), results
+    finally:
+        for s in socks:
+            s.close()
