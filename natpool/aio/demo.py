@@ -119,6 +119,8 @@ class LeaseProtocol(asyncio.DatagramProtocol):
 
 
 class Demo:
+    where = "127.0.0.1"  # where the pairs' endpoints are, for the header line
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rng = random.Random(args.seed)  # noqa: S311 - a demo schedule, not a secret
@@ -153,7 +155,7 @@ class Demo:
         pb.signalling = TcpSignalling(B, {A: servers[A].address})
         collectors = [asyncio.create_task(self._collect(node)) for node in (A, B)]
         try:
-            print(f"natpool demo: {args.pairs} pairs alice<->bob on 127.0.0.1, ping every {args.ping_interval:g}s, "
+            print(f"natpool demo: {args.pairs} pairs alice<->bob on {self.where}, ping every {args.ping_interval:g}s, "
                   f"{args.takes} takes from each side, TCP signalling on {servers[A].address[1]}/"
                   f"{servers[B].address[1]}", flush=True)
             await self._add_pairs()

@@ -87,6 +87,8 @@ class NatMonitor(Monitor):
 
 
 class NatDemo(Demo):
+    where = "198.18.0.1 / 198.19.0.2, behind two kernel NATs"
+
     def __init__(self, args: argparse.Namespace, lab: Lab) -> None:
         super().__init__(args)
         self.lab = lab
@@ -94,19 +96,20 @@ class NatDemo(Demo):
         self.ports: dict[int, tuple[int, int]] = {}  # nonce -> (alice's port, bob's port)
         self.punch_failed = 0
         self.router_rows: list[str] = []
+        self._refresher: asyncio.Task[None] | None = None
 
     async def main(self) -> int:
         lab = self.lab
         print(f"natpool demo --nat: alice in {lab.ns('ha')} behind {lab.ns('ra')} ({lab.public_addr('a')}), "
               f"bob in {lab.ns('hb')} behind {lab.ns('rb')} ({lab.public_addr('b')}); conntrack UDP timeouts "
               f"{NAT_TIMEOUT}s (machine default {lab.default_timeouts})", flush=True)
-        refresher = asyncio.create_task(self._refresh_routers())
         try:
             return await super().main()
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            if self._refresher is not None:
+                self._refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._refresher
 
     async def _add_pairs(self) -> None:
         """Open each pair's sockets in the host namespaces, punch them through both NATs, then add them."""
@@ -148,6 +151,7 @@ class NatDemo(Demo):
             self.ports[nonce] = (port_a, port_b)
         if self.punch_failed:
             self.monitor.violations.append(f"hole punch failed for {self.punch_failed} pair(s)")
+        self._refresher = asyncio.create_task(self._refresh_routers())  # the routers' rows, from now on
 
     def _router_stats(self) -> list[str]:
         """One line per router: its conntrack entries for pooled and for silent (locked/leased) pairs, counters."""
