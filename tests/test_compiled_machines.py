@@ -235,9 +235,9 @@ def test_strict_mode_and_listeners_run_the_class(name: str, strict_off: None) ->
     calls: list[str] = []
 
     class Spy(fsm.Compiled):
-        def through_class(self, obj: Any, event: str, listeners: tuple[object, ...] = ()) -> None:
+        def through_class(self, obj: Any, event: str, target: str, listeners: tuple[object, ...] = ()) -> None:
             calls.append(event)
-            super().through_class(obj, event, listeners)
+            super().through_class(obj, event, target, listeners)
 
     spy = Spy(cls, table)
     model.state = src
@@ -363,3 +363,29 @@ def test_listeners_see_the_real_session_and_entry_as_model(strict_off: None) -> 
     assert ("InitiatorSession", "settle", "Settling", "Done") in seen
     assert ("ResponderSession", "recv_take", "Committed", "Settling") in seen
     assert seen.count(("PairEntry", "use", "Locked", "InUse")) == 2
+
+
+def test_a_traced_entry_keeps_its_bound_machine_until_a_final_state_or_a_failure(strict_off: None) -> None:
+    class Boom:
+        armed = False
+
+        def after_transition(self, event: Any) -> None:
+            if self.armed:
+                raise RuntimeError(f"listener failed on {event}")
+
+    boom = Boom()
+    e = PairEntry(EndpointPair(ALICE, BOB, 0x77), "bob", False, CFG, 0.0, (boom,))
+    assert e.begin_lock(1.0)
+    binding: Any = e._machine_binding
+    assert binding is not None and binding[0] is EntryMachine
+    e.abort_lock(1.1)
+    assert e._machine_binding is binding  # the same machine, re-read from e.state on every event
+    boom.armed = True
+    with pytest.raises(RuntimeError):
+        e.begin_lock(1.2)
+    assert e._machine_binding is None  # a failed event leaves no half-processed machine behind
+    boom.armed = False
+    e.expire(ExpiryReason.CLOSED, 1.3)
+    assert e.state == "Expired" and e._machine_binding is None  # the engine stops for good in a final state
+    untraced = PairEntry(EndpointPair(ALICE, BOB, 0x78), "bob", False, CFG, 0.0)
+    assert untraced.begin_lock(1.0) and untraced._machine_binding is None  # the hot path binds nothing

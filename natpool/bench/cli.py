@@ -312,7 +312,7 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         t_dict_take = _per_op(dict_take, claims)
     finally:
         gc.enable()
-    # Break take_any down: one lifecycle transition through the generated machine vs the rest (lock, index).
+    # Break take_any down: one lifecycle transition (compiled table, events) vs the rest (lock, index).
     from natpool.core.entry import PairEntry
 
     probe = PairEntry(pairs[0], "a", False, quiet, 0.0)
@@ -344,9 +344,9 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "take_any_without_machine_us": round(max(0.0, t_take_any - t_machine) * 1e6, 3),
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
-    report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + begin_lock through the generated "
-                        "EntryMachine); its ratio is against a dict lookup, and the machine's share is shown "
-                        "separately")
+    report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + begin_lock stepping the compiled "
+                        "Entry table, its events and timer re-arm); its ratio is against a dict lookup, and one "
+                        "lifecycle transition's share is shown separately")
 
 
 # --- handover latency --------------------------------------------------------------------------
@@ -486,11 +486,11 @@ def _print_table(report: Report) -> None:
         print(f"  add       {o['add_us']:>9} vs insert {o['dict_insert_us']:>7}  ({o['add_ratio']}x)")
         print(f"  get       {o['get_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['get_ratio']}x)")
         print(f"  take_any  {o['take_any_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['take_any_ratio']}x); "
-              f"one transition through the generated machine {o['machine_transition_us']} µs, "
+              f"one lifecycle transition {o['machine_transition_us']} µs, "
               f"rest {o['take_any_without_machine_us']} µs")
         h = o["take_any_lock_hold_us"]
         print(f"  take_any holds the pool lock p50 {h['p50']} µs, p99 {h['p99']} µs (the CAS: idle index + "
-              f"begin_lock through the machine)")
+              f"begin_lock)")
         print(f"  take_any per call p50 {o['take_any_p50_us']} µs ({o['take_any_p50_ratio']}x lookup)")
         x = o["expiry"]
         print(f"  {x['entries']} expiries at once: event loop stalled {x['expiry_loop_stall_ms']} ms (quiet loop "

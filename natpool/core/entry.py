@@ -146,6 +146,7 @@ class PairEntry:
         "_failed_round",
         "_listeners",
         "_lock_started",
+        "_machine_binding",
         "_next_ping",
         "_now",
         "_observer",
@@ -194,6 +195,7 @@ class PairEntry:
         self.stats = EntryStats()
         self.locked_at: float | None = None
         self._listeners = tuple(listeners)
+        self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
         self._observer = observer
         self._events: deque[EntryOutput] | None = None  # only without an observer
         self._now = now
@@ -465,10 +467,9 @@ class PairEntry:
     def _refuse(self, event: EntryEvent) -> None:
         """Let the generated machine reject ``event``, reported as local misuse."""
         try:
-            EntryMachine(model=self, start_value=self.state).fire(event)
+            _MACHINE.refuse(self, event)
         except TransitionNotAllowed as exc:
             raise InvalidState(f"pair {self.nonce:#x}: {event} not allowed in {self.state}") from exc
-        raise AssertionError(f"generated machine accepted {event} that the table refused")  # pragma: no cover
 
     def _fire(self, event: EntryEvent, now: float, reason: ExpiryReason | None = None) -> bool:
         """Step the compiled table (False when it refuses); the generated class runs it when required."""

@@ -142,6 +142,7 @@ class Session:
         self._now = now  # last time seen, for the property guards the generated machine evaluates
         self._entry_reason: ExpiryReason | None = None  # ExpiryReason of the last foreign entry transition
         self._busy = False  # re-entrance guard: entry events raised by our own calls
+        self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
 
     # -- public sans-IO surface --
 
