@@ -44,6 +44,13 @@ class PoolClosed(LocalError):
     """The pool was closed; no further operation is accepted."""
 
 
+class EventBacklog(LocalError):
+    """The sans-IO pool holds ``max_pending_events`` undrained events: the driver must call ``next_event``.
+
+    Backpressure, never a silent loss: the input that would add more is refused, changing nothing.
+    """
+
+
 class BindFailed(LocalError, OSError):
     """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
 

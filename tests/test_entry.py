@@ -436,17 +436,18 @@ def test_lock_timeout_expires_a_locked_entry_but_not_in_use() -> None:
     assert b2.get_timer() is None
 
 
-def test_settle_time_delays_use() -> None:
+def test_settle_time_counts_from_the_settle_start_not_the_lock() -> None:
+    """spec/entry.toml: ``now >= settle_start + settle_time``; the session starts the settle."""
     cfg = PairConfig(lock_timeout=10.0, settle_time=1.0)
     b = make(is_pinger=False, cfg=cfg)
+    assert not b.start_settle(0.0)  # only a Locked entry settles
     assert b.begin_lock(0.0) and b.finish_lock(0.5)
-    assert not b.settled
-    assert b.get_timer() == pytest.approx(1.5)
-    assert not b.use(1.4)
+    assert not b.use(1.6)  # a second past the lock, but the settle has not started
+    assert b.start_settle(0.8)
+    assert b.get_timer() == pytest.approx(10.0)  # only the lock deadline: the settle wait is the session's timer
+    assert not b.use(1.7)
     assert b.state == "Locked"
-    b.handle_timer(1.5)
-    assert b.get_timer() == pytest.approx(10.0)
-    assert b.use(1.5)
+    assert b.use(1.8)
     assert state(b) == "InUse"
 
 

@@ -13,7 +13,7 @@ from natpool.config import PairConfig
 from natpool.core.entry import Drained, ExpiryReason, PairEntry, StateChanged
 from natpool.core.pool import PairPool
 from natpool.endpoints import NONCE_MAX, Endpoint, EndpointPair
-from natpool.errors import DropReason, DuplicateNonce, InvalidPair, PairBusy, UnknownPair
+from natpool.errors import DropReason, DuplicateNonce, EventBacklog, InvalidPair, PairBusy, UnknownPair
 from natpool.wire.frame import Frame, Kind, encode
 
 CFG = PairConfig(lock_timeout=PairConfig().no_inbound_timeout - PairConfig().ping_interval)
@@ -409,3 +409,38 @@ def test_a_deadline_moving_later_costs_no_heap_push_and_stays_exact() -> None:
     assert pool.get(1).state == "Idle" and pool.next_event() is None
     pool.handle_timer(0.99 + 3.0)
     assert 1 not in pool
+
+
+# --- the event queue: bounded by backpressure, never by loss -----------------------------------
+
+
+def test_a_full_event_queue_refuses_inputs_until_drained_and_loses_nothing() -> None:
+    pool = PairPool("alice", CFG, max_pending_events=3)
+    for n in (1, 2, 3):
+        pool.add(pair(n), False, 0.0)
+    pool.claim(1, 1.0)  # StateChanged + Drained (the ponger has nothing outstanding)
+    pool.claim(2, 1.0)
+    assert pool.pending_events == 4
+    before = snapshot(pool)
+    ping = encode(Frame(3, Kind.PING))
+    entry = pool.get(3)
+    calls: list[Callable[[], object]] = [
+        lambda: pool.claim(3, 1.1),
+        lambda: pool.claim_any("bob", 1.1),
+        lambda: pool.receive_datagram(3, ping, entry.remote.addr, 1.1),
+        lambda: pool.receive_and_reply(3, ping, entry.remote.addr, 1.1),
+        lambda: pool.handle_timer(1.1),
+    ]
+    for call in calls:
+        with pytest.raises(EventBacklog):
+            call()
+    assert snapshot(pool) == before and entry.state == "Idle" and entry.stats.received == 0
+    events = drain_events(pool)
+    assert [(type(e).__name__, e.nonce) for e in events] == [
+        ("StateChanged", 1), ("Drained", 1), ("StateChanged", 2), ("Drained", 2)]
+    assert pool.receive_and_reply(3, ping, entry.remote.addr, 1.2)  # accepted again: the pong
+    pool.remove(1, 1.3)  # removal is never refused, even past the bound
+    pool.remove(2, 1.3)
+    pool.remove(3, 1.3)
+    assert pool.pending_events == 3
+    assert [e.nonce for e in drain_events(pool)] == [1, 2, 3]
