@@ -24,9 +24,7 @@ from natpool.core.entry import (
     PairEntry,
     StateChanged,
 )
-from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession, registry_of
-from natpool.core.handover import accept_session as _accept_session
-from natpool.core.handover import start_take as _start_take
+from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession
 from natpool.endpoints import EndpointPair
 from natpool.errors import DropReason, DuplicateNonce, EventBacklog, PairBusy, UnknownPair
 from natpool.machines.tables import ENTRY
@@ -55,6 +53,29 @@ class _Observer:
 
     def entry_drop(self, entry: PairEntry, reason: DropReason) -> None:
         self._pool.drops[reason] += 1
+
+
+class _Claims:
+    """The pool's side of :class:`~natpool.core.handover.EntryClaims`: what handover sessions may call.
+
+    The sessions get this instead of the pool (lock held by the caller). It
+    looks the pool's methods up at each call, so a test that patches
+    ``PairPool._claim_locked`` on the class (tests/stateful/mutants.py) is seen.
+    """
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: PairPool) -> None:
+        self._pool = pool
+
+    def lookup(self, nonce: int) -> PairEntry:
+        return self._pool._get(nonce)
+
+    def claim(self, nonce: int, now: float) -> PairEntry:
+        return self._pool._claim_locked(nonce, now)
+
+    def claim_any(self, peer: str, now: float) -> PairEntry:
+        return self._pool._claim_any_locked(peer, now)
 
 
 class PairPool:
@@ -95,9 +116,11 @@ class PairPool:
         # Items later than the armed deadline are stale. ``get_timer`` stays exact.
         self._armed: dict[int, float] = {}
         self._seq = itertools.count()
-        #: Extension point (e.g. handover sessions): called with every entry
-        #: event after the indexes are updated, under :attr:`lock`.
+        #: Extension point (a driver's hook): called with every entry event after
+        #: the indexes are updated and before the owning handover session sees it, under :attr:`lock`.
         self.on_entry_event: Callable[[PairEntry, EntryOutput], None] | None = None
+        #: The handover sessions of this pool: it routes each entry event to the owning session.
+        self._handovers = HandoverRegistry(self.lock, self.drops, self.listeners, claims=_Claims(self))
 
     # --- registry ---------------------------------------------------------------
 
@@ -301,14 +324,14 @@ class PairPool:
                                f"(max_pending_events={self.max_pending_events}): drain them first")
 
     # === handover sessions (natpool/core/handover.py; section owned by the handover work) ===
-    # Sessions claim through the CAS above and then drive their entry directly
-    # under :attr:`lock`; the registry owns nonce -> session and receives every
-    # entry event through :attr:`on_entry_event` (chaining any earlier hook).
+    # Sessions claim through the CAS above (via ``_Claims``) and then drive their entry
+    # directly under :attr:`lock`; the registry owns nonce -> session and receives every
+    # entry event from ``_on_event``, after :attr:`on_entry_event`.
 
     @property
     def handovers(self) -> HandoverRegistry:
-        """The session registry (owners, drop/outcome counters), created on first use."""
-        return registry_of(self)
+        """The session registry (owners, drop/outcome counters)."""
+        return self._handovers
 
     def start_take(self, nonce: int | None, peer: str | None, now: float,
                    sid: bytes | None = None) -> InitiatorSession:
@@ -317,11 +340,11 @@ class PairPool:
         Raises PairBusy / UnknownPair at once, sending nothing (rule 1).
         The caller ships ``session.signals_to_send()`` over a fresh channel.
         """
-        return _start_take(self, nonce, peer, now, sid=sid)
+        return self._handovers.start_take(nonce, peer, now, sid=sid)
 
     def accept_session(self, data: bytes, now: float) -> ResponderSession:
         """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
-        return _accept_session(self, data, now)
+        return self._handovers.accept(data, now)
 
     # === end of handover section ===
 
@@ -369,6 +392,7 @@ class PairPool:
                 self._touched(entry)
         if self.on_entry_event is not None:
             self.on_entry_event(entry, event)
+        self._handovers.route(entry.nonce, event, event.at)
 
     def _forget(self, entry: PairEntry, peer: str) -> None:
         nonce = entry.nonce
