@@ -27,8 +27,9 @@ import logging
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from types import MappingProxyType
 from typing import Protocol
 
 from natpool.core.entry import ExpiryReason, PairEntry, StateChanged
@@ -96,6 +97,8 @@ class HandoverRegistry:
         self.lock: AbstractContextManager[object] = lock if lock is not None else threading.Lock()
         self._claims = claims
         self._owners: dict[int, Session] = {}
+        #: nonce -> owning session, read-only (the pool skips routing while it is empty).
+        self.owners: Mapping[int, Session] = MappingProxyType(self._owners)
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
         self.outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
         self.messages_sent = 0
