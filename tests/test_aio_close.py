@@ -780,3 +780,35 @@ def test_serve_responder_closes_on_cancel_when_used_directly() -> None:
             await ours.recv()
 
     run(main())
+
+
+@pytest.mark.parametrize("yields", range(8))
+def test_a_cancel_landing_as_the_session_ends_is_never_swallowed(yields: int) -> None:
+    """asyncio's contract: a ``cancel()`` that found the task running ends it with CancelledError.
+
+    The peer answers BUSY; ``yields`` loop turns later the caller cancels. One
+    of the interleavings lands while the pump waits for its reader task to
+    end, which once swallowed the cancellation and raised PairBusy instead.
+    """
+
+    async def main() -> None:
+        clock = asyncio.get_running_loop().time
+        pair = EndpointPair(Endpoint("a", "127.0.0.1", 41001), Endpoint("b", "127.0.0.1", 41002), NONCE)
+        a = PairPool("a", CFG)
+        a.add(pair, True, clock())
+        ca, cb = memory_channel_pair()
+        session = a.start_take(NONCE, None, clock())
+        task = asyncio.ensure_future(run_initiator(a, session, ca, clock))
+        lock = wire.decode(await cb.recv())
+        await cb.send(wire.encode(Signal(SignalType.BUSY, NONCE, lock.sid, 1)))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        requested = task.cancel()
+        outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+        if requested:
+            assert isinstance(outcome, asyncio.CancelledError), outcome
+        else:
+            assert isinstance(outcome, HandoverError)
+        assert a.get(NONCE).state == "Idle"
+
+    run(main())

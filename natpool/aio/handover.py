@@ -162,13 +162,22 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         raise
     finally:
         session.waker = None
+        cancelled = False  # our own task was cancelled while it waited for the reader to end
         if reader_task is not None:
             reader_task.cancel()
-            with contextlib.suppress(BaseException):
+            try:
                 await reader_task
+            except asyncio.CancelledError:
+                # The reader's own cancellation is expected; ours must not be swallowed here.
+                me = asyncio.current_task()
+                cancelled = me is not None and me.cancelling() > 0
+            except Exception as exc:  # pragma: no cover - the reader catches every channel error itself
+                log.debug("handover %#x: signalling reader failed: %r", session.nonce, exc)
         await _close(channel)
         if on_progress is not None:
             on_progress()
+        if cancelled:
+            raise asyncio.CancelledError
     outcome = session.outcome
     if isinstance(outcome, Lease):
         return outcome
