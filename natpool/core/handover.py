@@ -237,7 +237,7 @@ class Session:
             raise RemoteProtocolError(DropReason.WRONG_NONCE, f"signal for nonce {sig.nonce:#x}")
         if sig.type is SignalType.ABORT:
             # Terminal, so accepted whatever its sequence number: a cancelled send may have used numbers
-            # that never went out (spec/handover.md, "ABORT and sequence numbers").
+            # that never went out (spec/handover.md, "Sequence numbers, and why ABORT ignores them").
             self._recv_seq = max(self._recv_seq, sig.seq)
             return
         if sig.seq <= self._recv_seq:
