@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
@@ -55,8 +56,13 @@ def source_root() -> Path | None:
     return None
 
 
+def package_data_root() -> Traversable:
+    """``natpool/_data`` of the imported package (present in a wheel, absent in a checkout)."""
+    return resources.files("natpool") / "_data"
+
+
 def _packaged(name: str) -> Path | None:
-    data = resources.files("natpool") / "_data" / name
+    data = package_data_root() / name
     # The checker globs and reads many files: it needs a real directory, which every pip install provides.
     if isinstance(data, Path) and data.is_dir():
         return data

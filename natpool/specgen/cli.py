@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from natpool.resources import SpecNotFound, source_root, spec_dir
+from natpool import resources
+from natpool.resources import SpecNotFound
 from natpool.specgen.generate import generate
 from natpool.specgen.model import SpecError
 
@@ -37,11 +38,11 @@ def _err(msg: str) -> int:
 
 
 def _default_root() -> Path:
-    root = source_root()
+    root = resources.source_root()
     if root is not None:
         return root
     try:
-        where = spec_dir().path
+        where = resources.spec_dir().path
     except SpecNotFound as exc:
         raise SpecNotFound(f"no source checkout and no installed spec ({exc}); pass --root DIR") from exc
     raise SpecNotFound(f"natpool runs from an installed package: its spec ({where}) is read-only package data and "
