@@ -12,9 +12,9 @@ Examples:
 Each model's search runs to the end: when a property is violated, its first
 (shortest) counterexample is kept, that property is dropped from the checks
 and the search goes on, so every other property's verdict covers the whole
-state space. With --first-violation (and in --all-mutants, where one catch is
-enough) the search stops at the first violation instead, and the properties it
-had not yet violated are reported as "partial", not "ok".
+state space. With --first-violation (and with --mutant or --all-mutants, where
+one catch is enough) the search stops at the first violation instead, and the
+properties it had not yet violated are reported as "partial", not "ok".
 
 Violations a model expects (it breaks an assumption on purpose, see its
 `expect` and doc) are shown as EXPECTED, one line each; -v prints their
@@ -159,7 +159,7 @@ def _check(args: argparse.Namespace, spec: Path, mutant: str | None, paths: list
             break
         tag = f"[{k}/{len(models)}] {model.name}"
         _progress(args, f"{tag} ..." + (f" (mutant {mutant})" if mutant else ""))
-        result, search = run_model(system, model, args, keep_going=not first_catch)
+        result, search = run_model(system, model, args, keep_going=mutant is None)
         out.models += 1
         expect = () if mutant else model.expect
         results.append((model.name, result, expect))
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
             if caught:
                 print(f"verdict: mutant {args.mutant} caught by {', '.join(caught)} (exit 1, as a seeded bug must)")
                 return 1
-            print(f"verdict: FAIL: mutant {args.mutant} NOT caught by {outcome.models} models")
+            print(f"verdict: mutant {args.mutant} NOT caught by {outcome.models} models (exit 0: no violation found)")
             return 0
         print(_verdict(outcome))
         return 1 if outcome.bad else 0

@@ -56,9 +56,11 @@ class Search:
     """One exploration of a compiled model; keeps the graph for traces and liveness."""
 
     def __init__(self, cs: Compiled, liveness: bool = True, max_states: int = 0,
-                 progress: TextIO | None = sys.stderr, progress_every: float = 2.0, keep_going: bool = True) -> None:
-        """``keep_going=False`` stops at the first violation (enough to know a mutant is caught); the verdicts
-        of the properties not yet violated are then ``partial``, as after ``max_states``."""
+                 progress: TextIO | None = sys.stderr, progress_every: float = 2.0, keep_going: bool = False) -> None:
+        """By default the search stops at the first violation (enough to know a mutant is caught); the
+        verdicts of the properties not yet violated are then ``partial``, as after ``max_states``. With
+        ``keep_going`` (what ``natpool check`` does) it searches on without the violated property, so every
+        other property gets a verdict over the whole state space."""
         self.cs = cs
         self.keep_going = keep_going
         self.liveness = liveness and bool(cs.stuck)
