@@ -367,9 +367,12 @@ class PairPool:
 
     def _touched(self, entry: PairEntry) -> None:
         """After any call into ``entry``: re-arm its timer slot and note queued output."""
+        if self._entries.get(entry.nonce) is entry:  # else expired and gone meanwhile
+            self._rearm(entry)
+
+    def _rearm(self, entry: PairEntry) -> None:
+        """``_touched`` for an entry known to be in the pool (its transition to a live state just ran)."""
         nonce = entry.nonce
-        if self._entries.get(nonce) is not entry:
-            return  # expired and gone meanwhile
         if entry.has_output:
             self._outbox[nonce] = None
         deadline = entry.get_timer()
@@ -453,7 +456,7 @@ class PairPool:
             else:
                 if target == _IDLE:
                     self._idle.setdefault(entry.remote.identity, OrderedDict())[entry.nonce] = None
-                self._touched(entry)
+                self._rearm(entry)
         # Then the driver's hook, then the owning session.
         if self.on_entry_event is not None:
             self.on_entry_event(entry, event)
