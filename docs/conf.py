@@ -10,8 +10,10 @@ always matches the code being documented.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -33,7 +35,7 @@ extensions = [
     "sphinxcontrib.mermaid",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "_generated/*.txt"]
+exclude_patterns = ["_build", "_generated"]
 myst_fence_as_directive = ["mermaid"]
 myst_heading_anchors = 3
 autodoc_member_order = "bysource"
@@ -43,16 +45,50 @@ html_theme = "alabaster"
 html_title = f"natpool {release}"
 
 
+GENERATED = DOCS / "_generated"  # written at every build, never committed (see .gitignore)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _spec_tables() -> None:
+    """The property and mutant tables, straight from spec/properties.toml and spec/mutants.toml."""
+    props = tomllib.loads((ROOT / "spec" / "properties.toml").read_text())["property"]
+    rows = ["| property | kind | formula | why |", "|---|---|---|---|"]
+    for prop in props:
+        kinds = [k for k in ("invariant", "action", "stuck") if k in prop]
+        formula = " ; ".join(f"`{prop[k]}`" for k in kinds)
+        label = " + ".join({"stuck": "liveness (never stuck in)"}.get(k, k) for k in kinds)
+        rows.append(f"| {prop['name']} | {label} | {_one_line(formula)} | {_one_line(prop['why'])} |")
+    (GENERATED / "properties.md").write_text("\n".join(rows) + "\n")
+    mutants = tomllib.loads((ROOT / "spec" / "mutants.toml").read_text())["mutant"]
+    rows = ["| mutant | must be caught by | the seeded bug |", "|---|---|---|"]
+    rows += [f"| `{m['name']}` | {', '.join(m['expect'])} | {_one_line(m['doc'])} |" for m in mutants]
+    (GENERATED / "mutants.md").write_text("\n".join(rows) + "\n")
+
+
 def _checker_output() -> None:
-    """Write what ``natpool check --mutant no-drain`` prints (it exits 1: the seeded bug is caught)."""
-    out = DOCS / "_generated"
-    out.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "natpool", "check", "--mutant", "no-drain", str(ROOT / "models" / "fast-race.toml")]
+    """Write what ``natpool check --mutant no-drain`` prints (it exits 1: the seeded bug is caught).
+
+    checker.md walks through this trace step by step, so the build checks the
+    facts that walk-through relies on and fails if the checker's output drifts.
+    """
+    check = [sys.executable, "-m", "natpool", "check"]
+    helptext = subprocess.run([*check, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: S603
+    verbose = ["-v"] if re.search(r"(^|\s)-v[\s,]", helptext) else []  # a CLI that folds expected traces unless -v
+    cmd = [*check, *verbose, "--mutant", "no-drain", str(ROOT / "models" / "fast-race.toml")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
-    if result.returncode != 1 or "violated" not in result.stdout:
-        raise RuntimeError(f"natpool check --mutant no-drain did not report the violation:\n{result.stdout}"
-                           f"{result.stderr}")
-    (out / "no-drain.txt").write_text(result.stdout)
+    trace = result.stdout
+    facts = (r"CleanHandover violated", r"ini_finish_lock\(s=0\)\s+p0:Locked\|InLocking\s",
+             r"resp_settle\(s=0\)\s+p0:Locked\|InUse\s+\S+\s+p0:1>0< o1")
+    missing = [fact for fact in facts if not re.search(fact, trace)]
+    if result.returncode not in (0, 1) or missing:
+        raise RuntimeError(f"docs/checker.md explains a no-drain trace with {missing}; `{' '.join(cmd)}` exited "
+                           f"{result.returncode} and printed:\n{trace}{result.stderr}")
+    (GENERATED / "no-drain.txt").write_text(trace)
 
 
+GENERATED.mkdir(exist_ok=True)
+_spec_tables()
 _checker_output()

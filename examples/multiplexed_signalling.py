@@ -75,6 +75,7 @@ class Mux:
         self.next_sid = 1 if dialled else 2  # ours; the peer's have the other parity
         self.highest_remote = 0
         self.opened: list[int] = []  # session ids this side opened, in order
+        self.broken = False  # the stream ended: no session can run on it any more
         self.channels: dict[int, MuxChannel] = {}
         self.drops: Counter[str] = Counter()
         self.frames: Counter[str] = Counter()
@@ -84,7 +85,7 @@ class Mux:
     async def open(self, peer_identity: str) -> SignalChannel:
         if peer_identity != self.peer:
             raise LocalError(f"this connection reaches {self.peer!r}, not {peer_identity!r}")
-        if self.writer.is_closing():
+        if self.broken or self.writer.is_closing():
             raise ChannelBroken(f"the connection to {self.peer!r} is gone")
         sid, self.next_sid = self.next_sid, self.next_sid + 2
         self.opened.append(sid)
@@ -94,6 +95,8 @@ class Mux:
     async def write(self, sid: int, kind: int, payload: bytes) -> None:
         if len(payload) > MAX_PAYLOAD:
             raise LocalError(f"signal of {len(payload)} bytes is over {MAX_PAYLOAD}")
+        if self.broken:
+            raise ChannelBroken(f"the connection to {self.peer!r} is gone")
         try:
             self.writer.write(HEADER.pack(sid, kind, len(payload)) + payload)
             await self.writer.drain()
@@ -114,6 +117,7 @@ class Mux:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass  # the stream ended: every session on it is broken
         finally:
+            self.broken = True
             for channel in self.channels.values():
                 channel.inbox.put_nowait(None)
 
