@@ -89,6 +89,16 @@ def _checker_output() -> None:
     (GENERATED / "no-drain.txt").write_text(trace)
 
 
+def _api_covers_all() -> None:
+    """api.md lists the public names by hand, in groups; fail the build when one of ``natpool.__all__`` is missing."""
+    directive = re.compile(r"^\.\. auto(?:class|exception|data):: natpool\.(\w+)$", re.M)
+    listed = set(directive.findall((DOCS / "api.md").read_text()))
+    missing = sorted(set(natpool.__all__) - listed)
+    if missing:
+        raise RuntimeError(f"docs/api.md has no entry for these names of natpool.__all__: {', '.join(missing)}")
+
+
+_api_covers_all()
 GENERATED.mkdir(exist_ok=True)
 _spec_tables()
 _checker_output()
