@@ -753,7 +753,10 @@ class AsyncPairPool:
         return await self._incoming.get()
 
     def release(self, lease: Lease) -> None:
-        """Done with a leased pair: its entry expires (CLOSED) and its socket is closed."""
+        """Done with a leased pair: its entry expires (CLOSED) and its socket is closed. Idempotent.
+
+        What :meth:`Lease.close` (and ``async with lease``) calls: the pool is the lease's owner.
+        """
         lease.release(self.now())
         transport = lease.transport
         if transport is not None:
