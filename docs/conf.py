@@ -37,11 +37,16 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "_generated"]
 myst_fence_as_directive = ["mermaid"]
+# mermaid.js names each SVG after Date.now() unless ids are deterministic: two diagrams rendered in the same
+# millisecond (spec/diagrams.md has three) then share an id and the second draws into the first one's SVG.
+mermaid_init_config = {"startOnLoad": False, "deterministicIds": True}
+mermaid_height = "auto"  # the diagram's own height (the default box is 500 px: wide LR diagrams shrink in it)
 myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": True}
-html_theme = "alabaster"
+html_theme = "alabaster"  # ships with Sphinx: nothing more to install
+html_theme_options = {"page_width": "1140px"}  # room for the counterexample tables
 html_title = f"natpool {release}"
 
 
