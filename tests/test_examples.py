@@ -24,10 +24,11 @@ pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="no examples/ here
 
 
 def run_example(name: str) -> str:
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=EXAMPLES.parent, capture_output=True,
-                            text=True, timeout=HANG_GUARD, check=False)
+    """Run it; it must exit 0 and print nothing on stderr: no log line, no unclosed socket or transport."""
+    cmd = [sys.executable, "-W", "always::ResourceWarning", str(EXAMPLES / name)]
+    result = subprocess.run(cmd, cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=HANG_GUARD, check=False)
     assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == "", result.stderr
     return result.stdout
 
 
