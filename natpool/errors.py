@@ -44,6 +44,13 @@ class PoolClosed(LocalError):
     """The pool was closed; no further operation is accepted."""
 
 
+class EventBacklog(LocalError):
+    """The sans-IO pool holds ``max_pending_events`` undrained events: the driver must call ``next_event``.
+
+    Backpressure, never a silent loss: the input that would add more is refused, changing nothing.
+    """
+
+
 class BindFailed(LocalError, OSError):
     """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
 
@@ -57,6 +64,9 @@ class DropReason(enum.Enum):
     MALFORMED = "malformed"  # wrong length / bad flag byte / undecodable signal
     WRONG_NONCE = "wrong_nonce"  # well-formed frame for another pair
     FOREIGN_ADDRESS = "foreign_address"  # not from the pair's remote endpoint
+    # This pair's own keepalive frame, from another (host, port) than its remote endpoint: the peer is
+    # there but seen through a symmetric NAT or on a wrong port (see PairEntry.seen_from).
+    ADDRESS_MISMATCH = "address_mismatch"
     UNEXPECTED = "unexpected"  # valid frame the current state does not expect (e.g. pong with none outstanding)
     SILENT_STATE = "silent_state"  # arrived while Locked/InUse/Expired: never answered
     BAD_MAC = "bad_mac"

@@ -27,7 +27,7 @@ def run(coro: Awaitable[Any]) -> Any:
     return _run(coro, BOUND)
 
 
-FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=5.0)
+FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=3.0)
 
 
 def make_pair(nonce: int) -> tuple[EndpointPair, socket.socket, socket.socket]:
@@ -165,7 +165,8 @@ def test_garbage_datagrams_are_dropped_and_counted() -> None:
 
 def test_event_subscription_sees_expiry_and_ends_on_close() -> None:
     async def main() -> None:
-        cfg = PairConfig(ping_interval=0.01, no_inbound_timeout=0.05, ping_lifespan=0.02)
+        cfg = PairConfig(ping_interval=0.01, no_inbound_timeout=0.05, ping_lifespan=0.02, min_drain_grace=0.01,
+                         lock_timeout=0.04)
         alice = AsyncPairPool("alice", cfg)
         sub = alice.subscribe()
         pair, sa, sb = make_pair(31)
@@ -216,7 +217,8 @@ def test_send_errors_are_reported_to_the_entry_and_expire_it() -> None:
     async def main() -> None:
         # An IPv4 socket cannot send to an IPv6 peer: every send fails at once (asyncio reports it via
         # error_received), the driver tells the core, and max_send_failures later the entry expires.
-        cfg = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=0.005, max_send_failures=3)
+        cfg = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=0.005, min_drain_grace=0.005,
+                         lock_timeout=3.0, max_send_failures=3)
         sa = bound_socket()
         pair = EndpointPair(Endpoint("alice", "127.0.0.1", sa.getsockname()[1]), Endpoint("bob", "::1", 9), 51)
         async with AsyncPairPool("alice", cfg) as alice:

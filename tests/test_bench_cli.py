@@ -21,3 +21,21 @@ def test_bench_ops_reports_the_lock_hold_time_of_take_any(capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "take_any holds the pool lock" in out
     assert "x real time" in out
+
+
+def test_bench_survival_section_reports_alive_fractions_against_the_old_defaults(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "--quick", "--json", "--only", "survival"]) == 0
+    fig = json.loads(capsys.readouterr().out)["survival"]
+    assert fig["seeds"] == 10 and fig["virtual_s"] == 180.0  # --quick
+    assert set(fig["configs"]) == {"defaults", "baseline"}
+    for row in fig["configs"].values():
+        assert list(row["by_loss"]) == ["0.1", "0.3", "0.5"]
+        for cell in row["by_loss"].values():
+            assert 0 <= cell["alive"] <= cell["seeds"] == 10
+            assert (cell["first_expiry_median_s"] is None) == (cell["alive"] == cell["seeds"])
+    at30 = {name: row["by_loss"]["0.3"]["alive"] for name, row in fig["configs"].items()}
+    assert at30["defaults"] > at30["baseline"]
+    assert fig["target"]["met"] == (fig["target"]["value"] >= 0.99)
+    assert cli_main(["bench", "--quick", "--only", "survival"]) == 0
+    assert "keepalive survival under random loss" in capsys.readouterr().out

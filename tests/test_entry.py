@@ -25,7 +25,7 @@ BOB = Endpoint("bob", "127.0.0.1", 40002)
 NONCE = 0x1234
 PAIR = EndpointPair(ALICE, BOB, NONCE)
 # Long lock timeout so that it never interferes unless a test is about it.
-CFG = PairConfig(lock_timeout=1000.0)
+CFG = PairConfig(lock_timeout=PairConfig().no_inbound_timeout - PairConfig().ping_interval)
 PING = encode(Frame(NONCE, Kind.PING))
 PONG = encode(Frame(NONCE, Kind.PONG))
 
@@ -106,7 +106,7 @@ def test_first_ping_is_sent_at_creation() -> None:
     assert a.outstanding == 1
     assert a.datagrams_to_send(3.0) == [(PING, BOB.addr)]
     assert a.datagrams_to_send(3.0) == []
-    assert a.get_timer() == pytest.approx(3.0 + CFG.ping_lifespan)
+    assert a.get_timer() == pytest.approx(3.0 + min(CFG.ping_interval, CFG.ping_lifespan))  # next ping or lifespan
 
 
 def test_ponger_sends_nothing_unprompted() -> None:
@@ -126,9 +126,10 @@ def test_keepalive_keeps_both_idle_and_refreshes_last_seen() -> None:
     assert a.srtt == pytest.approx(0.02)
     pings = [d for _, who, _, d in wire.sent if who == "alice"]
     pongs = [d for _, who, _, d in wire.sent if who == "bob"]
-    assert len(pings) == len(pongs) == 61  # t = 0, 5, ..., 300
+    n = int(300.0 / CFG.ping_interval) + 1  # t = 0, 1 interval, ..., 300
+    assert len(pings) == len(pongs) == n
     assert set(pings) == {PING} and set(pongs) == {PONG}
-    assert a.stats.sent == b.stats.received == 61
+    assert a.stats.sent == b.stats.received == n
     assert a.outstanding == 0
     assert events(a) == events(b) == []
 
@@ -136,9 +137,9 @@ def test_keepalive_keeps_both_idle_and_refreshes_last_seen() -> None:
 def test_pings_follow_the_interval() -> None:
     a, b = make(), make(is_pinger=False)
     wire = Wire(a, b, delay=0.01)
-    wire.run(20.0)
+    wire.run(4 * CFG.ping_interval)
     times = [t for t, who, _, _ in wire.sent if who == "alice"]
-    assert times == pytest.approx([0.0, 5.0, 10.0, 15.0, 20.0])
+    assert times == pytest.approx([k * CFG.ping_interval for k in range(5)])
 
 
 def test_no_pong_pinger_expires_no_inbound() -> None:
@@ -169,13 +170,14 @@ def test_lost_pings_expire_the_ponger() -> None:
 def test_locking_one_side_makes_the_silent_remote_expire(locked_side: str) -> None:
     a, b = make(), make(is_pinger=False)
     wire = Wire(a, b, delay=0.01)
-    wire.run(12.0)  # last exchange at t=10
+    wire.run(12.0)
     side, other = (a, b) if locked_side == "pinger" else (b, a)
     assert side.begin_lock(12.0)
     wire.run(12.5)
     assert side.finish_lock(12.5)
+    assert side.use(12.5)  # InUse: silent for good (a Locked entry would expire at lock_timeout first)
     wire.run(60.0)
-    assert side.state == "Locked"
+    assert side.state == "InUse"
     assert other.state == "Expired"
     last = events(other)[-1]
     assert isinstance(last, StateChanged) and last.reason is ExpiryReason.NO_INBOUND
@@ -207,21 +209,22 @@ def test_finish_lock_waits_for_the_outstanding_pong() -> None:
 def test_lost_pong_times_out_within_the_drain_grace() -> None:
     a, b = make(), make(is_pinger=False)
     wire = Wire(a, b, delay=0.01)
-    wire.run(4.0)  # one exchange: srtt = 0.02
+    wire.run(CFG.ping_interval / 2)  # one exchange: srtt = 0.02
     assert a.srtt == pytest.approx(0.02)
     wire.drop = drop_kind(Kind.PONG)
-    wire.run(5.0)  # ping at 5.0 sent, its pong will be lost
+    t = CFG.ping_interval
+    wire.run(t)  # the second ping sent, its pong will be lost
     assert a.outstanding == 1
-    assert a.begin_lock(5.0)
-    assert not a.finish_lock(5.0)
+    assert a.begin_lock(t)
+    assert not a.finish_lock(t)
     grace = max(CFG.min_drain_grace, CFG.drain_grace_rtts * 0.02)
-    assert a.get_timer() == pytest.approx(5.0 + grace)
-    a.handle_timer(5.0 + grace / 2)
+    assert a.get_timer() == pytest.approx(t + grace)
+    a.handle_timer(t + grace / 2)
     assert a.outstanding == 1
-    a.handle_timer(5.0 + grace)
+    a.handle_timer(t + grace)
     assert a.outstanding == 0
-    assert events(a)[-1] == Drained(NONCE, 5.0 + grace)
-    assert a.finish_lock(5.0 + grace)
+    assert events(a)[-1] == Drained(NONCE, t + grace)
+    assert a.finish_lock(t + grace)
 
 
 def test_drain_grace_without_srtt_is_the_ping_lifespan() -> None:
@@ -270,29 +273,35 @@ def test_queued_pongs_are_discarded_when_going_silent() -> None:
 def test_abort_lock_resumes_pinging() -> None:
     a, b = make(), make(is_pinger=False)
     wire = Wire(a, b)
-    wire.run(1.0)
-    assert a.begin_lock(1.0)
+    wire.run(CFG.ping_interval / 2)
+    assert a.begin_lock(CFG.ping_interval / 2)
     wire.run(12.0)  # InLocking: no new pings
     assert [t for t, who, _, _ in wire.sent if who == "alice"] == [0.0]
     a.abort_lock(12.0)
     assert a.state == "Idle"
-    assert a.get_timer() == 5.0  # the missed ping is due at once
+    assert a.get_timer() == CFG.ping_interval  # the missed ping is due at once
     a.handle_timer(12.0)
     assert a.datagrams_to_send(12.0) == [(PING, BOB.addr)]
 
 
 def test_abort_after_the_no_inbound_deadline_expires() -> None:
-    a, b = make(), make(is_pinger=False)
+    # lock_timeout < no_inbound_timeout (enforced by PairConfig) leaves this window only for a claim
+    # made late in the no-inbound window: here lock_timeout is just below it.
+    cfg = PairConfig(lock_timeout=CFG.no_inbound_timeout - 0.1)
+    a, b = make(cfg=cfg), make(is_pinger=False, cfg=cfg)
     wire = Wire(a, b)
-    wire.run(1.0)
-    assert a.begin_lock(1.0)
-    wire.run(30.0)  # InLocking has no no-inbound expiry, but the silent ponger does
+    start = cfg.ping_interval / 2  # the first exchange is over, the second ping not sent yet
+    wire.run(start)
+    assert a.begin_lock(start)
+    past = a.last_seen + cfg.no_inbound_timeout + 0.1  # past a's deadline, before its lock timeout
+    assert past < start + cfg.lock_timeout
+    wire.run(past)  # InLocking has no no-inbound expiry, but the silent ponger does
     assert a.state == "InLocking"
     assert b.state == "Expired"
-    a.abort_lock(30.0)
-    a.handle_timer(30.0)
+    a.abort_lock(past)
+    a.handle_timer(past)
     assert state(a) == "Expired"
-    assert a.datagrams_to_send(30.0) == []
+    assert a.datagrams_to_send(past) == []
 
 
 # --- drops -------------------------------------------------------------------------
@@ -304,8 +313,10 @@ def test_foreign_and_malformed_datagrams_are_counted_never_answered(is_pinger: b
     e.datagrams_to_send(0.0)
     remote = e.remote.addr
     bad: list[tuple[bytes, tuple[str, int], DropReason]] = [
-        (PING, ("127.0.0.1", 9), DropReason.FOREIGN_ADDRESS),
-        (PONG, ("10.0.0.1", remote[1]), DropReason.FOREIGN_ADDRESS),
+        (b"", ("127.0.0.1", 9), DropReason.FOREIGN_ADDRESS),
+        (encode(Frame(NONCE + 1, Kind.PING)), ("10.0.0.1", remote[1]), DropReason.FOREIGN_ADDRESS),
+        (PING, ("127.0.0.1", 9), DropReason.ADDRESS_MISMATCH),  # our own frame: see test_entry_address.py
+        (PONG, ("10.0.0.1", remote[1]), DropReason.ADDRESS_MISMATCH),
         (b"", remote, DropReason.MALFORMED),
         (PING + b"x", remote, DropReason.MALFORMED),
         (PING[:8] + b"\x07", remote, DropReason.MALFORMED),
@@ -425,17 +436,18 @@ def test_lock_timeout_expires_a_locked_entry_but_not_in_use() -> None:
     assert b2.get_timer() is None
 
 
-def test_settle_time_delays_use() -> None:
+def test_settle_time_counts_from_the_settle_start_not_the_lock() -> None:
+    """spec/entry.toml: ``now >= settle_start + settle_time``; the session starts the settle."""
     cfg = PairConfig(lock_timeout=10.0, settle_time=1.0)
     b = make(is_pinger=False, cfg=cfg)
+    assert not b.start_settle(0.0)  # only a Locked entry settles
     assert b.begin_lock(0.0) and b.finish_lock(0.5)
-    assert not b.settled
-    assert b.get_timer() == pytest.approx(1.5)
-    assert not b.use(1.4)
+    assert not b.use(1.6)  # a second past the lock, but the settle has not started
+    assert b.start_settle(0.8)
+    assert b.get_timer() == pytest.approx(10.0)  # only the lock deadline: the settle wait is the session's timer
+    assert not b.use(1.7)
     assert b.state == "Locked"
-    b.handle_timer(1.5)
-    assert b.get_timer() == pytest.approx(10.0)
-    assert b.use(1.5)
+    assert b.use(1.8)
     assert state(b) == "InUse"
 
 

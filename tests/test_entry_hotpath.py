@@ -15,7 +15,7 @@ ALICE = Endpoint("alice", "127.0.0.1", 40001)
 BOB = Endpoint("bob", "127.0.0.1", 40002)
 NONCE = 0x0102030405060708
 PAIR = EndpointPair(ALICE, BOB, NONCE)
-CFG = PairConfig(lock_timeout=1000.0)
+CFG = PairConfig(lock_timeout=PairConfig().no_inbound_timeout - PairConfig().ping_interval)
 
 FRAMES = st.one_of(
     st.binary(max_size=12),

@@ -13,10 +13,10 @@ from natpool.config import PairConfig
 from natpool.core.entry import Drained, ExpiryReason, PairEntry, StateChanged
 from natpool.core.pool import PairPool
 from natpool.endpoints import NONCE_MAX, Endpoint, EndpointPair
-from natpool.errors import DropReason, DuplicateNonce, InvalidPair, PairBusy, UnknownPair
+from natpool.errors import DropReason, DuplicateNonce, EventBacklog, InvalidPair, PairBusy, UnknownPair
 from natpool.wire.frame import Frame, Kind, encode
 
-CFG = PairConfig(lock_timeout=1000.0)
+CFG = PairConfig(lock_timeout=PairConfig().no_inbound_timeout - PairConfig().ping_interval)
 
 
 def ep(identity: str, port: int, host: str = "127.0.0.1") -> Endpoint:
@@ -256,7 +256,8 @@ def test_two_pools_keep_each_other_alive() -> None:
         now = max(now, min(timers))
         pa.handle_timer(now)
         pb.handle_timer(now)
-    assert exchanged == 2 * 5 * 25  # pings at 0, 5, ..., 120 s, each answered
+    pings = int(120.0 / CFG.ping_interval) + 1  # at 0, 1 interval, ..., 120 s
+    assert exchanged == 2 * 5 * pings  # each ping answered
     assert len(pa) == len(pb) == 5
     assert all(e.state == "Idle" and e.last_seen > 115.0 for e in pa.entries() + pb.entries())
     assert all(e.srtt == pytest.approx(0.001) for e in pa.entries())  # both arrivals stamped now + 1 ms
@@ -269,12 +270,15 @@ def test_pool_drops_aggregate_entry_drops_and_unknown_nonces() -> None:
     e = pool.add(pair(1), True, 0.0)
     remote = e.remote.addr
     pool.receive_datagram(1, b"junk", remote, 0.1)
-    pool.receive_datagram(1, encode(Frame(1, Kind.PING)), ("127.0.0.1", 9), 0.1)
+    pool.receive_datagram(1, encode(Frame(7, Kind.PING)), ("127.0.0.1", 9), 0.1)
+    pool.receive_datagram(1, encode(Frame(1, Kind.PING)), ("127.0.0.1", 9), 0.1)  # its own frame, elsewhere
     pool.receive_datagram(42, encode(Frame(42, Kind.PONG)), remote, 0.1)
-    assert pool.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.WRONG_NONCE: 1}
-    assert e.stats.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1}
+    assert pool.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.ADDRESS_MISMATCH: 1,
+                          DropReason.WRONG_NONCE: 1}
+    assert e.stats.drops == {DropReason.MALFORMED: 1, DropReason.FOREIGN_ADDRESS: 1, DropReason.ADDRESS_MISMATCH: 1}
+    assert e.seen_from == ("127.0.0.1", 9)
     pool.remove(1, 0.2)
-    assert sum(pool.drops.values()) == 3  # counts outlive the entry
+    assert sum(pool.drops.values()) == 4  # counts outlive the entry
 
 
 def test_send_failures_through_the_pool() -> None:
@@ -324,7 +328,7 @@ def test_handle_timer_only_touches_due_entries(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_scheduler_heap_stays_bounded_under_re_arming() -> None:
-    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=1000.0))
+    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=2.0))
     pool.add(pair(1), False, 0.0)
     ping = encode(Frame(1, Kind.PING))
     remote = pair(1).b.addr
@@ -392,7 +396,7 @@ def test_indexes_follow_every_transition(ops: list[tuple[str, int, str, float]])
 
 
 def test_a_deadline_moving_later_costs_no_heap_push_and_stays_exact() -> None:
-    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=1000.0))
+    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=2.0))
     pool.add(pair(1), False, 0.0)
     ping = encode(Frame(1, Kind.PING))
     remote = pair(1).b.addr
@@ -405,3 +409,38 @@ def test_a_deadline_moving_later_costs_no_heap_push_and_stays_exact() -> None:
     assert pool.get(1).state == "Idle" and pool.next_event() is None
     pool.handle_timer(0.99 + 3.0)
     assert 1 not in pool
+
+
+# --- the event queue: bounded by backpressure, never by loss -----------------------------------
+
+
+def test_a_full_event_queue_refuses_inputs_until_drained_and_loses_nothing() -> None:
+    pool = PairPool("alice", CFG, max_pending_events=3)
+    for n in (1, 2, 3):
+        pool.add(pair(n), False, 0.0)
+    pool.claim(1, 1.0)  # StateChanged + Drained (the ponger has nothing outstanding)
+    pool.claim(2, 1.0)
+    assert pool.pending_events == 4
+    before = snapshot(pool)
+    ping = encode(Frame(3, Kind.PING))
+    entry = pool.get(3)
+    calls: list[Callable[[], object]] = [
+        lambda: pool.claim(3, 1.1),
+        lambda: pool.claim_any("bob", 1.1),
+        lambda: pool.receive_datagram(3, ping, entry.remote.addr, 1.1),
+        lambda: pool.receive_and_reply(3, ping, entry.remote.addr, 1.1),
+        lambda: pool.handle_timer(1.1),
+    ]
+    for call in calls:
+        with pytest.raises(EventBacklog):
+            call()
+    assert snapshot(pool) == before and entry.state == "Idle" and entry.stats.received == 0
+    events = drain_events(pool)
+    assert [(type(e).__name__, e.nonce) for e in events] == [
+        ("StateChanged", 1), ("Drained", 1), ("StateChanged", 2), ("Drained", 2)]
+    assert pool.receive_and_reply(3, ping, entry.remote.addr, 1.2)  # accepted again: the pong
+    pool.remove(1, 1.3)  # removal is never refused, even past the bound
+    pool.remove(2, 1.3)
+    pool.remove(3, 1.3)
+    assert pool.pending_events == 3
+    assert [e.nonce for e in drain_events(pool)] == [1, 2, 3]

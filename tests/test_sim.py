@@ -158,7 +158,7 @@ def test_locked_side_sends_nothing_and_remote_expires(silent_side: str) -> None:
 def test_claim_without_handover_stops_new_pings_then_aborts_after_lock_timeout() -> None:
     sim, a, b = two_nodes()
     (entry,) = a.pool.entries()
-    sim.run_until(7.0)  # between pings: the one from t=5 was answered
+    sim.run_until(6.5 * CFG.ping_interval)  # between pings: the one from 6 intervals was answered
     t_claim = sim.now()
     a.claim(entry.nonce)
     assert entry.state == "InLocking"
@@ -168,7 +168,7 @@ def test_claim_without_handover_stops_new_pings_then_aborts_after_lock_timeout()
     assert change.at == pytest.approx(t_claim + CFG.lock_timeout)
     assert not [d for d in sim.sent_by("alice") if t_claim <= d.time < change.at]
     assert a.state(entry.nonce) == "Idle"
-    sim.run_until(60.0)  # keepalive resumed; the 5 s gap never threatened the 20 s timeout
+    sim.run_until(60.0)  # keepalive resumed; PairConfig keeps lock_timeout below no_inbound_timeout
     assert [d for d in sim.sent_by("alice") if d.time > change.at]
     assert a.state(entry.nonce) == b.state(entry.nonce) == "Idle"
 
@@ -193,19 +193,25 @@ def test_log_records_sender_state_at_send_time() -> None:
 
 
 def test_injected_foreign_and_malformed_datagrams_are_logged_and_dropped() -> None:
-    sim, a, _b = two_nodes()
+    sim, a, b = two_nodes()
     (entry,) = a.pool.entries()
+    (peer,) = b.pool.entries()
     sim.run_until(1.0)
     ping = encode(Frame(entry.nonce, Kind.PING))
-    sim.inject(("10.9.9.9", 5555), entry.local.addr, ping)
+    sim.inject(("10.9.9.9", 5555), peer.local.addr, ping)  # its own frame from elsewhere: ADDRESS_MISMATCH
+    sim.inject(("10.9.9.9", 5555), peer.local.addr, b"\x00garbage")
     sim.inject(entry.remote.addr, entry.local.addr, b"\x00garbage")
     sim.run_until(2.0)
-    assert a.pool.drops[DropReason.FOREIGN_ADDRESS] == 1
+    assert b.pool.drops[DropReason.ADDRESS_MISMATCH] == 1 and peer.seen_from == ("10.9.9.9", 5555)
+    assert b.pool.drops[DropReason.FOREIGN_ADDRESS] == 1
     assert a.pool.drops[DropReason.MALFORMED] == 1
     injected = [d for d in sim.log if d.sender == INJECTED]
-    assert [(d.kind, d.state, d.nonce) for d in injected] == [("ping", None, 0), ("garbage", None, 0)]
-    assert not [d for d in sim.log if d.sender == "alice" and 1.0 <= d.time <= 2.0]  # never answered
-    assert entry.state == "Idle"
+    assert [(d.kind, d.state, d.nonce) for d in injected] == [("ping", None, 0), ("garbage", None, 0),
+                                                               ("garbage", None, 0)]
+    pongs = [d for d in sim.log if d.sender == "bob" and 1.0 <= d.time <= 2.0]
+    assert all(d.dst == peer.remote.addr for d in pongs)  # the injected ping is never answered
+    assert len(pongs) == len([d for d in sim.log if d.sender == "alice" and 1.0 <= d.time < 2.0])
+    assert entry.state == peer.state == "Idle"
 
 
 def test_datagrams_to_a_removed_pair_are_counted_as_unowned() -> None:
@@ -225,28 +231,31 @@ def test_manual_network_lets_the_test_choose_each_fate() -> None:
     (entry,) = a.pool.entries()
     net = sim.network
     assert [d.kind for d in sim.log] == ["ping"] and len(net.in_flight) == 1
-    sim.run_until(1.0)
+    t = CFG.ping_interval / 2  # before the next ping
+    sim.run_until(t)
     net.deliver(0)  # ping reaches bob, who answers at once
     assert [d.kind for d in sim.log] == ["ping", "pong"] and net.in_flight[0].dst == entry.local.addr
     net.duplicate(0)
     net.deliver_all()
-    assert entry.last_seen == 1.0 and entry.srtt == pytest.approx(1.0)
+    assert entry.last_seen == t and entry.srtt == pytest.approx(t)
     assert a.pool.drops[DropReason.UNEXPECTED] == 1  # the duplicate pong
 
 
 def test_run_until_predicate_times_out_at_the_deadline() -> None:
     sim, _a, _ = two_nodes()
-    assert sim.run_until(lambda: False, timeout=3.0) is False
-    assert sim.now() == 3.0
+    t = CFG.ping_interval / 2  # one exchange done, the next ping not yet sent
+    assert sim.run_until(lambda: False, timeout=t) is False
+    assert sim.now() == t and len(sim.log) == 2
     assert sim.run_until(lambda: len(sim.log) >= 4, timeout=100.0)
-    assert len(sim.log) == 4 and sim.now() == pytest.approx(5.01)
+    assert len(sim.log) == 4 and sim.now() == pytest.approx(CFG.ping_interval + 0.01)  # the 2nd pong arrived
     assert not sim.run_until_quiet(timeout=30.0)  # keepalive never goes quiet
 
 
 def test_bench_ratio_runs_the_documented_scenario() -> None:
     result = bench_ratio(pairs=3, virtual_seconds=60.0)
-    # 13 pings per pair (t = 0, 5, ..., 60) and 12 pongs (the last ping is in flight)
-    assert (result.nodes, result.pairs, result.datagrams) == (2, 3, 3 * 25)
+    pings = int(60.0 / CFG.ping_interval) + 1  # per pair, at t = 0, 1 interval, ..., 60
+    # every ping answered but the last (in flight at the end)
+    assert (result.nodes, result.pairs, result.datagrams) == (2, 3, 3 * (2 * pings - 1))
     assert result.ratio > 0 and "x real time" in str(result)
 
 
@@ -268,7 +277,7 @@ def test_short_partition_healed_before_the_timeout_is_survived() -> None:
     sim, a, b = two_nodes(pairs=2)
     sim.run_until(10.0)
     sim.partition("alice", "bob")
-    # the ping sent at t=10 is cut too, so the last inbound was at ~5 s
+    # the ping sent at t=10 is cut too, so the last inbound was one interval earlier
     sim.run_until(10.0 + CFG.no_inbound_timeout - 2 * CFG.ping_interval - 1.0)
     sim.heal()
     sim.run_until(120.0)
@@ -277,20 +286,23 @@ def test_short_partition_healed_before_the_timeout_is_survived() -> None:
 
 
 def test_step_fires_one_event_at_a_time() -> None:
-    sim, _a, _b = two_nodes(net=NetConfig(delay_min=0.5, delay_max=0.5))
+    d = CFG.ping_interval / 4  # the exchange ends before the next ping
+    sim, _a, _b = two_nodes(net=NetConfig(delay_min=d, delay_max=d))
     assert len(sim.log) == 1  # the first ping went out on add
-    assert sim.step() and sim.now() == 0.5 and len(sim.log) == 2  # ping arrived, pong sent
-    assert sim.step() and sim.now() == 1.0 and len(sim.log) == 2  # pong arrived
+    assert sim.step() and sim.now() == d and len(sim.log) == 2  # ping arrived, pong sent
+    assert sim.step() and sim.now() == 2 * d and len(sim.log) == 2  # pong arrived
     assert sim.step() and sim.now() == CFG.ping_interval and len(sim.log) == 3
 
 
 def test_local_send_errors_expire_the_entry_with_send_failures() -> None:
     # (the pinger: a ponger's failure count is reset by every inbound ping)
-    cfg = PairConfig(max_send_failures=3)  # 3 failed pings (15 s) end before the 21 s no-inbound timeout
+    cfg = PairConfig(max_send_failures=3)  # 3 failed pings (3 intervals) end before the no-inbound timeout
+    assert cfg.ping_interval * cfg.max_send_failures < cfg.no_inbound_timeout
     sim = Simulation(1, config=cfg)
     a, b = sim.add_node("alice"), sim.add_node("bob")
     nonce = sim.punch(a, b).nonce
-    sim.run_until(3.0)
+    t_fail = cfg.ping_interval / 2  # the first ping was answered; the next ones fail
+    sim.run_until(t_fail)
     a.fail_sends = True  # alice's pings never leave the host
     sim.run_until(60.0)
     assert a.expiries() == {nonce: ExpiryReason.SEND_FAILURES}
@@ -298,4 +310,4 @@ def test_local_send_errors_expire_the_entry_with_send_failures() -> None:
     assert a.send_failures == cfg.max_send_failures
     assert ev.at == cfg.ping_interval * cfg.max_send_failures  # the 3rd failed ping
     assert b.expiries() == {nonce: ExpiryReason.NO_INBOUND}
-    assert not [d for d in sim.sent_by("alice") if d.time > 3.0]
+    assert not [d for d in sim.sent_by("alice") if d.time > t_fail]

@@ -53,12 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for the take schedule")
     parser.add_argument("--quiet", action="store_true", help="no live table, summary only")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop is installed")
+    parser.add_argument("--nat", action="store_true",
+                        help="run the pools behind two Linux kernel NATs (network namespaces, nftables masquerade, "
+                             "conntrack; root only), with the routers' tables in the live view")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.pairs < 1 or args.takes < 0 or args.ping_interval <= 0 or args.duration <= 0:
         print("natpool demo: --pairs >= 1, --takes >= 0, --ping-interval > 0, --duration > 0", file=sys.stderr)
         return 2
+    if args.nat:
+        from natpool.netlab.demo import run_nat  # Linux/root-only machinery, imported only when asked for
+
+        return run_nat(args)
     demo = Demo(args)
     return aio_run(demo.main(), use_uvloop=not args.no_uvloop)
 
@@ -112,11 +119,13 @@ class LeaseProtocol(asyncio.DatagramProtocol):
 
 
 class Demo:
+    where = "127.0.0.1"  # where the pairs' endpoints are, for the header line
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rng = random.Random(args.seed)  # noqa: S311 - a demo schedule, not a secret
         self.cfg = PairConfig(ping_interval=args.ping_interval,
-                              no_inbound_timeout=max(5.0, 20 * args.ping_interval),
+                              no_inbound_timeout=max(10.0, 20 * args.ping_interval),
                               ping_lifespan=min(2.0, max(0.5, 5 * args.ping_interval)),
                               lock_timeout=5.0)
         self.monitor = Monitor()
@@ -146,7 +155,7 @@ class Demo:
         pb.signalling = TcpSignalling(B, {A: servers[A].address})
         collectors = [asyncio.create_task(self._collect(node)) for node in (A, B)]
         try:
-            print(f"natpool demo: {args.pairs} pairs alice<->bob on 127.0.0.1, ping every {args.ping_interval:g}s, "
+            print(f"natpool demo: {args.pairs} pairs alice<->bob on {self.where}, ping every {args.ping_interval:g}s, "
                   f"{args.takes} takes from each side, TCP signalling on {servers[A].address[1]}/"
                   f"{servers[B].address[1]}", flush=True)
             await self._add_pairs()

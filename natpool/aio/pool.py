@@ -113,6 +113,8 @@ class EntrySnapshot:
     frames_received: int
     drops: dict[str, int]
     send_errors: int
+    #: Where this pair's own keepalive frames came from instead of the expected address (symmetric NAT?).
+    seen_from: tuple[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -470,6 +472,7 @@ class AsyncPairPool:
             frames_received=st.received,
             drops={r.value: n for r, n in st.drops.items()},
             send_errors=self._send_errors.get(nonce, 0),
+            seen_from=e.seen_from,
         )
 
     def state_counts(self) -> Counter[str]:

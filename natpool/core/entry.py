@@ -2,13 +2,12 @@
 
 The entry never touches a socket or a clock. The driver feeds it inbound
 datagrams and the current time, collects ``datagrams_to_send`` and arms one
-timer from ``get_timer`` (aioquic style). Lifecycle transitions go through the
-generated :class:`natpool.machines.EntryMachine`, so the runtime cannot drift
-from ``spec/entry.toml``, while an idle entry stays a few hundred bytes (a
-bound machine costs ~10.7 KB and ~130-200 us to construct). The machine is
-bound only while it transitions: one reusable instance per thread (and
-listener set) is pointed at the entry through a small proxy model; see
-:func:`_run_machine`.
+timer from ``get_timer`` (aioquic style). Lifecycle transitions step the
+compiled table of ``spec/entry.toml`` (:mod:`natpool.fsm`; ~0.1 µs instead of
+~120 µs per python-statemachine event), which is checked against the generated
+:class:`natpool.machines.EntryMachine` at import; with listeners bound, or in
+strict mode, the generated class itself runs the transition. An idle entry
+stays a few hundred bytes (a bound machine costs ~10.7 KB).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
@@ -24,19 +23,23 @@ from typing import Final, Protocol, cast
 from statemachine.exceptions import TransitionNotAllowed
 
 from natpool.config import PairConfig
-from natpool.core import binding
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, InvalidState, RemoteProtocolError
+from natpool.fsm import Compiled
 from natpool.machines import EntryMachine
 from natpool.machines.entry import EntryEvent, EntryState
 from natpool.machines.tables import ENTRY
-from natpool.wire.frame import FRAME_SIZE, Frame, Kind, decode, encode
+from natpool.wire.frame import decode, is_ping_for, ping_bytes, pong_bytes
 
 _log = logging.getLogger(__name__)
 
 #: Event loops (uvloop) fire timers up to 1 ms early. A deadline that close
 #: counts as due; otherwise it stays armed in the past and the driver spins.
 TIMER_SLACK: Final = 0.001
+
+#: Compacting the outstanding-ping list once this many answered slots lead it keeps the
+#: drain O(1) per ping without a deque (an empty deque alone costs ~760 bytes per entry).
+_PING_COMPACT: Final = 16
 
 #: Bound on pongs queued between two ``datagrams_to_send`` calls, so a ping
 #: flood from the remote address cannot grow memory; extra pings are dropped.
@@ -53,15 +56,8 @@ _IN_LOCKING: Final[EntryState] = "InLocking"
 _LOCKED: Final[EntryState] = "Locked"
 _EXPIRED: Final[EntryState] = "Expired"
 
-# Hot path: a well-formed frame for this entry is recognised and built without
-# going through Frame objects (decode/encode stay the authority for anything
-# else). The layout (8-byte big-endian nonce, then the kind byte) is checked here.
-_PING_BYTE: Final = int(Kind.PING)
-_PONG_BYTE: Final = int(Kind.PONG)
-assert encode(Frame(0x0102030405060708, Kind.PONG)) == (0x0102030405060708).to_bytes(8, "big") + bytes([_PONG_BYTE])
-assert FRAME_SIZE == 9 and (_PING_BYTE, _PONG_BYTE) == (0, 1)
-_PING_SUFFIX: Final = bytes([_PING_BYTE])
-_PONG_SUFFIX: Final = bytes([_PONG_BYTE])
+_MACHINE: Final = Compiled(EntryMachine, ENTRY)
+_TRANSITIONS: Final = ENTRY.transitions
 
 # The hand-written initial value must be the generated machine's initial state.
 assert EntryMachine.initial_state is not None and EntryMachine.initial_state.value == _IDLE
@@ -82,6 +78,9 @@ class ExpiryReason(enum.Enum):
     LOCK_TIMEOUT = "lock_timeout"
     CLOSED = "closed"
     PEER_GONE = "peer_gone"
+    #: NO_INBOUND on an entry that received its own keepalive frames from another address
+    #: (``PairEntry.seen_from``): the path is not dead, the peer's address is not the expected one.
+    ADDRESS_MISMATCH = "address_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,17 +134,12 @@ class EntryObserver(Protocol):
     def entry_drop(self, entry: PairEntry, reason: DropReason) -> None: ...
 
 
-def _run_machine(entry: PairEntry, event: EntryEvent, listeners: tuple[object, ...]) -> None:
-    """Fire ``event`` through the generated :class:`EntryMachine` (see :mod:`natpool.core.binding`)."""
-    binding.fire(EntryMachine, ENTRY, entry, event, listeners)
-
-
 class PairEntry:
     """The keepalive and lifecycle of one pair (see ``spec/entry.toml``).
 
-    ``state`` is written only by the generated ``EntryMachine``; every
-    transition method pre-checks the generated table (cheap ``False`` for a
-    refused CAS) and then fires the machine, which re-checks the guard.
+    ``state`` is written only by :meth:`_fire`: it steps the compiled table
+    (a refused CAS is a cheap ``False``), or lets the generated
+    ``EntryMachine`` transition when listeners are bound or in strict mode.
     With an ``observer`` (the pool) events go to it instead of this entry's
     own queue, so exactly one consumer sees each event.
     """
@@ -155,15 +149,17 @@ class PairEntry:
         "_failed_round",
         "_listeners",
         "_lock_started",
+        "_machine_binding",
         "_next_ping",
         "_now",
         "_observer",
+        "_ping_head",
         "_ping_queued",
         "_pings",
         "_pongs",
         "_raddr",
         "_send_failures",
-        "_settle_at",
+        "_settle_start",
         "config",
         "is_pinger",
         "last_seen",
@@ -172,6 +168,7 @@ class PairEntry:
         "nonce",
         "pair",
         "remote",
+        "seen_from",
         "srtt",
         "state",
         "stats",
@@ -201,18 +198,23 @@ class PairEntry:
         self.srtt: float | None = None
         self.stats = EntryStats()
         self.locked_at: float | None = None
+        # First address this pair's own keepalive frame came from instead of ``remote`` (kept; see _foreign).
+        self.seen_from: tuple[str, int] | None = None
         self._listeners = tuple(listeners)
+        self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
         self._observer = observer
-        self._events: list[EntryOutput] | None = None
+        self._events: deque[EntryOutput] | None = None  # only without an observer
         self._now = now
         self._lock_started: float | None = None
-        self._settle_at: float | None = None
+        self._settle_start: float | None = None  # spec/entry.toml: settle_start, set by start_settle
         self._send_failures = 0
         self._failed_round = False
         self._pongs = 0
-        # Send times of outstanding pings, oldest first. A list, not a deque:
-        # it holds one or two floats, and an empty deque alone is 760 bytes.
+        # Send times of outstanding pings, oldest at ``_ping_head`` (answered ones before it are
+        # dropped in bulk, see _PING_COMPACT). A list, not a deque: it holds one or two floats,
+        # and an empty deque alone is 760 bytes.
         self._pings: list[float] | None = [] if is_pinger else None
+        self._ping_head = 0
         self._ping_queued = False
         self._next_ping = now
         if is_pinger:
@@ -223,7 +225,7 @@ class PairEntry:
     @property
     def outstanding(self) -> int:
         """Pings sent and neither answered nor timed out."""
-        return len(self._pings) if self._pings is not None else 0
+        return len(self._pings) - self._ping_head if self._pings is not None else 0
 
     @property
     def drained(self) -> bool:
@@ -232,11 +234,17 @@ class PairEntry:
 
     @property
     def settled(self) -> bool:
-        """Guard of ``use``: ``settle_time`` has passed since the entry went silent."""
+        """Guard of ``use``: ``settle_time`` has passed since the settle started (:meth:`start_settle`).
+
+        spec/entry.toml counts from ``settle_start``, when the handover role
+        entered Settling (both sides silent from then on), not from this
+        side's own lock: the side that locked first could still receive a
+        pong its peer sent before the peer's later lock.
+        """
         settle = self.config.settle_time
         if settle == 0:
             return True
-        return self.locked_at is not None and self._now >= self.locked_at + settle
+        return self._settle_start is not None and self._now >= self._settle_start + settle
 
     @property
     def has_output(self) -> bool:
@@ -250,21 +258,13 @@ class PairEntry:
         raddr = self._raddr
         # An IPv4 address is exactly (host, port); IPv6 adds flowinfo and scope, compared on host/port only.
         if addr != raddr and not _same_host_port(addr, raddr):
-            self._drop(DropReason.FOREIGN_ADDRESS, addr)
+            self._foreign(data, addr)
             return
-        # Fast path: a valid frame carrying our nonce (the nonce is never 0), no Frame object.
-        if len(data) == FRAME_SIZE and data[8] <= _PONG_BYTE and int.from_bytes(data[:8], "big") == self.nonce:
-            is_ping = data[8] == _PING_BYTE
-        else:
-            try:
-                frame = decode(data)
-            except RemoteProtocolError as exc:
-                self._drop(exc.reason, addr)
-                return
-            if frame.nonce != self.nonce:
-                self._drop(DropReason.WRONG_NONCE, addr)
-                return
-            is_ping = frame.kind is Kind.PING  # pragma: no cover - the fast path takes every valid frame
+        try:
+            is_ping = is_ping_for(data, self.nonce)  # natpool.wire.frame's fast path for one entry's frames
+        except RemoteProtocolError as exc:
+            self._drop(exc.reason, addr)
+            return
         state = self.state
         if state not in _TALKING:
             self._drop(DropReason.SILENT_STATE, addr)
@@ -280,7 +280,16 @@ class PairEntry:
             if not pings:  # the ponger never expects a pong; the pinger only with one outstanding
                 self._drop(DropReason.UNEXPECTED, addr)
                 return
-            sample = now - pings.pop(0)
+            head = self._ping_head
+            sample = now - pings[head]
+            head += 1
+            if head == len(pings):  # the common case: the only outstanding ping answered
+                pings.clear()
+                head = 0
+            elif head >= _PING_COMPACT:
+                del pings[:head]
+                head = 0
+            self._ping_head = head
             if sample < 0.0:
                 sample = 0.0
             srtt = self.srtt
@@ -300,14 +309,13 @@ class PairEntry:
             self._pongs = 0
             return []
         raddr = self._raddr
-        prefix = self.nonce.to_bytes(8, "big")
         if self._ping_queued:
             self._ping_queued = False
-            out = [(prefix + _PING_SUFFIX, raddr)]
+            out = [(ping_bytes(self.nonce), raddr)]
             if self._pongs:  # pragma: no cover - an entry is either the pinger or the ponger
-                out.extend([(prefix + _PONG_SUFFIX, raddr)] * self._pongs)
+                out.extend([(pong_bytes(self.nonce), raddr)] * self._pongs)
         else:
-            out = [(prefix + _PONG_SUFFIX, raddr)] * self._pongs
+            out = [(pong_bytes(self.nonce), raddr)] * self._pongs
         self._pongs = 0
         # A round is known to have succeeded once the next one starts with no
         # failure reported in between; only then do consecutive failures reset.
@@ -339,21 +347,18 @@ class PairEntry:
             if pings is not None:
                 if state in _PINGING and self._next_ping < t:
                     t = self._next_ping
-                if pings and pings[0] + cfg.ping_lifespan < t:
-                    t = pings[0] + cfg.ping_lifespan
+                if pings and pings[self._ping_head] + cfg.ping_lifespan < t:
+                    t = pings[self._ping_head] + cfg.ping_lifespan
             return t
         if state == _IN_LOCKING:
             assert self._lock_started is not None
             t = self._lock_started + cfg.lock_timeout
             if self._pings:
-                t = min(t, self._pings[0] + self._ping_life(state))
+                t = min(t, self._pings[self._ping_head] + self._ping_life(state))
             return t
-        if state == _LOCKED:
+        if state == _LOCKED:  # the settle wait is the handover session's timer, not the entry's
             assert self._lock_started is not None
-            t = self._lock_started + cfg.lock_timeout
-            if self._settle_at is not None:
-                t = min(t, self._settle_at)
-            return t
+            return self._lock_started + cfg.lock_timeout
         return None  # InUse belongs to the application; Expired is over
 
     def handle_timer(self, now: float) -> None:
@@ -372,18 +377,19 @@ class PairEntry:
                 self.expire(ExpiryReason.LOCK_TIMEOUT, now)
                 return
         if state == _LOCKED:
-            if self._settle_at is not None and due >= self._settle_at:
-                self._settle_at = None
             return
         pings = self._pings
         if pings:
             life = cfg.ping_lifespan if state != _IN_LOCKING else self._ping_life(state)
-            expired = 0
-            while expired < len(pings) and pings[expired] + life <= due:
-                expired += 1
-            if expired:
-                del pings[:expired]
-                self.stats.ping_timeouts += expired
+            head = start = self._ping_head
+            while head < len(pings) and pings[head] + life <= due:
+                head += 1
+            if head > start:
+                self.stats.ping_timeouts += head - start
+                if head == len(pings) or head >= _PING_COMPACT:
+                    del pings[:head]
+                    head = 0
+                self._ping_head = head
                 if state == _IN_LOCKING and not pings:
                     self._emit(Drained(self.nonce, now))
         if state == _IDLE and due >= self.last_seen + cfg.no_inbound_timeout:
@@ -412,15 +418,41 @@ class PairEntry:
         """Oldest undelivered event (always None when an observer takes them)."""
         if not self._events:
             return None
-        return self._events.pop(0)
+        return self._events.popleft()
 
     def _emit(self, event: EntryOutput) -> None:
         if self._observer is not None:
             self._observer.entry_event(self, event)
             return
         if self._events is None:
-            self._events = []
+            self._events = deque()
         self._events.append(event)
+
+    def _foreign(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Drop a datagram from another address than ``remote``; tell a misplaced peer from noise.
+
+        Our own well-formed keepalive frame (our nonce) from elsewhere means the
+        peer is alive but seen from another (host, port): a symmetric NAT that
+        maps each destination to a new port, or a pair built with a wrong port.
+        Counted as ADDRESS_MISMATCH, remembered in ``seen_from`` (the first such
+        address), and logged once per entry at WARNING: the operator must act
+        (the pair cannot work as configured), while a flood of such frames still
+        yields one line per entry, never one per datagram. Anything else from a
+        foreign address is FOREIGN_ADDRESS, logged at DEBUG like every drop.
+        """
+        try:
+            ours = decode(data).nonce == self.nonce
+        except RemoteProtocolError:
+            ours = False
+        if not (ours and isinstance(addr, tuple) and len(addr) >= 2
+                and isinstance(addr[0], str) and isinstance(addr[1], int)):
+            self._drop(DropReason.FOREIGN_ADDRESS, addr)
+            return
+        if self.seen_from is None:
+            self.seen_from = (addr[0], addr[1])
+            _log.warning("pair %#x: its keepalive frames arrive from %s, not from %s (symmetric NAT or wrong "
+                         "port?); dropped", self.nonce, self.seen_from, self._raddr)
+        self._drop(DropReason.ADDRESS_MISMATCH, addr)
 
     def _drop(self, reason: DropReason, addr: tuple[str, int]) -> None:
         self.stats.drops[reason] += 1
@@ -449,29 +481,45 @@ class PairEntry:
         return self._fire("use", now)
 
     def expire(self, reason: ExpiryReason, now: float) -> None:
-        """Any live state -> Expired; a no-op on an Expired entry."""
+        """Any live state -> Expired; a no-op on an Expired entry.
+
+        NO_INBOUND becomes ADDRESS_MISMATCH once ``seen_from`` is set: the peer
+        was heard, from the wrong address, so the path is not simply dead.
+        """
+        if reason is ExpiryReason.NO_INBOUND and self.seen_from is not None:
+            reason = ExpiryReason.ADDRESS_MISMATCH
         if self.state in _LIVE:
             self._fire("expire", now, reason)
+
+    def start_settle(self, now: float) -> bool:
+        """The handover role entered Settling: ``settled`` counts ``settle_time`` from ``now``.
+
+        spec/entry.toml's ``settle_start``; the session calls this (it owns the
+        settle timer). False, changing nothing, unless the entry is Locked.
+        """
+        if self.state != _LOCKED:
+            return False
+        self._settle_start = now
+        return True
 
     def _refuse(self, event: EntryEvent) -> None:
         """Let the generated machine reject ``event``, reported as local misuse."""
         try:
-            EntryMachine(model=self, start_value=self.state).fire(event)
+            _MACHINE.refuse(self, event)
         except TransitionNotAllowed as exc:
             raise InvalidState(f"pair {self.nonce:#x}: {event} not allowed in {self.state}") from exc
-        raise AssertionError(f"generated machine accepted {event} that the table refused")  # pragma: no cover
 
     def _fire(self, event: EntryEvent, now: float, reason: ExpiryReason | None = None) -> bool:
-        """Pre-check with the table, then let the generated machine transition."""
+        """Step the compiled table (False when it refuses); the generated class runs it when required."""
         self._now = now
         source = self.state
-        hit = ENTRY.transitions.get((source, event))
+        hit = _TRANSITIONS.get((source, event))
         if hit is None:
             return False
         guard = hit[1]
         if guard and not getattr(self, guard):
             return False
-        _run_machine(self, event, self._listeners)
+        _MACHINE.enter(self, event, hit[0], self._listeners)
         target = self.state
         self._entered(source, target, now)
         self._emit(StateChanged(self.nonce, source, target, event, reason, now))
@@ -483,22 +531,24 @@ class PairEntry:
         """Bookkeeping after the machine moved ``source`` -> ``target``."""
         if target == _IN_LOCKING:
             self._lock_started = now
-            if self._ping_queued and self._pings:  # not sent yet: InLocking starts no new ping
+            pings = self._pings
+            if self._ping_queued and pings:  # not sent yet: InLocking starts no new ping
                 self._ping_queued = False
-                self._pings.pop()
+                pings.pop()
+                if len(pings) == self._ping_head:
+                    pings.clear()
+                    self._ping_head = 0
         elif target == _IDLE:
             self._lock_started = None
         elif target == _LOCKED:
             self.locked_at = now
-            settle = self.config.settle_time
-            self._settle_at = now + settle if settle > 0 else None
+            self._settle_start = None  # a new lock: the session starts the settle (start_settle)
         if target in _SILENT:
             self._ping_queued = False
             self._pongs = 0
-            if target != _LOCKED:
-                self._settle_at = None
             if target == _EXPIRED and self._pings:
                 self._pings.clear()
+                self._ping_head = 0
 
     def __repr__(self) -> str:
         role = "pinger" if self.is_pinger else "ponger"

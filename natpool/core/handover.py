@@ -4,9 +4,10 @@ One :class:`InitiatorSession` runs per ``take``; one :class:`ResponderSession`
 per incoming LOCK. Every protocol step fires on a generated machine
 (``InitiatorMachine`` / ``ResponderMachine``) whose model is the session, so
 it goes through the spec's transition table and guards (``entry_claimed``,
-``entry_locked``, ``peer_may_proceed``, ``settled`` are properties here).
-Constructing a machine per session cost ~150 us on every take's critical
-path, so non-final events reuse one machine per thread (:mod:`natpool.core.binding`).
+``entry_locked``, ``peer_may_proceed``, ``settled`` are properties here). The
+runtime steps the compiled tables (:mod:`natpool.fsm`: a python-statemachine
+event costs ~120 µs and a take fires nine on the sessions alone); the class
+itself runs the transition when listeners are bound or in strict mode.
 
 The session drives its entry's lifecycle (``finish_lock``, ``abort_lock``,
 ``use``, ``expire``); the pool performs the initial claim (CAS) and routes
@@ -30,9 +31,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from statemachine import StateMachine
-
-from natpool.core import binding
 from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
 from natpool.core.lease import Lease, Role
 from natpool.errors import (
@@ -47,8 +45,9 @@ from natpool.errors import (
     SignalProtocolError,
     UnknownPair,
 )
+from natpool.fsm import Compiled
 from natpool.machines import InitiatorMachine, ResponderMachine
-from natpool.machines.tables import INITIATOR, RESPONDER, Table
+from natpool.machines.tables import INITIATOR, RESPONDER
 from natpool.wire import signal as wire
 from natpool.wire.signal import AbortReason, Signal, SignalType
 
@@ -143,6 +142,7 @@ class Session:
         self._now = now  # last time seen, for the property guards the generated machine evaluates
         self._entry_reason: ExpiryReason | None = None  # ExpiryReason of the last foreign entry transition
         self._busy = False  # re-entrance guard: entry events raised by our own calls
+        self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
 
     # -- public sans-IO surface --
 
@@ -289,8 +289,11 @@ class Session:
             self._busy = False
 
     def _enter_settling(self, event: str, now: float) -> None:
+        """Enter Settling and start the settle: the role's timer and the entry's ``settled`` count from here."""
         self._machine_fire(event)
         self._settle_start = now
+        if self.entry is not None:
+            self.entry.start_settle(now)
 
     def _try_settle(self, now: float) -> None:
         entry = self.entry
@@ -340,12 +343,11 @@ class Session:
 
     # -- role hooks --
 
-    _machine_cls: type[StateMachine]
-    _table: Table
+    _machine: Compiled
 
     def _machine_fire(self, event: str) -> None:
-        """Every session transition goes through the generated machine (see :mod:`natpool.core.binding`)."""
-        binding.fire(self._machine_cls, self._table, self, event, self._registry.listeners)
+        """Every session transition: the compiled table, or the generated class (see :mod:`natpool.fsm`)."""
+        self._machine.fire(self, event, self._registry.listeners)
 
     def _can_fail(self) -> bool:
         raise NotImplementedError
@@ -365,9 +367,9 @@ class Session:
     def settled(self) -> bool:
         """Guard ``settled``: entry Locked and ``settle_time`` elapsed since entering Settling.
 
-        This implies the entry's own ``settled`` (counted from its lock, never
-        later than entering Settling), which ``use(now)`` re-checks at the same
-        ``now``; reading the entry's property here would use its last-seen time.
+        The entry's own ``settled`` counts from the same start (set by
+        ``_enter_settling``), and ``use(now)`` re-checks it at the same ``now``;
+        reading the entry's property here would use its last-seen time.
         """
         entry = self.entry
         if entry is None or entry.state != "Locked" or self._settle_start is None:
@@ -385,8 +387,7 @@ class InitiatorSession(Session):
     """One ``take``: LOCK -> (LOCKED) -> lock locally -> TAKE -> (TAKEN) -> use."""
 
     role: Role = "initiator"
-    _machine_cls = InitiatorMachine
-    _table = INITIATOR
+    _machine = Compiled(InitiatorMachine, INITIATOR)
 
     def __init__(self, registry: HandoverRegistry, entry: PairEntry, now: float,
                  sid: bytes | None = None) -> None:
@@ -455,8 +456,7 @@ class ResponderSession(Session):
     """One incoming LOCK: accept (or refuse) -> LOCKED -> (TAKE) -> lock -> TAKEN -> use."""
 
     role: Role = "responder"
-    _machine_cls = ResponderMachine
-    _table = RESPONDER
+    _machine = Compiled(ResponderMachine, RESPONDER)
 
     def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float) -> None:
         """Process the session's first signal; call with the pool lock held (the pool's accept_session does)."""

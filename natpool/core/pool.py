@@ -28,13 +28,18 @@ from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderS
 from natpool.core.handover import accept_session as _accept_session
 from natpool.core.handover import start_take as _start_take
 from natpool.endpoints import EndpointPair
-from natpool.errors import DropReason, DuplicateNonce, PairBusy, UnknownPair
+from natpool.errors import DropReason, DuplicateNonce, EventBacklog, PairBusy, UnknownPair
 from natpool.machines.tables import ENTRY
 
 _log = logging.getLogger(__name__)
 
 _IDLE = ENTRY.initial
 _FINAL = ENTRY.final
+
+#: Default bound on undrained events (``next_event``). A driver that drains after every call
+#: never comes near it (one call adds at most one event per entry it touches); past it, inputs
+#: that make events raise :class:`EventBacklog` before changing anything.
+MAX_PENDING_EVENTS = 100_000
 
 
 class _Observer:
@@ -58,10 +63,18 @@ class PairPool:
     Per peer the pool keeps an insertion-ordered index of the Idle nonces
     (an ``OrderedDict``: a plain dict's ``next(iter(d))`` degrades to O(n)
     after deletions at its front), so ``claim_any`` is O(1).
+
+    Events queue until the driver drains them with :meth:`next_event` (O(1)
+    each). The queue is bounded by backpressure, not by dropping: once
+    ``max_pending_events`` are waiting, the inputs that make events
+    (``receive_datagram``, ``receive_and_reply``, ``handle_timer``, ``claim``,
+    ``claim_any``) raise :class:`EventBacklog` and change nothing, until the
+    driver drains. Removal and close are never refused.
     """
 
     def __init__(
-        self, local_identity: str, config: PairConfig | None = None, listeners: Sequence[object] = ()
+        self, local_identity: str, config: PairConfig | None = None, listeners: Sequence[object] = (),
+        *, max_pending_events: int = MAX_PENDING_EVENTS,
     ) -> None:
         self.local_identity = local_identity
         self.config = config if config is not None else PairConfig()
@@ -73,6 +86,7 @@ class PairPool:
         self._by_peer: dict[str, dict[int, PairEntry]] = {}
         self._idle: dict[str, OrderedDict[int, None]] = {}
         self._events: deque[EntryOutput] = deque()
+        self.max_pending_events = max_pending_events
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
         self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce), lazily invalidated
         # nonce -> the entry's deadline. Its heap slot may carry an earlier time: a deadline
@@ -145,11 +159,13 @@ class PairPool:
     def claim(self, nonce: int, now: float) -> PairEntry:
         """Claim one pair (Idle -> InLocking); UnknownPair, or PairBusy if not Idle."""
         with self.lock:
+            self._check_backlog()
             return self._claim_locked(nonce, now)
 
     def claim_any(self, peer: str, now: float) -> PairEntry:
         """Claim the longest-idle pair with ``peer``; PairBusy if none is Idle."""
         with self.lock:
+            self._check_backlog()
             return self._claim_any_locked(peer, now)
 
     def _claim_locked(self, nonce: int, now: float) -> PairEntry:
@@ -175,6 +191,7 @@ class PairPool:
     def receive_datagram(self, nonce: int, data: bytes, addr: tuple[str, int], now: float) -> None:
         """Hand a datagram that arrived on pair ``nonce``'s socket to its entry; never raises on bad input."""
         with self.lock:
+            self._check_backlog()
             entry = self._entries.get(nonce)
             if entry is None:
                 self.drops[DropReason.WRONG_NONCE] += 1
@@ -191,6 +208,7 @@ class PairPool:
         no outbox round trip. Other entries' queued output stays for ``datagrams_to_send``.
         """
         with self.lock:
+            self._check_backlog()
             entry = self._entries.get(nonce)
             if entry is None:
                 self.drops[DropReason.WRONG_NONCE] += 1
@@ -244,6 +262,7 @@ class PairPool:
     def handle_timer(self, now: float) -> None:
         """Run every entry due by ``now`` (+ :data:`TIMER_SLACK`), each once; others are not touched."""
         with self.lock:
+            self._check_backlog()
             heap, armed = self._heap, self._armed
             limit = now + TIMER_SLACK
             due: dict[int, None] = {}
@@ -269,6 +288,17 @@ class PairPool:
         """Oldest undelivered event of any entry (including the final one of removed entries)."""
         with self.lock:
             return self._events.popleft() if self._events else None
+
+    @property
+    def pending_events(self) -> int:
+        """Events waiting for :meth:`next_event`."""
+        return len(self._events)
+
+    def _check_backlog(self) -> None:
+        """Backpressure (lock held): refuse an input that would add events past the bound."""
+        if len(self._events) >= self.max_pending_events:
+            raise EventBacklog(f"{len(self._events)} events wait for next_event() "
+                               f"(max_pending_events={self.max_pending_events}): drain them first")
 
     # === handover sessions (natpool/core/handover.py; section owned by the handover work) ===
     # Sessions claim through the CAS above and then drive their entry directly

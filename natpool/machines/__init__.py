@@ -7,6 +7,7 @@ from natpool.machines.entry import EntryEvent, EntryMachine, EntryState
 from natpool.machines.initiator import InitiatorEvent, InitiatorMachine, InitiatorState
 from natpool.machines.responder import ResponderEvent, ResponderMachine, ResponderState
 from natpool.machines.tables import TABLES, Table
+from natpool.fsm import MachineMismatch, set_strict, strict, verify
 
 __all__ = [
     "EntryEvent",
@@ -15,9 +16,19 @@ __all__ = [
     "InitiatorEvent",
     "InitiatorMachine",
     "InitiatorState",
+    "MachineMismatch",
     "ResponderEvent",
     "ResponderMachine",
     "ResponderState",
     "TABLES",
     "Table",
+    "set_strict",
+    "strict",
 ]
+
+# Each class read back from its public metadata must equal its compiled table; else this raises.
+verify({
+    "Entry": (EntryMachine, TABLES["Entry"]),
+    "Initiator": (InitiatorMachine, TABLES["Initiator"]),
+    "Responder": (ResponderMachine, TABLES["Responder"]),
+})

@@ -101,10 +101,10 @@ def emit_tables_module(machines: dict[str, MachineSpec]) -> str:
         "# DO NOT EDIT: change the spec and regenerate; CI fails when this file is stale.",
         '"""Transition tables of every spec machine, as plain data.',
         "",
-        "The model checker explores these tables directly (running the",
-        "python-statemachine engine costs ~70 us per event, far too slow for a",
-        "state search), and the runtime asks them cheap questions such as",
-        '"may this event fire now?" before it binds the generated machine.',
+        "The model checker explores these tables directly, and the runtime steps",
+        "them on its hot paths (natpool.fsm): one python-statemachine event costs",
+        "~120 us, a table step ~0.1 us. The generated classes stay the authority:",
+        "importing natpool.machines checks each class against its table.",
         '"""',
         "",
         "from __future__ import annotations",
@@ -167,5 +167,11 @@ def emit_package_init(machines: dict[str, MachineSpec]) -> str:
         names += [f"{m.name}Event", f"{m.name}Machine", f"{m.name}State"]
     lines.append("from natpool.machines.tables import TABLES, Table")
     names += ["TABLES", "Table"]
+    # The runtime steps the tables (natpool.fsm); the classes stay the authority: check at import.
+    lines.append("from natpool.fsm import MachineMismatch, set_strict, strict, verify")
+    names += ["MachineMismatch", "set_strict", "strict"]
     lines += ["", "__all__ = [", *[f"    {n!r}," for n in sorted(names)], "]", ""]
+    lines += ["# Each class read back from its public metadata must equal its compiled table; else this raises.",
+              "verify({", *[f"    {m.name!r}: ({m.name}Machine, TABLES[{m.name!r}])," for m in machines.values()],
+              "})", ""]
     return "\n".join(lines).replace("'", '"')

@@ -45,3 +45,34 @@ def decode(data: bytes) -> Frame:
     if flag > 1:
         raise RemoteProtocolError(DropReason.MALFORMED, f"flag byte {flag} is neither ping (0) nor pong (1)")
     return Frame(nonce, Kind(flag))
+
+
+# --- the entry's hot path ---------------------------------------------------------------------
+# One pair's frames are recognised and built without Frame objects; ``decode`` stays the
+# authority for everything else (tests/test_entry_hotpath.py checks they agree on every input).
+
+_PING = int(Kind.PING)
+_PONG = int(Kind.PONG)
+
+
+def is_ping_for(data: bytes, nonce: int) -> bool:
+    """True for a ping, False for a pong carrying ``nonce`` (never 0); raises ``RemoteProtocolError``.
+
+    MALFORMED for anything ``decode`` rejects, WRONG_NONCE for a valid frame of another pair.
+    """
+    if len(data) == FRAME_SIZE and data[8] <= _PONG and int.from_bytes(data[:8], "big") == nonce:
+        return data[8] == _PING
+    frame = decode(data)
+    if frame.nonce != nonce:
+        raise RemoteProtocolError(DropReason.WRONG_NONCE, f"frame for {frame.nonce:#x}, expected {nonce:#x}")
+    return frame.kind is Kind.PING  # pragma: no cover - the fast path takes every valid frame of ``nonce``
+
+
+def ping_bytes(nonce: int) -> bytes:
+    """``encode(Frame(nonce, Kind.PING))`` without the Frame."""
+    return _STRUCT.pack(nonce, _PING)
+
+
+def pong_bytes(nonce: int) -> bytes:
+    """``encode(Frame(nonce, Kind.PONG))`` without the Frame."""
+    return _STRUCT.pack(nonce, _PONG)

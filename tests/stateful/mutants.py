@@ -19,6 +19,7 @@ from natpool.core.entry import PairEntry
 from natpool.core.handover import InitiatorSession, ResponderSession, Session
 from natpool.core.pool import PairPool
 from natpool.errors import PairBusy
+from natpool.fsm import Compiled
 from natpool.machines import EntryMachine
 from natpool.machines.tables import ENTRY, Table
 
@@ -50,15 +51,15 @@ def _entry_machine(table: Table) -> type[StateMachine]:
 def _entry_rows(event: str, sources: tuple[str, ...], target: str) -> Iterator[None]:
     """Add transition rows to the Entry spec, as the checker's ``add_transition`` does.
 
-    The shared table (runtime pre-checks *and* the trace validation) and the
-    machine class the runtime binds both get the rows, so the runtime steps
+    The shared table (the runtime's compiled steps *and* the trace validation) and
+    the machine class the runtime runs with listeners bound both get the rows, so the runtime steps
     through them legally: only the properties can catch the bug.
     """
     rows = ENTRY.transitions
     saved = dict(rows)
     rows.update({(src, event): (target, "") for src in sources})
     try:
-        with _patched_module(entry_module, "EntryMachine", _entry_machine(ENTRY)):
+        with _patched_module(entry_module, "_MACHINE", Compiled(_entry_machine(ENTRY), ENTRY)):
             yield
     finally:
         rows.clear()
