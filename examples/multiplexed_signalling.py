@@ -6,13 +6,15 @@ one control connection to each peer does not need a connection per session:
 this example multiplexes every session over that one stream by tagging each
 message with a session id, the way HTTP/2 tags frames with a stream id.
 
-Frame: ``session id (4 bytes) | kind (1 byte: DATA or CLOSE) | length (2) | payload``.
+Frame: ``session id (4 bytes) | kind (1 byte: OPEN, DATA or CLOSE) | length (2) | payload``.
 The side that dialled the connection numbers its sessions 1, 3, 5, …, the
-other 2, 4, 6, …, so both can open sessions at once without colliding. A
-DATA frame for a new id of the peer's parity starts an incoming session;
-one for an id already closed is late and dropped (counted, never raised),
-and CLOSE ends one session the way EOF ends a TCP connection: messages
-already queued are still delivered first.
+other 2, 4, 6, …, so both can open sessions at once without colliding.
+OPEN starts a session; it is written in the same step that allocates the
+id, so OPENs arrive in increasing id order and one for an id not above the
+last is a replay (whereas the sessions' first signals may leave in any
+order). CLOSE ends one session the way EOF ends a TCP connection: messages
+already queued are still delivered first. A frame for no open session is
+late remote input: dropped and counted, never raised.
 
 Run: ``python examples/multiplexed_signalling.py``
 """
@@ -30,7 +32,7 @@ from loopback_pairs import add_pairs
 from natpool import AsyncPairPool, ChannelBroken, Lease, LocalError, PairConfig, SignalChannel
 
 HEADER = struct.Struct("!IBH")
-DATA, CLOSE = 0, 1
+OPEN, DATA, CLOSE = 0, 1, 2
 MAX_PAYLOAD = 1024  # natpool signals are at most 64 bytes
 
 
@@ -62,7 +64,7 @@ class MuxChannel:
             self.inbox.put_nowait(None)  # wake our own pending recv
             self.mux.forget(self.sid)
             if not self.peer_closed:
-                await self.mux.write(self.sid, CLOSE, b"")
+                await self.mux.write(self.sid, CLOSE)
 
 
 class Mux:
@@ -90,19 +92,20 @@ class Mux:
         sid, self.next_sid = self.next_sid, self.next_sid + 2
         self.opened.append(sid)
         channel = self.channels[sid] = MuxChannel(self, sid)
+        await self.write(sid, OPEN)  # no await before its frame is queued: OPENs leave in id order
         return channel
 
-    async def write(self, sid: int, kind: int, payload: bytes) -> None:
+    async def write(self, sid: int, kind: int, payload: bytes = b"") -> None:
         if len(payload) > MAX_PAYLOAD:
             raise LocalError(f"signal of {len(payload)} bytes is over {MAX_PAYLOAD}")
         if self.broken:
             raise ChannelBroken(f"the connection to {self.peer!r} is gone")
+        self.writer.write(HEADER.pack(sid, kind, len(payload)) + payload)
+        self.frames["sent"] += 1
         try:
-            self.writer.write(HEADER.pack(sid, kind, len(payload)) + payload)
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             raise ChannelBroken(f"connection to {self.peer!r} failed: {exc}") from exc
-        self.frames["sent"] += 1
 
     def forget(self, sid: int) -> None:
         self.channels.pop(sid, None)
@@ -122,17 +125,18 @@ class Mux:
                 channel.inbox.put_nowait(None)
 
     def dispatch(self, sid: int, kind: int, payload: bytes) -> None:
-        channel = self.channels.get(sid)
-        if channel is None and kind == DATA and sid % 2 != self.next_sid % 2 and sid > self.highest_remote:
+        if kind == OPEN and sid % 2 != self.next_sid % 2 and sid > self.highest_remote and not payload:
             self.highest_remote = sid  # a new session the peer opened: we are its responder
-            channel = self.channels[sid] = MuxChannel(self, sid)
-            task = asyncio.create_task(self.on_incoming(channel))
+            self.channels[sid] = MuxChannel(self, sid)
+            task = asyncio.create_task(self.on_incoming(self.channels[sid]))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            return
+        channel = self.channels.get(sid)
         if channel is None and kind == CLOSE:
             return  # both ends close a finished session; the second CLOSE finds it gone already
         if channel is None or kind not in (DATA, CLOSE) or len(payload) > MAX_PAYLOAD:
-            self.drops["late or bad frame"] += 1  # remote input: dropped and counted, never raised
+            self.drops["frame for no open session, or malformed"] += 1  # remote input: counted, never raised
             return
         channel.inbox.put_nowait(payload if kind == DATA else None)
 
