@@ -1,4 +1,4 @@
-"""``natpool`` command line: spec generation, model checking, demo and benchmarks.
+"""natpool command line: spec generation, model checking, demo and benchmarks.
 
 Each subcommand lives in the module that owns its subject and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only routes.
@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from natpool import __version__
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "spec": ("natpool.specgen.cli", "generate code, diagrams and TLA+ from spec/"),
     "check": ("natpool.check.cli", "model-check the protocol over models/*.toml"),
@@ -20,7 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="natpool", description=__doc__.splitlines()[0] if __doc__ else None)
+    # The module docstring's first sentence, plain text (argparse prints it verbatim).
+    description = __doc__.split("\n\n")[0].replace("\n", " ") if __doc__ else None
+    parser = argparse.ArgumentParser(prog="natpool", description=description)
+    parser.add_argument("--version", action="version", version=f"natpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:

@@ -55,6 +55,13 @@ class BindFailed(LocalError, OSError):
     """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
 
 
+class InvalidSocket(LocalError, ValueError):
+    """``add(sock=...)`` got a socket it cannot adopt: not a UDP/IP socket, closed, or not bound.
+
+    A ``ValueError`` too, since that is what asyncio itself raises for a non-UDP socket.
+    """
+
+
 # --- remote bad input -------------------------------------------------------
 
 
@@ -96,6 +103,16 @@ class PairBusy(HandoverError):
 
 class PeerRefused(HandoverError):
     """The peer does not know the pair or aborted the session."""
+
+
+class HandoverCancelled(HandoverError):
+    """The session was cancelled locally (its task was cancelled, or the pool closed); ABORT(CANCELLED) went out.
+
+    A caller of ``take`` never sees this class: a cancelled ``take`` raises
+    ``asyncio.CancelledError``, one ended by ``close()`` raises :class:`PoolClosed`.
+    It is the outcome the sans-IO session records (and the key counted in
+    ``handover_outcomes``), so cancellations are told apart from failures.
+    """
 
 
 class HandoverTimeout(HandoverError):

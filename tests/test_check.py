@@ -17,15 +17,19 @@ from natpool.check.dsl import Scope, Translator, parse_expr, step_conditions
 from natpool.check.engine import Result, Search, concretize
 from natpool.check.system import System, list_models, load_model, load_system
 from natpool.check.trace import FORMAT, render, to_json
+from natpool.resources import models_dir, spec_dir
 from natpool.specgen.model import SpecError
 
 FAST = list_models("fast")
-ROOT = Path(__file__).resolve().parents[1]
+MODELS = models_dir().path  # the checkout's models/, or the installed copy
+SPEC = spec_dir().path
 
 
-def run(system: System, path: Path, liveness: bool = True, reduce: bool = False) -> tuple[Result, Search]:
+def run(system: System, path: Path, liveness: bool = True, reduce: bool = False,
+        keep_going: bool = False) -> tuple[Result, Search]:
     model = load_model(path, system)
-    search = Search(compile_system(system, model, reduce=reduce), liveness=liveness, progress=None)
+    search = Search(compile_system(system, model, reduce=reduce), liveness=liveness, progress=None,
+                    keep_going=keep_going)
     return search.run(), search
 
 
@@ -38,7 +42,7 @@ def test_fast_profile_exists_and_covers_the_scenarios() -> None:
 def test_fast_model_verdicts(path: Path) -> None:
     system = load_system()
     model = load_model(path, system)
-    result, _ = run(system, path)
+    result, _ = run(system, path, keep_going=True)  # past an expected violation: full verdicts for the rest
     assert result.complete
     for prop, verdict in result.verdicts.items():
         if prop in model.expect:
@@ -51,7 +55,7 @@ def test_fast_model_verdicts(path: Path) -> None:
 
 
 def test_reliable_model_proves_success_on_both_sides() -> None:
-    result, _ = run(load_system(), ROOT / "models" / "fast-reliable.toml")
+    result, _ = run(load_system(), MODELS / "fast-reliable.toml")
     assert result.verdicts["ReliableSuccess"] == "ok"
 
 
@@ -60,7 +64,7 @@ def test_missing_table_transition_disables_the_action() -> None:
     system = load_system()
     info = system.machines["Responder"]
     system.machines["Responder"] = replace(info, table={k: v for k, v in info.table.items() if k[1] != "accept"})
-    result, search = run(system, ROOT / "models" / "fast-reliable.toml")
+    result, search = run(system, MODELS / "fast-reliable.toml")
     assert result.verdicts["ReliableSuccess"] == "FAIL" or result.verdicts["Deadlock"] == "FAIL"
     assert all(ini != "Done" for st in search.states for ini in st[search.cs.variables.index("ini")])
 
@@ -71,7 +75,7 @@ def test_liveness_counterexample_is_a_fair_lasso(tmp_path: Path) -> None:
     info = system.machines["Responder"]
     system.machines["Responder"] = replace(info, table={k: v for k, v in info.table.items() if k[1] != "accept"})
     model_file = tmp_path / "two.toml"
-    text = (ROOT / "models" / "fast-reliable.toml").read_text().replace("K = 1", "K = 2")
+    text = (MODELS / "fast-reliable.toml").read_text().replace("K = 1", "K = 2")
     model_file.write_text(text)
     result, search = run(system, model_file)
     assert result.verdicts["TakeReturns"] == "FAIL"
@@ -86,7 +90,7 @@ def test_liveness_counterexample_is_a_fair_lasso(tmp_path: Path) -> None:
 def test_symmetry_reduction_is_sound_and_reduces(tmp_path: Path) -> None:
     system = load_system()
     path = tmp_path / "three-takers.toml"
-    text = (ROOT / "models" / "fast-race.toml").read_text()
+    text = (MODELS / "fast-race.toml").read_text()
     text = text.replace("T0 = 1", "T0 = 2").replace("B = 2", "B = 1").replace("remove = true", "remove = false")
     path.write_text(text)
     full, _ = run(system, path, liveness=False, reduce=False)
@@ -97,7 +101,7 @@ def test_symmetry_reduction_is_sound_and_reduces(tmp_path: Path) -> None:
 
 def test_reduced_counterexample_replays_concretely() -> None:
     system = load_system(mutant="no-cas")
-    result, search = run(system, ROOT / "models" / "fast-any.toml", liveness=False, reduce=True)
+    result, search = run(system, MODELS / "fast-any.toml", liveness=False, reduce=True)
     v = result.violations[0]
     steps = concretize(search.cs, [search.states[s] for s in v.path])
     for (_, prev), (label, nxt) in itertools.pairwise(steps):
@@ -109,7 +113,7 @@ def test_reduced_counterexample_replays_concretely() -> None:
 
 def test_trace_json_format() -> None:
     system = load_system(mutant="no-drain")
-    result, search = run(system, ROOT / "models" / "fast-race.toml", liveness=False)
+    result, search = run(system, MODELS / "fast-race.toml", liveness=False)
     doc = to_json(search, result.violations[0])
     assert doc["format"] == FORMAT and doc["property"] == "CleanHandover" and doc["mutant"] == "no-drain"
     assert doc["steps"][0]["action"] == "init"
@@ -119,7 +123,7 @@ def test_trace_json_format() -> None:
     assert "CleanHandover violated" in text and "take(" in text
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "tests" / "counterexamples").rglob("*.json")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent / "counterexamples").rglob("*.json")),
                          ids=lambda p: p.stem)
 def test_saved_counterexamples_are_well_formed(path: Path) -> None:
     doc = json.loads(path.read_text())
@@ -155,7 +159,7 @@ def test_guard_names_must_be_modelled(tmp_path: Path) -> None:
     """Stepping finish_lock (spec guard `drained`) from an action that ignores `drained` is a spec error."""
     spec = tmp_path / "spec"
     spec.mkdir()
-    for f in (ROOT / "spec").glob("*.toml"):
+    for f in SPEC.glob("*.toml"):
         (spec / f.name).write_text(f.read_text())
     text = (spec / "system.toml").read_text()
     text = text.replace("guard = 'ini[s] == \"Draining\" and entry[n][p] == \"InLocking\" and drained(n, p)'",
@@ -168,7 +172,7 @@ def test_guard_names_must_be_modelled(tmp_path: Path) -> None:
 def test_cli_runs_a_model_and_lists_mutants(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    assert cli.run(parser.parse_args([str(ROOT / "models" / "fast-reliable.toml"), "--quiet"])) == 0
+    assert cli.run(parser.parse_args([str(MODELS / "fast-reliable.toml"), "--quiet"])) == 0
     out = capsys.readouterr().out
     assert "fast-reliable" in out and "states/s" in out
     assert cli.run(parser.parse_args(["--list-mutants"])) == 0
@@ -179,7 +183,7 @@ def test_cli_violation_exits_nonzero_and_writes_json(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     target = tmp_path / "cex.json"
-    args = parser.parse_args([str(ROOT / "models" / "fast-race.toml"), "--mutant", "no-drain", "--quiet",
+    args = parser.parse_args([str(MODELS / "fast-race.toml"), "--mutant", "no-drain", "--quiet",
                               "--no-liveness", "--trace-json", str(target)])
     assert cli.run(args) == 1
     assert json.loads(target.read_text())["property"] == "CleanHandover"

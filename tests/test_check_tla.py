@@ -9,10 +9,13 @@ import pytest
 from natpool.check.compile import compile_system
 from natpool.check.engine import Search
 from natpool.check.system import list_models, load_model, load_system
+from natpool.resources import spec_dir
 from natpool.specgen import load_machines
 from natpool.specgen.emit_tla import MODULE, action_op, property_ops, tla_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
+# The directory holding spec/ and models/: the checkout, or natpool/_data of an installed wheel (which ships the
+# committed spec/tla/ too, so the freshness test compares the same files either way).
+ROOT = spec_dir().path.parent
 
 
 @pytest.fixture(scope="module")

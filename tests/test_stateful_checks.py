@@ -8,7 +8,6 @@ hypothesis machine drives, so a green stateful run means "checked", not
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
 import pytest
 from stateful.mutants import no_drain
@@ -17,9 +16,10 @@ from stateful.world import MAX_LIFETIME, A, B, Violation, World
 from natpool import props
 from natpool.core.lease import Lease
 from natpool.machines.tables import TABLES
+from natpool.resources import spec_dir
 from natpool.specgen.load import load_machines
 
-SPEC = Path(__file__).resolve().parent.parent / "spec"
+SPEC = spec_dir().path  # the checkout's spec/, or the copy installed with natpool
 
 
 def test_property_names_are_the_specs() -> None:

@@ -10,7 +10,6 @@ it is checked, so a mutant cannot pass by crashing the harness.
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
 import pytest
 from hypothesis import Phase, settings
@@ -18,6 +17,8 @@ from hypothesis.stateful import run_state_machine_as_test
 from stateful.machine import HandoverMachine
 from stateful.mutants import MUTANTS
 from stateful.world import Violation
+
+from natpool.resources import spec_dir
 
 #: Which properties may report each mutant (the first violated one wins); the
 #: checker's `expect` (spec/mutants.toml) is always among them.
@@ -43,7 +44,7 @@ def test_mutants_mirror_the_checkers() -> None:
 
     (Subset, not equality: a new checker mutant does not break CI before it is mirrored here.)
     """
-    spec = tomllib.loads((Path(__file__).resolve().parent.parent / "spec" / "mutants.toml").read_text())
+    spec = tomllib.loads((spec_dir().path / "mutants.toml").read_text())
     checker = {m["name"]: set(m.get("expect", [])) for m in spec["mutant"]}
     assert set(MUTANTS) == set(EXPECTED)
     assert set(MUTANTS) <= set(checker)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from natpool.core.handover import InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
-from natpool.errors import ChannelBroken, HandoverError, HandoverTimeout
+from natpool.errors import ChannelBroken, HandoverCancelled, HandoverError, HandoverTimeout
 from natpool.signalling import SignalChannel
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ Progress = Callable[[], None] | None
 
 #: Loops fire timeouts up to ~1 ms early; a session timer that close counts as due.
 TIMER_SLACK = 0.001
-#: Bound on sending the final ABORT of a cancelled session, so cancellation never hangs.
+#: Bound on sending the final ABORT of a cancelled session and on closing a channel, so an end never hangs.
 CANCEL_SEND_TIMEOUT = 0.5
 
 
@@ -48,19 +48,33 @@ async def run_initiator(pool: PairPool, session: InitiatorSession, channel: Sign
 
 
 async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
-                          *, on_progress: Progress = None) -> Lease:
+                          *, on_progress: Progress = None, may_start: Callable[[], bool] | None = None) -> Lease:
     """The responder entry point: serve one incoming session on ``channel``; return the lease or raise.
 
-    Waits at most ``pool.config.lock_timeout`` for the first signal.
+    Waits at most ``pool.config.lock_timeout`` for the first signal. The
+    channel is closed on every exit, cancellation included: an initiator
+    whose LOCK will never be answered learns it at once instead of waiting
+    out its own ``lock_timeout``. ``may_start`` is asked once the first
+    signal is in, before any entry is claimed; False (the pool began
+    closing) ends here with :class:`HandoverCancelled`, nothing claimed.
     """
     try:
-        first = await asyncio.wait_for(channel.recv(), timeout=pool.config.lock_timeout)
+        # asyncio.timeout, not wait_for: 3.11's wait_for returns the result of a read that completed
+        # as the task was cancelled, swallowing the cancellation (and a closing pool then took a LOCK).
+        async with asyncio.timeout(pool.config.lock_timeout):
+            first = await channel.recv()
     except TimeoutError:
         await _close(channel)
         raise HandoverTimeout("no LOCK arrived on the incoming signalling channel") from None
     except Exception as exc:  # any channel failure: the session never started
         await _close(channel)
         raise ChannelBroken(f"incoming signalling channel failed before LOCK: {exc!r}") from exc
+    except BaseException:  # cancelled before LOCK arrived
+        await _close(channel)
+        raise
+    if may_start is not None and not may_start():
+        await _close(channel)
+        raise HandoverCancelled("the pool began closing before this session could claim an entry")
     session: ResponderSession = pool.accept_session(first, clock())
     if on_progress is not None:
         on_progress()
@@ -148,13 +162,22 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         raise
     finally:
         session.waker = None
+        cancelled = False  # our own task was cancelled while it waited for the reader to end
         if reader_task is not None:
             reader_task.cancel()
-            with contextlib.suppress(BaseException):
+            try:
                 await reader_task
+            except asyncio.CancelledError:
+                # The reader's own cancellation is expected; ours must not be swallowed here.
+                me = asyncio.current_task()
+                cancelled = me is not None and me.cancelling() > 0
+            except Exception as exc:  # pragma: no cover - the reader catches every channel error itself
+                log.debug("handover %#x: signalling reader failed: %r", session.nonce, exc)
         await _close(channel)
         if on_progress is not None:
             on_progress()
+        if cancelled:
+            raise asyncio.CancelledError
     outcome = session.outcome
     if isinstance(outcome, Lease):
         return outcome
@@ -174,5 +197,7 @@ async def _flush(session: Session, channel: SignalChannel, clock: Clock) -> bool
 
 
 async def _close(channel: SignalChannel) -> None:
+    """Close ``channel``, bounded (a hung user channel must not hang a session's end) and never raising."""
     with contextlib.suppress(Exception):
-        await channel.close()
+        async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
+            await channel.close()

@@ -67,7 +67,9 @@ from natpool.errors import (
     BindFailed,
     ChannelBroken,
     DuplicateNonce,
+    HandoverCancelled,
     HandoverError,
+    InvalidSocket,
     LocalError,
     PoolClosed,
     RemoteProtocolError,
@@ -278,9 +280,14 @@ class AsyncPairPool:
         self._closed = False
         self._changed: asyncio.Event | None = None
         self._waiting = 0
-        self._handover_tasks: set[asyncio.Task[Any]] = set()
-        self._incoming: asyncio.Queue[Lease] = asyncio.Queue()
-        self.handover_outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
+        self._handover_tasks: set[asyncio.Task[Any]] = set()  # tasks inside take/serve_handover
+        self._cancelled_by_close: set[asyncio.Task[Any]] = set()  # ... that close() cancelled
+        self._handovers_done: asyncio.Event | None = None  # set whenever _handover_tasks empties
+        self._incoming: deque[Lease] = deque()  # responder leases waiting for accept()
+        self._acceptors: deque[asyncio.Future[Lease]] = deque()  # accept() calls waiting for a lease
+        #: "lease", or the HandoverError class name; "HandoverCancelled" counts takes/serves that were
+        #: cancelled (by their caller or by close()).
+        self.handover_outcomes: Counter[str] = Counter()
         # Entries that went silent (Locked/InUse): the datagrams on their socket are the application's
         # (the peer went InUse first), kept here for the lease instead of dropped.
         self._early: dict[int, LeasedProtocol] = {}
@@ -326,16 +333,39 @@ class AsyncPairPool:
             raise PoolClosed("the pool is closed")
 
     async def close(self) -> None:
-        """Expire every entry (CLOSED), close every socket the pool owns, stop the scheduler. Idempotent."""
+        """Expire every entry (CLOSED), close every socket the pool owns, stop the scheduler. Idempotent.
+
+        From the moment it is called no session claims an entry any more:
+        a pending :meth:`accept` and every later call raise :class:`PoolClosed`;
+        a pending :meth:`take` / :meth:`take_any` raises :class:`PoolClosed`
+        (not ``CancelledError``: its caller's task is not left cancelled) after
+        sending ABORT(CANCELLED) where the handshake still allows it; a
+        :meth:`serve_handover` returns None. ``close`` returns once all of
+        them have ended (each ends within a bounded ABORT send), not when
+        their callers' code after them has.
+        """
         if self._closed:
             return
         self._closed = True
+        for waiter in self._acceptors:
+            if not waiter.done():
+                waiter.set_exception(PoolClosed("the pool closed while accept() waited"))
+        self._acceptors.clear()
+        if self._loop is not None:
+            # Fail every running session now (ABORT(CANCELLED) queued), under the core's lock, so none can
+            # go on to claim or lock an entry even if its task's cancellation below is swallowed somewhere.
+            now = self.now()
+            for session in self.core.handovers.sessions():
+                session.cancel(now)
+            self._after_input(now)
         current = asyncio.current_task()
-        pending = [t for t in self._handover_tasks if t is not current]
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        for t in self._handover_tasks:
+            if t is not current:
+                self._cancelled_by_close.add(t)
+                t.cancel()
+        while self._handover_tasks - {current} and self._handovers_done is not None:
+            self._handovers_done.clear()
+            await self._handovers_done.wait()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -347,15 +377,39 @@ class AsyncPairPool:
         for nonce in list(self._transports):
             self._close_transport(nonce)
         # Responder leases nobody accepted yet have no owner but us: close their sockets too.
-        while not self._incoming.empty():
-            unclaimed = self._incoming.get_nowait()
-            transport = unclaimed.transport
-            if transport is not None:
-                transport.close()
+        while self._incoming:
+            _close_lease_transport(self._incoming.popleft())
         for sub in list(self._subscriptions):
             sub.close()
         # Let the loop run the transports' connection_lost callbacks so the fds are really gone.
         await asyncio.sleep(0)
+
+    def _enter_handover(self) -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handover_tasks.add(task)
+            if self._handovers_done is None:
+                self._handovers_done = asyncio.Event()
+        return task
+
+    def _leave_handover(self, task: asyncio.Task[Any] | None) -> None:
+        if task is None:
+            return
+        self._handover_tasks.discard(task)
+        if self._handovers_done is not None:
+            self._handovers_done.set()  # close() re-checks what is left
+        if task in self._cancelled_by_close:
+            # close() cancelled this task but the cancellation never surfaced as CancelledError here
+            # (something swallowed it): take the request back so the caller's task is not left cancelling.
+            self._cancelled_by_close.discard(task)
+            task.uncancel()
+
+    def _close_cancelled(self, task: asyncio.Task[Any] | None) -> bool:
+        """True if ``task``'s CancelledError came from close() alone (then it is taken back: uncancel)."""
+        if task is None or task not in self._cancelled_by_close:
+            return False
+        self._cancelled_by_close.discard(task)
+        return task.uncancel() == 0
 
     # --- add / remove ---------------------------------------------------------------------------
 
@@ -372,27 +426,43 @@ class AsyncPairPool:
         ``sock``: an already bound UDP socket to adopt (e.g. the one the hole
         punch used). ``bind``: bind this address instead of the local
         endpoint (behind a NAT the public endpoint is not a local address).
-        Raises InvalidPair / DuplicateNonce / BindFailed / PoolClosed; on any
-        error the pool is unchanged and no socket stays open.
+        Raises InvalidPair / DuplicateNonce / BindFailed / InvalidSocket /
+        PoolClosed, nothing untyped; on any error the pool is unchanged.
+
+        Who closes ``sock``: ``add`` owns it from the call on. On success it
+        belongs to the entry (closed when the entry expires or the pool
+        closes, or handed on with a lease); on *any* error, checks before
+        the socket is touched included, ``add`` closes it. So no socket
+        stays open after a failed ``add`` and the caller never closes ``sock``.
         """
-        self._check_open()
-        loop = self._bind_loop()
-        pair.validate()
-        local = pair.local(self.local_identity)
-        nonce = pair.nonce
-        if nonce in self._pending or nonce in self._transports:
-            raise DuplicateNonce(f"nonce {nonce:#x} is already in the pool")
+        try:
+            self._check_open()
+            loop = self._bind_loop()
+            pair.validate()
+            local = pair.local(self.local_identity)
+            nonce = pair.nonce
+            if nonce in self._pending or nonce in self._transports:
+                raise DuplicateNonce(f"nonce {nonce:#x} is already in the pool")
+            if sock is not None:
+                _check_udp_socket(sock)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         self._pending.add(nonce)
         try:
             if sock is None:
                 sock = _bind_udp(bind if bind is not None else local.addr)
-            else:
-                sock.setblocking(False)
             try:
+                sock.setblocking(False)
                 transport, protocol = await loop.create_datagram_endpoint(lambda: _EntryProtocol(self, nonce),
                                                                           sock=sock)
-            except BaseException:
+            except BaseException as exc:
                 sock.close()
+                if isinstance(exc, ValueError):  # asyncio's own check of the socket
+                    raise InvalidSocket(f"cannot adopt {sock!r}: {exc}") from exc
+                if isinstance(exc, OSError):
+                    raise BindFailed(exc.errno, f"cannot adopt the UDP socket: {exc.strerror or exc}") from exc
                 raise
             self.stats.sockets_opened += 1
             try:
@@ -676,11 +746,37 @@ class AsyncPairPool:
     # --- handover -------------------------------------------------------------------------------
 
     async def take(self, nonce: int) -> Lease:
-        """Hand pair ``nonce`` over to this application (initiator); PairBusy / UnknownPair / HandoverError."""
+        """Hand pair ``nonce`` over to this application (initiator).
+
+        Raises PairBusy / UnknownPair (nothing sent) or another HandoverError
+        (the entry returned to Idle or expired, per spec/handover.md rule 4);
+        :class:`PoolClosed` if the pool is closed or closes meanwhile.
+
+        Cancelling the task that awaits ``take`` re-raises ``CancelledError``
+        (``close()`` makes it :class:`PoolClosed` instead). What that leaves
+        depends on how far the handshake got (spec/handover.md, rule 4):
+
+        * before TAKE went out (LOCK unanswered, or draining): the entry is
+          back to Idle here and ABORT(CANCELLED) goes out (its send bounded by
+          ``natpool.aio.handover.CANCEL_SEND_TIMEOUT``); the peer's session
+          fails with PeerRefused and its entry returns to Idle, or expires if
+          it had already locked (a pinger responder locks before LOCKED).
+        * after TAKE, before TAKEN arrived: ABORT(CANCELLED) still goes out,
+          but this side is Locked, so its entry expires: the pair is gone
+          here. A peer still waiting for TAKE fails likewise; a peer that
+          already answered TAKEN ignores the ABORT and gets its lease.
+        * after TAKEN arrived (settling): nothing is sent; the peer gets its
+          lease; the entry here stays Locked, out of the keepalive, until its
+          lock times out (LOCK_TIMEOUT) or the pool closes.
+
+        In the last two cases the peer may hold a lease with no partner here;
+        a pair is never duplicated (both sides InUse on different takes).
+        A cancellation is counted as ``handover_outcomes["HandoverCancelled"]``.
+        """
         return await self._take(nonce, None)
 
     async def take_any(self, peer: str) -> Lease:
-        """Hand over the longest-idle pair with ``peer``; PairBusy if none is Idle."""
+        """Hand over the longest-idle pair with ``peer``; PairBusy if none is Idle. Cancellation as in :meth:`take`."""
         return await self._take(None, peer)
 
     async def _take(self, nonce: int | None, peer: str | None) -> Lease:
@@ -692,9 +788,7 @@ class AsyncPairPool:
         self.kick()
         assert session.entry is not None
         remote = session.entry.pair.remote(self.local_identity).identity
-        task = asyncio.current_task()
-        if task is not None:
-            self._handover_tasks.add(task)
+        task = self._enter_handover()  # no await since _check_open: close() cannot have begun in between
         try:
             try:
                 channel = await self.signalling.open(remote)
@@ -708,52 +802,96 @@ class AsyncPairPool:
                 if isinstance(exc, (HandoverError, LocalError, asyncio.CancelledError)):
                     raise
                 raise ChannelBroken(f"cannot open signalling to {remote!r}: {exc!r}") from exc
-            try:
-                lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
-            except HandoverError as exc:
-                self.handover_outcomes[type(exc).__name__] += 1
-                raise
+            # If close() began while the channel opened, the session is already cancelled: the pump
+            # only sends its ABORT and closes the channel.
+            lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
+        except asyncio.CancelledError:
+            self.handover_outcomes["HandoverCancelled"] += 1
+            log.debug("take of %#x cancelled", session.nonce)
+            if self._close_cancelled(task):
+                raise PoolClosed("the pool closed during the take") from None
+            raise
+        except HandoverError as exc:
+            self.handover_outcomes[type(exc).__name__] += 1
+            if isinstance(exc, HandoverCancelled) and self._closed:
+                raise PoolClosed("the pool closed during the take") from exc
+            raise  # the session logged it once, at DEBUG
         finally:
-            if task is not None:
-                self._handover_tasks.discard(task)
+            self._leave_handover(task)
         self.handover_outcomes["lease"] += 1
         return self._detach(lease)
 
     async def serve_handover(self, channel: SignalChannel) -> Lease | None:
         """Responder entry point for one incoming channel (e.g. a ``TcpSignallingServer`` handler).
 
-        A lease this side hands out is queued for :meth:`accept` (and returned);
-        a failed session returns None: the failure was the peer's or the
-        channel's, is counted in ``handover_outcomes`` and logged, never raised.
+        A lease this side hands out goes to ``on_lease`` or is queued for
+        :meth:`accept` (and returned); a failed session returns None: the
+        failure was the peer's or the channel's, is counted in
+        ``handover_outcomes`` and logged once at DEBUG, never raised. The
+        channel is closed on every exit. Once :meth:`close` has begun no
+        session starts and a running one ends: None, and the caller's task
+        is not left cancelled (a ``TcpSignallingServer`` connection ends
+        cleanly). Cancelling the caller's task ends the session as a
+        cancelled :meth:`take` does and re-raises ``CancelledError``.
         """
         if self._closed:
             with contextlib.suppress(Exception):
                 await channel.close()
             return None
         self._bind_loop()
-        task = asyncio.current_task()
-        if task is not None:
-            self._handover_tasks.add(task)
+        task = self._enter_handover()
         try:
-            lease = await serve_responder(self.core, channel, self.now, on_progress=self.kick)
+            lease = await serve_responder(self.core, channel, self.now, on_progress=self.kick,
+                                          may_start=lambda: not self._closed)
         except HandoverError as exc:
             self.handover_outcomes[type(exc).__name__] += 1
-            log.info("incoming handover ended without a lease: %s: %s", type(exc).__name__, exc)
             return None
+        except asyncio.CancelledError:
+            self.handover_outcomes["HandoverCancelled"] += 1
+            if self._close_cancelled(task):
+                return None
+            raise
         finally:
-            if task is not None:
-                self._handover_tasks.discard(task)
+            self._leave_handover(task)
         self.handover_outcomes["lease"] += 1
         leased = self._detach(lease)
+        if self._closed:
+            # Completed past the point of no return while close() waited: nobody can accept it now.
+            _close_lease_transport(leased)
+            return None
         if self.on_lease is not None:
             self.on_lease(leased)
         else:
-            self._incoming.put_nowait(leased)
+            self._deliver(leased)
         return leased
 
+    def _deliver(self, lease: Lease) -> None:
+        while self._acceptors:
+            waiter = self._acceptors.popleft()
+            if not waiter.done():
+                waiter.set_result(lease)
+                return
+        self._incoming.append(lease)
+
     async def accept(self) -> Lease:
-        """The next lease handed out by this side as responder (the peer called ``take``)."""
-        return await self._incoming.get()
+        """The next lease handed out by this side as responder (the peer called ``take``).
+
+        Raises :class:`PoolClosed` if the pool is closed, or closes while waiting.
+        """
+        self._check_open()
+        if self._incoming:
+            return self._incoming.popleft()
+        waiter: asyncio.Future[Lease] = self._bind_loop().create_future()
+        self._acceptors.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._deliver(waiter.result())  # handed to us as we were cancelled: not lost
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._acceptors.remove(waiter)
 
     def release(self, lease: Lease) -> None:
         """Done with a leased pair: its entry expires (CLOSED) and its socket is closed. Idempotent.
@@ -800,6 +938,26 @@ def _is_own_keepalive(data: bytes, nonce: int) -> bool:
         return decode_frame(data).nonce == nonce
     except RemoteProtocolError:
         return False
+
+
+def _close_lease_transport(lease: Lease) -> None:
+    transport = lease.transport
+    if transport is not None:
+        transport.close()
+
+
+def _check_udp_socket(sock: socket.socket) -> None:
+    """InvalidSocket unless ``sock`` is an open, bound UDP/IPv4 or IPv6 socket (checked before asyncio sees it)."""
+    if sock.fileno() < 0:
+        raise InvalidSocket("the socket is closed")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_DGRAM:
+        raise InvalidSocket(f"a bound UDP/IP socket is needed, got family {sock.family!r}, type {sock.type!r}")
+    try:
+        port = sock.getsockname()[1]
+    except OSError as exc:
+        raise InvalidSocket(f"cannot read the socket's address: {exc}") from exc
+    if port == 0:
+        raise InvalidSocket("the socket is not bound (bind it, or pass bind= and let add() open one)")
 
 
 def _bind_udp(addr: Addr) -> socket.socket:

@@ -10,7 +10,9 @@ which peer is on the line. A frame larger than ``max_frame`` cannot be skipped
 safely (we would have to read it), so it ends the connection and is counted as
 ``DropReason.OVERSIZED``; a read that does not complete within
 ``read_timeout`` ends it too. Nothing here raises remote input out of the
-library: every bad frame is dropped, counted and logged.
+library: every bad frame is dropped, counted and logged at DEBUG; a peer
+sending garbage must not flood the application's log, so beyond that only
+one INFO summary per :data:`DROP_SUMMARY_INTERVAL` says how much was dropped.
 
 Users can replace this module with their own transport: anything that
 implements :class:`natpool.signalling.Signalling` works with
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -35,6 +38,37 @@ HELLO_PREFIX = b"natpool-signal/1 "
 DEFAULT_MAX_FRAME = 4096
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DROP_SUMMARY_INTERVAL = 60.0  # seconds between two INFO summaries of dropped remote input
+
+
+class DropLog:
+    """Logs remote bad input: every event at DEBUG, and at most one INFO summary per ``interval``.
+
+    The first drop is summarised at once (so one bad peer is visible at INFO),
+    later ones are collected until ``interval`` has passed since the last
+    summary and then reported with the next drop. ``clock`` is injectable so a
+    test can step time instead of sleeping.
+    """
+
+    def __init__(self, interval: float = DROP_SUMMARY_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.pending: Counter[str] = Counter()
+        self.summaries = 0
+        self._last: float | None = None
+
+    def note(self, kind: str, msg: str, *args: object) -> None:
+        log.debug(msg, *args)
+        self.pending[kind] += 1
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval:
+            return
+        since = "" if self._last is None else f" in the last {now - self._last:.0f} s"
+        log.info("signalling: dropped %d bad input(s) from peers%s (%s); details at DEBUG",
+                 sum(self.pending.values()), since, ", ".join(f"{k}: {n}" for k, n in sorted(self.pending.items())))
+        self.pending.clear()
+        self.summaries += 1
+        self._last = now
 
 
 class TcpChannel:
@@ -55,8 +89,10 @@ class TcpChannel:
         max_frame: int = DEFAULT_MAX_FRAME,
         read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         drops: Counter[DropReason] | None = None,
+        drop_log: DropLog | None = None,
     ) -> None:
         self.peer = peer
+        self.drop_log = drop_log if drop_log is not None else DropLog()
         self.max_frame = max_frame
         self.read_timeout = read_timeout
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
@@ -93,14 +129,14 @@ class TcpChannel:
             if length == 0 or length > self.max_frame:
                 reason = DropReason.OVERSIZED if length else DropReason.MALFORMED
                 self.drops[reason] += 1
-                log.warning("signalling frame of %d bytes from %s dropped (%s); closing", length, self.peer,
-                            reason.value)
+                self.drop_log.note(reason.value, "signalling frame of %d bytes from %s dropped (%s); closing",
+                                   length, self.peer, reason.value)
                 self._abort()
                 raise ChannelBroken(f"bad frame length {length}")
             async with asyncio.timeout(self.read_timeout):
                 return await self._reader.readexactly(length)
         except TimeoutError as exc:
-            log.info("signalling read from %s timed out; closing", self.peer)
+            self.drop_log.note("read_timeout", "signalling read from %s timed out; closing", self.peer)
             self._abort()
             raise ChannelBroken("read timeout") from exc
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
@@ -147,6 +183,7 @@ class TcpSignalling:
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
         self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog()
 
     async def open(self, peer: str) -> TcpChannel:
         """Connect to ``peer``'s server and introduce ourselves; ChannelBroken if unreachable."""
@@ -160,7 +197,7 @@ class TcpSignalling:
         except (TimeoutError, OSError) as exc:
             raise ChannelBroken(f"cannot reach {peer!r} at {host}:{port}: {exc!r}") from exc
         channel = TcpChannel(reader, writer, peer=peer, max_frame=self.max_frame,
-                             read_timeout=self.read_timeout, drops=self.drops)
+                             read_timeout=self.read_timeout, drops=self.drops, drop_log=self.drop_log)
         await channel.send(HELLO_PREFIX + self.local_identity.encode())
         return channel
 
@@ -173,7 +210,9 @@ class TcpSignallingServer:
 
     The handler typically is ``AsyncPairPool.serve_handover``. Connections
     without a valid hello are dropped and counted. ``close`` stops listening
-    and closes every live connection.
+    and closes every live connection; no connection task ends cancelled (on
+    Python 3.11.x/3.12 asyncio logs such a task at ERROR, "Exception in
+    callback StreamReaderProtocol…", since nobody can retrieve it).
     """
 
     def __init__(
@@ -193,6 +232,7 @@ class TcpSignallingServer:
         self.drops: Counter[DropReason] = Counter()
         self.sessions_served = 0
         self.handler_errors = 0
+        self.drop_log = DropLog()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: set[TcpChannel] = set()
@@ -220,40 +260,50 @@ class TcpSignallingServer:
         if task is not None:
             self._tasks.add(task)
         channel = TcpChannel(reader, writer, max_frame=self.max_frame, read_timeout=self.read_timeout,
-                             drops=self.drops)
+                             drops=self.drops, drop_log=self.drop_log)
         self._channels.add(channel)
         try:
             try:
-                hello = await channel.recv()
-            except ChannelBroken:
-                return
-            if not hello.startswith(HELLO_PREFIX) or len(hello) == len(HELLO_PREFIX):
-                self.drops[DropReason.MALFORMED] += 1
-                log.warning("signalling connection without a valid hello dropped")
-                return
-            try:
-                channel.peer = hello[len(HELLO_PREFIX):].decode()
-            except UnicodeDecodeError:
-                self.drops[DropReason.MALFORMED] += 1
-                log.warning("signalling hello with an undecodable identity dropped")
-                return
-            try:
-                await self.handler(channel)
-                self.sessions_served += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A handler bug must not kill the server; it is logged loudly, not swallowed silently.
-                self.handler_errors += 1
-                log.exception("signalling handler failed for peer %s", channel.peer)
+                await self._serve(channel)
+            finally:
+                await channel.close()
+        except asyncio.CancelledError:
+            # This task belongs to asyncio's server and nobody awaits it but close(): end it normally, or
+            # asyncio's done-callback calls task.exception() on it and logs that at ERROR.
+            if task is not None:
+                task.uncancel()
         finally:
-            await channel.close()
             self._channels.discard(channel)
             if task is not None:
                 self._tasks.discard(task)
 
+    async def _serve(self, channel: TcpChannel) -> None:
+        try:
+            hello = await channel.recv()
+        except ChannelBroken:
+            return
+        if not hello.startswith(HELLO_PREFIX) or len(hello) == len(HELLO_PREFIX):
+            self.drops[DropReason.MALFORMED] += 1
+            self.drop_log.note(DropReason.MALFORMED.value, "signalling connection without a valid hello dropped")
+            return
+        try:
+            channel.peer = hello[len(HELLO_PREFIX):].decode()
+        except UnicodeDecodeError:
+            self.drops[DropReason.MALFORMED] += 1
+            self.drop_log.note(DropReason.MALFORMED.value, "signalling hello with an undecodable identity dropped")
+            return
+        try:
+            await self.handler(channel)
+            self.sessions_served += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A handler bug must not kill the server; it is logged loudly, not swallowed silently.
+            self.handler_errors += 1
+            log.exception("signalling handler failed for peer %s", channel.peer)
+
     async def close(self) -> None:
-        """Stop accepting, close every connection and wait for handlers to finish."""
+        """Stop accepting, close every connection and wait for handlers to finish. Logs nothing at ERROR."""
         if self._server is not None:
             self._server.close()
         for channel in list(self._channels):

@@ -56,7 +56,7 @@ class _Probe:
 
 async def _loop_stall(n: int) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=_TIMEOUT)
+    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=_TIMEOUT, lock_timeout=_TIMEOUT / 2)
     async with AsyncPairPool("a", cfg) as pool:
         t_add = loop.time()
         for i in range(n):
@@ -90,7 +90,7 @@ async def _loop_stall(n: int) -> dict[str, float]:
 
 def _sans_io_costs(n: int) -> dict[str, float]:
     """Per-entry cost of the core alone: ``n`` expiries in one ``handle_timer``, and ``n`` removals."""
-    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=_TIMEOUT)
+    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=_TIMEOUT, lock_timeout=_TIMEOUT / 2)
     pool = PairPool("a", cfg)
     for i in range(n):
         pool.add(_pair(i), False, 0.0)

@@ -56,8 +56,13 @@ class Search:
     """One exploration of a compiled model; keeps the graph for traces and liveness."""
 
     def __init__(self, cs: Compiled, liveness: bool = True, max_states: int = 0,
-                 progress: TextIO | None = sys.stderr, progress_every: float = 2.0) -> None:
+                 progress: TextIO | None = sys.stderr, progress_every: float = 2.0, keep_going: bool = False) -> None:
+        """By default the search stops at the first violation (enough to know a mutant is caught); the
+        verdicts of the properties not yet violated are then ``partial``, as after ``max_states``. With
+        ``keep_going`` (what ``natpool check`` does) it searches on without the violated property, so every
+        other property gets a verdict over the whole state space."""
         self.cs = cs
+        self.keep_going = keep_going
         self.liveness = liveness and bool(cs.stuck)
         self.max_states = max_states
         self.progress = progress
@@ -129,11 +134,28 @@ class Search:
             res.verdicts[prop] = "FAIL"
             res.violations.append(Violation(prop, kind, dict(zip(names, inst, strict=False)), path, None, detail))
 
-        for p, fn in invariants:
+        # With keep_going, a violated property is dropped from the checks (its first, shortest counterexample
+        # is kept) and the search goes on, so every other property gets a verdict over the whole state space.
+        inv_live = list(invariants)
+        act_live = list(aprops)
+        check_deadlock = True
+        keep = self.keep_going
+
+        def drop(names: set[str]) -> None:
+            nonlocal stop
+            if not keep:
+                stop = True
+            inv_live[:] = [x for x in inv_live if x[0].name not in names]
+            act_live[:] = [x for x in act_live if x[0].name not in names]
+
+        failed: set[str] = set()
+        for p, fn in inv_live:
             bad = fn(init)
             if bad is not None:
                 fail(p.name, "invariant", bad, 0, tuple(n for n, _ in p.params))
-                stop = True
+                failed.add(p.name)
+        if failed:
+            drop(failed)
         i = 0
         transitions = 0
         while i < len(self.states) and not stop:
@@ -149,37 +171,40 @@ class Search:
                     continue
                 nonstutter += 1
                 transitions += 1
-                for p, afn in aprops:
+                key = canon(nx) if canon else nx
+                sid, new = self._add(key, i, (aid, params), d)
+                failed = set()
+                for p, afn in act_live:
                     bad = afn(st, nx)
                     if bad is not None:
                         fail(p.name, "action", bad, i, tuple(n for n, _ in p.params),
-                             detail=f"violated by the step {cs.action_names[aid]}",
-                             extra=self._add(canon(nx) if canon else nx, i, (aid, params), d)[0])
-                        stop = True
-                if stop:
-                    break
-                key = canon(nx) if canon else nx
-                sid, new = self._add(key, i, (aid, params), d)
+                             detail=f"violated by the step {cs.action_names[aid]}", extra=sid)
+                        failed.add(p.name)
                 if new:
-                    for p, fn in invariants:
+                    for p, fn in inv_live:
+                        if p.name in failed:
+                            continue
                         bad = fn(key)
                         if bad is not None:
                             fail(p.name, "invariant", bad, sid, tuple(n for n, _ in p.params))
-                            stop = True
+                            failed.add(p.name)
+                if failed:
+                    drop(failed)
+                    if stop:
+                        break
                 if live:
                     g = self.group_of(aid, params)
                     self.succ.append(sid)
                     self.grp.append(g)
                     if g >= 0:
                         mask |= 1 << g
-                if stop:
-                    break
             if live:
                 self.off.append(len(self.succ))
                 self.enabled.append(mask)
-            if nonstutter == 0 and not stop and not terminal(st):
+            if nonstutter == 0 and check_deadlock and not stop and not terminal(st):
                 fail("Deadlock", "deadlock", (), i, ())
-                stop = True
+                check_deadlock = False
+                stop = not keep
             i += 1
             if self.max_states and len(self.states) >= self.max_states:
                 res.complete = False
@@ -198,12 +223,15 @@ class Search:
             res.liveness_checked = True
             self._liveness(res)
         elif cs.stuck:
+            # Liveness was not checked: by request (n/a), or because the search stopped early (partial).
+            unchecked = "partial" if self.liveness and (stop or not res.complete) else "n/a"
             for p, _, _ in cs.stuck:
                 if res.verdicts.get(p.name) == "ok":
-                    res.verdicts[p.name] = "n/a"
+                    res.verdicts[p.name] = unchecked
         if stop or not res.complete:
+            # Only part of the state space was searched: "ok" would claim more than was shown.
             for k, v in res.verdicts.items():
-                if v == "ok" and not res.complete:
+                if v == "ok":
                     res.verdicts[k] = "partial"
         res.seconds = time.monotonic() - t0
         return res
@@ -212,6 +240,8 @@ class Search:
     def _liveness(self, res: Result) -> None:
         n = len(self.states)
         for p, insts, fn in self.cs.stuck:
+            if res.verdicts.get(p.name) == "FAIL":  # already violated by a safety part: one counterexample each
+                continue
             flags = [fn(st) for st in self.states]
             for k, inst in enumerate(insts):
                 stuck = bytearray(1 if flags[s][k] else 0 for s in range(n))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from natpool.check.dsl import Define, MachineInfo, names_used, parse_effect, parse_expr, stepped_events
+from natpool.resources import models_dir
 from natpool.specgen.load import default_spec_dir, load_machines
 from natpool.specgen.model import MachineSpec, SpecError
 
@@ -294,7 +295,8 @@ def load_model(path: Path, system: System) -> Model:
 
 
 def default_models_dir() -> Path:
-    return default_spec_dir().parent / "models"
+    """The source checkout's ``models/``, else the installed package's copy (see :mod:`natpool.resources`)."""
+    return models_dir().path
 
 
 def list_models(profile: str | None = None, models_dir: Path | None = None) -> list[Path]:

@@ -36,6 +36,7 @@ from natpool.core.lease import Lease, Role
 from natpool.errors import (
     ChannelBroken,
     DropReason,
+    HandoverCancelled,
     HandoverError,
     HandoverTimeout,
     LocalError,
@@ -196,7 +197,7 @@ class Session:
         """Local shutdown (pool close): fail with ABORT(CANCELLED) if still possible."""
         with self._registry.lock:
             if not self.done and self._can_fail():
-                self._fail(HandoverError("handover cancelled locally"), now, abort=AbortReason.CANCELLED)
+                self._fail(HandoverCancelled("handover cancelled locally"), now, abort=AbortReason.CANCELLED)
 
     def on_entry_event(self, event: object, now: float) -> None:
         """Called by the pool (lock held) for each event of the owned entry: re-evaluate the guards."""
@@ -234,6 +235,11 @@ class Session:
             raise RemoteProtocolError(DropReason.UNEXPECTED, f"signal for foreign session {sig.sid.hex()}")
         if sig.nonce != self.nonce:
             raise RemoteProtocolError(DropReason.WRONG_NONCE, f"signal for nonce {sig.nonce:#x}")
+        if sig.type is SignalType.ABORT:
+            # Terminal, so accepted whatever its sequence number: a cancelled send may have used numbers
+            # that never went out (spec/handover.md, "Sequence numbers, and why ABORT ignores them").
+            self._recv_seq = max(self._recv_seq, sig.seq)
+            return
         if sig.seq <= self._recv_seq:
             raise RemoteProtocolError(DropReason.REPLAY, f"sequence {sig.seq} already seen (last {self._recv_seq})")
         if sig.seq != self._recv_seq + 1:
@@ -243,7 +249,7 @@ class Session:
     def _drop(self, reason: DropReason, detail: str) -> None:
         self.drops[reason] += 1
         self._registry.drops[reason] += 1
-        logger.info("handover %s %#x: dropped signal (%s): %s", self.role, self.nonce, reason.value, detail)
+        logger.debug("handover %s %#x: dropped signal (%s): %s", self.role, self.nonce, reason.value, detail)
 
     def _protocol_failure(self, exc: RemoteProtocolError, now: float) -> None:
         self._drop(exc.reason, exc.detail)
@@ -338,7 +344,7 @@ class Session:
         if self.nonce:
             self._registry.unbind(self.nonce, self)
         if isinstance(outcome, HandoverError):
-            logger.info("handover %s %#x ended: %s: %s", self.role, self.nonce, type(outcome).__name__, outcome)
+            logger.debug("handover %s %#x ended: %s: %s", self.role, self.nonce, type(outcome).__name__, outcome)
         self._wake()
 
     # -- role hooks --
@@ -468,11 +474,15 @@ class ResponderSession(Session):
             self._refuse(SignalProtocolError(str(exc)), now, drop=exc)
             return
         self.nonce, self.sid = sig.nonce, sig.sid
+        if sig.type is SignalType.ABORT:
+            # The initiator gave up before its LOCK got here (e.g. a cancelled send): nothing to answer.
+            assert sig.reason is not None
+            self.received.append(sig)
+            self._refuse(PeerRefused(f"initiator aborted before LOCK ({sig.reason.name})"), now)
+            return
         if sig.type is not SignalType.LOCK or sig.seq != 1:
             bad = RemoteProtocolError(DropReason.UNEXPECTED, f"session opened with {sig!r}, expected LOCK #1")
-            # Never answer an ABORT with an ABORT: the initiator has already given up.
-            reply = None if sig.type is SignalType.ABORT else AbortReason.PROTOCOL
-            self._refuse(SignalProtocolError(str(bad)), now, drop=bad, reply=reply)
+            self._refuse(SignalProtocolError(str(bad)), now, drop=bad, reply=AbortReason.PROTOCOL)
             return
         self._recv_seq = 1
         self.received.append(sig)

@@ -7,14 +7,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from natpool.resources import SpecNotFound, spec_dir
 from natpool.specgen.model import Guard, MachineSpec, SpecError, Transition
 
 MACHINE_FILES = ("entry.toml", "initiator.toml", "responder.toml")
 
 
 def default_spec_dir() -> Path:
-    """``spec/`` next to the package (a source checkout)."""
-    return Path(__file__).resolve().parents[2] / "spec"
+    """The source checkout's ``spec/``, else the installed package's copy (see :mod:`natpool.resources`)."""
+    return spec_dir().path
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -32,7 +33,10 @@ def _req_str(table: dict[str, Any], key: str, where: str) -> str:
 
 def load_machine(path: Path) -> MachineSpec:
     """Load one machine file and check it is internally consistent."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise SpecNotFound(f"spec file {path} not found") from exc
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:

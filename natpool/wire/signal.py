@@ -14,7 +14,8 @@ LOCK/LOCKED/BUSY/TAKE/TAKEN are exactly 30 bytes, ABORT exactly 31. Inputs
 longer than :data:`MAX_SIGNAL_SIZE` raise ``OVERSIZED`` before any parsing;
 every other deviation raises ``MALFORMED``. The codec checks *form* only;
 whether a well-formed signal is expected (state, session, nonce, sequence)
-is the session's business.
+is the session's business. (A session accepts ABORT whatever its sequence
+number: see spec/handover.md, "Sequence numbers, and why ABORT ignores them".)
 """
 
 from __future__ import annotations
