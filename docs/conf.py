@@ -93,16 +93,24 @@ def _checker_output() -> None:
     (GENERATED / "no-drain.txt").write_text(trace)
 
 
-def _api_covers_all() -> None:
-    """api.md lists the public names by hand, in groups; fail the build when one of ``natpool.__all__`` is missing."""
+def _api_leftovers() -> None:
+    """api.md lists the public names by hand, in groups; other names of ``natpool.__all__`` land in its last section.
+
+    So a new export is never missing from the reference, even before someone files it under its group.
+    """
     directive = re.compile(r"^\.\. auto(?:class|exception|data):: natpool\.(\w+)$", re.M)
     listed = set(directive.findall((DOCS / "api.md").read_text()))
-    missing = sorted(set(natpool.__all__) - listed)
-    if missing:
-        raise RuntimeError(f"docs/api.md has no entry for these names of natpool.__all__: {', '.join(missing)}")
+    rows = ["Names exported since the groups above were written; each still awaits its group.", "", "```{eval-rst}"]
+    for name in sorted(set(natpool.__all__) - listed):
+        obj = getattr(natpool, name)
+        kind = "exception" if isinstance(obj, type) and issubclass(obj, BaseException) else \
+            "class" if isinstance(obj, type) else "data"
+        rows += [f".. auto{kind}:: natpool.{name}", ""]
+    text = "\n".join([*rows, "```", ""]) if len(rows) > 3 else "None: every exported name is in its group.\n"
+    (GENERATED / "api-leftovers.md").write_text(text)
 
 
-_api_covers_all()
 GENERATED.mkdir(exist_ok=True)
+_api_leftovers()
 _spec_tables()
 _checker_output()
