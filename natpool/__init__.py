@@ -26,7 +26,7 @@ from natpool.core import (
     PairPool,
     StateChanged,
 )
-from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession, Session
+from natpool.core.handover import EntryClaims, HandoverRegistry, InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease, LeaseBuffer, LeaseOwner, Role
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import (
@@ -64,6 +64,7 @@ __all__ = [
     "DuplicateNonce",
     "Endpoint",
     "EndpointPair",
+    "EntryClaims",
     "EntryEvent",
     "EntryObserver",
     "EntryOutput",

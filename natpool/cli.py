@@ -16,7 +16,7 @@ from natpool import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "spec": ("natpool.specgen.cli", "generate code, diagrams and TLA+ from spec/"),
     "check": ("natpool.check.cli", "model-check the protocol over models/*.toml"),
-    "demo": ("natpool.aio.demo", "two pools on loopback UDP + TCP signalling, with live stats"),
+    "demo": ("natpool.demo", "two pools on loopback UDP + TCP signalling, with live stats"),
     "bench": ("natpool.bench.cli", "benchmarks against same-run baselines"),
 }
 

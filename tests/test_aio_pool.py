@@ -273,3 +273,33 @@ def test_malformed_source_addresses_are_dropped_even_with_a_wire_observer() -> N
             assert [d for d, _ in seen] == ["recv"] * len(odd)
 
     run(main())
+
+
+def test_many_entries_due_at_once_expire_over_several_bounded_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more entries due than ``TIMER_BATCH``, one timer callback runs only a batch and re-arms for
+    the rest on the next loop iteration: every entry still expires and every socket is closed."""
+    import time
+
+    import natpool.aio.pool as aio_pool
+
+    monkeypatch.setattr(aio_pool, "TIMER_BATCH", 3)
+
+    async def main() -> None:
+        cfg = PairConfig(ping_interval=0.5, no_inbound_timeout=0.6, ping_lifespan=0.5, lock_timeout=0.3)
+        async with AsyncPairPool("alice", cfg) as alice:
+            peers = []
+            for n in range(8):
+                pair, sa, sb = make_pair(100 + n)
+                peers.append(sb)
+                await alice.add(pair, is_pinger=False, sock=sa)  # ponger: nobody pings it
+            deadline = max(e.get_timer() or 0.0 for e in alice.entries())
+            time.sleep(max(0.0, deadline - alice.now()) + 0.01)  # block the loop: all 8 are due at the next wake-up
+            wakeups = alice.stats.timer_wakeups
+            await asyncio.wait_for(wait_until(alice, lambda: len(alice) == 0), 5.0)
+            assert alice.stats.timer_wakeups - wakeups >= 3  # ceil(8 / 3) callbacks, not one
+            assert alice.stats.sockets_closed == 8
+            assert {e.nonce for e in alice.entries()} == set()
+        for sb in peers:
+            sb.close()
+
+    run(main())

@@ -18,7 +18,7 @@ from natpool.check.engine import Result, Search, concretize
 from natpool.check.system import System, list_models, load_model, load_system
 from natpool.check.trace import FORMAT, render, to_json
 from natpool.resources import models_dir, spec_dir
-from natpool.specgen.model import SpecError
+from natpool.spec.model import SpecError
 
 FAST = list_models("fast")
 MODELS = models_dir().path  # the checkout's models/, or the installed copy

@@ -612,3 +612,18 @@ def test_ipv6_style_four_tuple_matches_on_host_and_port(addr: tuple[str, int, in
     a.receive_datagram(PONG, addr, 0.1)  # type: ignore[arg-type]
     assert a.stats.received == 1
     assert a.outstanding == 0
+
+
+def test_events_are_immutable_values() -> None:
+    """StateChanged / Drained are named tuples (cheap to build on the hot path) but still values."""
+    from natpool.core.entry import Drained, StateChanged
+
+    a = StateChanged(1, "Idle", "InLocking", "begin_lock", None, 2.0)
+    assert a == StateChanged(nonce=1, source="Idle", target="InLocking", event="begin_lock", reason=None, at=2.0)
+    assert hash(a) == hash(StateChanged(1, "Idle", "InLocking", "begin_lock", None, 2.0))
+    assert (a.nonce, a.source, a.target, a.event, a.reason, a.at) == (1, "Idle", "InLocking", "begin_lock", None, 2.0)
+    with pytest.raises(AttributeError):
+        a.target = "Locked"  # type: ignore[misc]
+    d = Drained(1, 2.0)
+    assert d.nonce == 1 and d.at == 2.0 and type(d) is Drained and not isinstance(d, StateChanged)
+    assert repr(d) == "Drained(nonce=1, at=2.0)"

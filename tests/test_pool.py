@@ -336,7 +336,7 @@ def test_scheduler_heap_stays_bounded_under_re_arming() -> None:
         pool.receive_datagram(1, ping, remote, i * 0.001)  # each one moves the deadline
         pool.datagrams_to_send(i * 0.001)
     assert pool.get(1).stats.received == 5000
-    assert len(pool._heap) <= 2 * len(pool) + 1024
+    assert len(pool._heap) + len(pool._fifo) <= 2 * len(pool) + 1024
     assert pool.get_timer() == pytest.approx(4.999 + 3.0)
 
 
@@ -402,7 +402,7 @@ def test_a_deadline_moving_later_costs_no_heap_push_and_stays_exact() -> None:
     remote = pair(1).b.addr
     for i in range(100):
         assert pool.receive_and_reply(1, ping, remote, i * 0.01) == [(encode(Frame(1, Kind.PONG)), remote)]
-    assert len(pool._heap) == 1  # the slot armed at add() (3.0) was kept, not re-pushed per ping
+    assert len(pool._heap) + len(pool._fifo) == 1  # the slot armed at add() (3.0) was kept, not re-pushed per ping
     assert not pool.has_pending_output()
     assert pool.get_timer() == pytest.approx(0.99 + 3.0)  # still exact: the old slot is re-slotted on demand
     pool.handle_timer(3.0)  # the old slot's time: nothing is due
@@ -444,3 +444,58 @@ def test_a_full_event_queue_refuses_inputs_until_drained_and_loses_nothing() -> 
     pool.remove(3, 1.3)
     assert pool.pending_events == 3
     assert [e.nonce for e in drain_events(pool)] == [1, 2, 3]
+
+
+# --- bounded timer batches (a driver keeps one callback short when thousands are due) -----------
+
+
+def test_handle_timer_runs_at_most_max_entries_earliest_first_and_leaves_the_rest_due() -> None:
+    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=2.0)
+    pool = PairPool("alice", cfg)
+    for n in range(1, 11):
+        pool.add(pair(n), False, n * 0.01)  # no-inbound deadlines 3.01 .. 3.10, in nonce order
+    pool.add(pair(99), False, 5.0)  # not due at 4.0
+    expired: list[int] = []
+
+    def drain() -> None:
+        while (ev := pool.next_event()) is not None:
+            if isinstance(ev, StateChanged) and ev.target == "Expired":
+                expired.append(ev.nonce)
+
+    pool.handle_timer(4.0, max_entries=4)
+    drain()
+    assert expired == [1, 2, 3, 4]  # the four earliest deadlines, in deadline order
+    timer = pool.get_timer()
+    assert timer is not None and timer <= 4.0  # the rest are still due: the driver calls again at once
+    pool.handle_timer(4.0, max_entries=4)
+    pool.handle_timer(4.0, max_entries=4)
+    drain()
+    assert expired == list(range(1, 11))
+    assert 99 in pool and pool.get(99).state == "Idle"  # never touched: not due
+    assert pool.get_timer() == pytest.approx(8.0)
+
+
+@given(st.lists(st.tuples(st.integers(1, 8), st.floats(0.0, 3.0), st.booleans()), min_size=1, max_size=40),
+       st.integers(1, 4))
+def test_timer_slots_out_of_order_and_batched_stay_exact(ops: list[tuple[int, float, bool]], batch: int) -> None:
+    """Deadlines pushed out of order (heap) and in order (FIFO), some moved later, some earlier:
+    ``get_timer`` is always the earliest entry deadline, and batched ``handle_timer`` calls repeated
+    until nothing is due run exactly the entries an unbatched call would."""
+    cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=1.5)
+    a, b = PairPool("alice", cfg), PairPool("alice", cfg)
+    now = 0.0
+    for n, dt, claim in ops:
+        now += dt
+        for p in (a, b):
+            if n not in p:
+                p.add(pair(n), n % 2 == 0, now)
+            elif claim and p.get(n).state == "Idle":
+                p.claim(n, now)
+        a.handle_timer(now)
+        while (t := b.get_timer()) is not None and t <= now + 0.001:
+            b.handle_timer(now, max_entries=batch)
+        for p in (a, b):
+            timers = [t for e in p.entries() if (t := e.get_timer()) is not None]
+            assert p.get_timer() == (min(timers) if timers else None)
+            p.datagrams_to_send(now)
+        assert {e.nonce: e.state for e in a.entries()} == {e.nonce: e.state for e in b.entries()}

@@ -33,6 +33,7 @@ def go_silent(node: SimNode, nonce: int) -> float:
     """Claim, drain and hand ``nonce`` to the application (InUse) as a session would; returns the lock time."""
     entry = node.claim(nonce)
     sim = node.sim
+    assert isinstance(sim, Simulation)  # a node only knows its host through the World protocol
     assert sim.run_until(lambda: entry.drained, timeout=CFG.lock_timeout)
     now = sim.now()
     with node.pool.lock:

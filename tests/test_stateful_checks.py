@@ -17,7 +17,7 @@ from natpool import props
 from natpool.core.lease import Lease
 from natpool.machines.tables import TABLES
 from natpool.resources import spec_dir
-from natpool.specgen.load import load_machines
+from natpool.spec.load import load_machines
 
 SPEC = spec_dir().path  # the checkout's spec/, or the copy installed with natpool
 

@@ -53,19 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for the take schedule")
     parser.add_argument("--quiet", action="store_true", help="no live table, summary only")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop is installed")
-    parser.add_argument("--nat", action="store_true",
-                        help="run the pools behind two Linux kernel NATs (network namespaces, nftables masquerade, "
-                             "conntrack; root only), with the routers' tables in the live view")
+
+
+def valid_arguments(args: argparse.Namespace) -> bool:
+    """The checks both demos share (``natpool demo --nat`` builds on this one: :mod:`natpool.demo`)."""
+    if args.pairs < 1 or args.takes < 0 or args.ping_interval <= 0 or args.duration <= 0:
+        print("natpool demo: --pairs >= 1, --takes >= 0, --ping-interval > 0, --duration > 0", file=sys.stderr)
+        return False
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.pairs < 1 or args.takes < 0 or args.ping_interval <= 0 or args.duration <= 0:
-        print("natpool demo: --pairs >= 1, --takes >= 0, --ping-interval > 0, --duration > 0", file=sys.stderr)
+    if not valid_arguments(args):
         return 2
-    if args.nat:
-        from natpool.netlab.demo import run_nat  # Linux/root-only machinery, imported only when asked for
-
-        return run_nat(args)
     demo = Demo(args)
     return aio_run(demo.main(), use_uvloop=not args.no_uvloop)
 

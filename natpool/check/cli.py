@@ -34,7 +34,7 @@ from natpool.check.engine import Result, Search
 from natpool.check.system import Model, System, list_models, load_model, load_mutants, load_system
 from natpool.check.trace import render, to_json, write_json
 from natpool.resources import SpecNotFound, given_dir, models_dir, spec_dir
-from natpool.specgen.model import SpecError
+from natpool.spec.model import SpecError
 
 ORDER = ["AtomicTake", "StrictSilence", "CleanHandover", "Symmetry", "NoLeak", "Deadlock", "TakeReturns",
          "LockEnds", "SessionEnds", "ReliableSuccess"]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from natpool.specgen.model import SpecError
+from natpool.spec.model import SpecError
 
 PRIME_RE = re.compile(r"([A-Za-z_]\w*)'")
 NEXT_PREFIX = "__next__"

@@ -17,8 +17,8 @@ from typing import Any
 
 from natpool.check.dsl import Define, MachineInfo, names_used, parse_effect, parse_expr, stepped_events
 from natpool.resources import models_dir
-from natpool.specgen.load import default_spec_dir, load_machines
-from natpool.specgen.model import MachineSpec, SpecError
+from natpool.spec.load import default_spec_dir, load_machines
+from natpool.spec.model import MachineSpec, SpecError
 
 Effect = list[tuple[str, list[ast.expr], ast.expr]]
 

@@ -27,11 +27,12 @@ import logging
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import Protocol
 
-from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
+from natpool.core.entry import ExpiryReason, PairEntry, StateChanged
 from natpool.core.lease import Lease, Role
 from natpool.errors import (
     ChannelBroken,
@@ -52,9 +53,6 @@ from natpool.machines.tables import INITIATOR, RESPONDER
 from natpool.wire import signal as wire
 from natpool.wire.signal import AbortReason, Signal, SignalType
 
-if TYPE_CHECKING:
-    from natpool.core.pool import PairPool
-
 logger = logging.getLogger(__name__)
 
 
@@ -64,21 +62,44 @@ Claim = Callable[[int, float], PairEntry]
 """The claim CAS (raises UnknownPair / PairBusy); lock-free variant, lock held."""
 
 
+class EntryClaims(Protocol):
+    """What the sessions need of the pool that owns the entries: lookup and the claim CAS.
+
+    Narrow on purpose, so this module never imports the pool (no import
+    cycle) and never reaches into its private state. Every method is called
+    with the pool's lock held (the registry's :attr:`HandoverRegistry.lock`
+    is that lock) and raises :class:`UnknownPair` / :class:`PairBusy`.
+    """
+
+    def lookup(self, nonce: int) -> PairEntry: ...
+
+    def claim(self, nonce: int, now: float) -> PairEntry: ...
+
+    def claim_any(self, peer: str, now: float) -> PairEntry: ...
+
+
 # --- registry: owner of each claimed entry + event routing -------------------
 
 
 class HandoverRegistry:
-    """nonce -> owning session; the pool holds one and forwards entry events here.
+    """nonce -> owning session; the pool creates one and forwards entry events here.
 
     Ownership is the ``owner[self] = session`` of the ``entry_claimed`` guard:
     the tie-break hands an entry from a local initiator to a responder by
     rebinding it here, without the entry ever leaving InLocking.
+
+    ``claims`` is the pool's side (:class:`EntryClaims`); without it the
+    registry only tracks sessions (:meth:`start_take` / :meth:`accept` raise).
     """
 
     def __init__(self, lock: AbstractContextManager[object] | None = None,
-                 drops: Counter[DropReason] | None = None, listeners: tuple[object, ...] = ()) -> None:
+                 drops: Counter[DropReason] | None = None, listeners: tuple[object, ...] = (),
+                 claims: EntryClaims | None = None) -> None:
         self.lock: AbstractContextManager[object] = lock if lock is not None else threading.Lock()
+        self._claims = claims
         self._owners: dict[int, Session] = {}
+        #: nonce -> owning session, read-only (the pool skips routing while it is empty).
+        self.owners: Mapping[int, Session] = MappingProxyType(self._owners)
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
         self.outcomes: Counter[str] = Counter()  # "lease" or the HandoverError class name
         self.messages_sent = 0
@@ -106,6 +127,31 @@ class HandoverRegistry:
         session = self._owners.get(nonce)
         if session is not None:
             session.on_entry_event(event, now)
+
+    def start_take(self, nonce: int | None, peer: str | None, now: float,
+                   sid: bytes | None = None) -> InitiatorSession:
+        """Claim (CAS) an entry and open an initiator session on it; LOCK is queued.
+
+        Raises :class:`PairBusy` / :class:`UnknownPair` (nothing sent, nothing
+        changed) — rule 1: losers of the claim fail at once.
+        """
+        if (nonce is None) == (peer is None):
+            raise LocalError("start_take needs exactly one of nonce or peer")
+        claims = self._need_claims()
+        with self.lock:
+            entry = claims.claim(nonce, now) if nonce is not None else claims.claim_any(str(peer), now)
+            return InitiatorSession(self, entry, now, sid=sid)
+
+    def accept(self, data: bytes, now: float) -> ResponderSession:
+        """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
+        claims = self._need_claims()
+        with self.lock:
+            return ResponderSession(self, claims.lookup, claims.claim, data, now)
+
+    def _need_claims(self) -> EntryClaims:
+        if self._claims is None:
+            raise LocalError("this HandoverRegistry has no pool (claims=): it cannot start sessions")
+        return self._claims
 
 
 # --- sessions ---------------------------------------------------------------
@@ -560,46 +606,3 @@ class ResponderSession(Session):
                 self._emit(SignalType.LOCKED)
         if self.state == "Settling":
             self._try_settle(now)
-
-
-# --- pool glue: PairPool.start_take / accept_session delegate here -------------
-
-
-def registry_of(pool: PairPool) -> HandoverRegistry:
-    """The pool's session registry, created on first use and hooked into its entry events."""
-    reg: HandoverRegistry | None = getattr(pool, "_handover_registry", None)
-    if reg is None:
-        reg = HandoverRegistry(pool.lock, pool.drops, pool.listeners)
-        pool._handover_registry = reg  # type: ignore[attr-defined]
-        chained = pool.on_entry_event
-        route = reg.route
-
-        def on_entry_event(entry: PairEntry, event: EntryOutput) -> None:
-            if chained is not None:
-                chained(entry, event)
-            route(entry.nonce, event, event.at)
-
-        pool.on_entry_event = on_entry_event
-    return reg
-
-
-def start_take(pool: PairPool, nonce: int | None, peer: str | None, now: float,
-               sid: bytes | None = None) -> InitiatorSession:
-    """Claim (CAS) an entry and open an initiator session on it; LOCK is queued.
-
-    Raises :class:`PairBusy` / :class:`UnknownPair` (nothing sent, nothing
-    changed) — rule 1: losers of the claim fail at once.
-    """
-    if (nonce is None) == (peer is None):
-        raise LocalError("start_take needs exactly one of nonce or peer")
-    reg = registry_of(pool)
-    with pool.lock:
-        entry = pool._claim_locked(nonce, now) if nonce is not None else pool._claim_any_locked(str(peer), now)
-        return InitiatorSession(reg, entry, now, sid=sid)
-
-
-def accept_session(pool: PairPool, data: bytes, now: float) -> ResponderSession:
-    """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
-    reg = registry_of(pool)
-    with pool.lock:
-        return ResponderSession(reg, pool._get, pool._claim_locked, data, now)

@@ -24,9 +24,7 @@ from natpool.core.entry import (
     PairEntry,
     StateChanged,
 )
-from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession, registry_of
-from natpool.core.handover import accept_session as _accept_session
-from natpool.core.handover import start_take as _start_take
+from natpool.core.handover import HandoverRegistry, InitiatorSession, ResponderSession
 from natpool.endpoints import EndpointPair
 from natpool.errors import DropReason, DuplicateNonce, EventBacklog, PairBusy, UnknownPair
 from natpool.machines.tables import ENTRY
@@ -41,20 +39,45 @@ _FINAL = ENTRY.final
 #: that make events raise :class:`EventBacklog` before changing anything.
 MAX_PENDING_EVENTS = 100_000
 
+#: The scheduler checks for stale timer slots (and rebuilds when they outnumber live ones) every this many pushes.
+_REBUILD_EVERY = 1024
+
 
 class _Observer:
     """The pool's side of :class:`EntryObserver`, kept off the public API."""
+
+    __slots__ = ("_pool", "entry_event")
+
+    def __init__(self, pool: PairPool) -> None:
+        self._pool = pool
+        # The pool's handler itself (one call less per event than a method forwarding to it).
+        self.entry_event: Callable[[PairEntry, EntryOutput], None] = pool._on_event
+
+    def entry_drop(self, entry: PairEntry, reason: DropReason) -> None:
+        self._pool.drops[reason] += 1
+
+
+class _Claims:
+    """The pool's side of :class:`~natpool.core.handover.EntryClaims`: what handover sessions may call.
+
+    The sessions get this instead of the pool (lock held by the caller). It
+    looks the pool's methods up at each call, so a test that patches
+    ``PairPool._claim_locked`` on the class (tests/stateful/mutants.py) is seen.
+    """
 
     __slots__ = ("_pool",)
 
     def __init__(self, pool: PairPool) -> None:
         self._pool = pool
 
-    def entry_event(self, entry: PairEntry, event: EntryOutput) -> None:
-        self._pool._on_event(entry, event)
+    def lookup(self, nonce: int) -> PairEntry:
+        return self._pool._get(nonce)
 
-    def entry_drop(self, entry: PairEntry, reason: DropReason) -> None:
-        self._pool.drops[reason] += 1
+    def claim(self, nonce: int, now: float) -> PairEntry:
+        return self._pool._claim_locked(nonce, now)
+
+    def claim_any(self, peer: str, now: float) -> PairEntry:
+        return self._pool._claim_any_locked(peer, now)
 
 
 class PairPool:
@@ -88,16 +111,25 @@ class PairPool:
         self._events: deque[EntryOutput] = deque()
         self.max_pending_events = max_pending_events
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
-        self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce), lazily invalidated
+        # Deadlines live in two containers: a FIFO for the (common) pushes that are no earlier than
+        # its tail — every deadline is "now + a constant", so a run of adds, claims or expiries
+        # arrives in order and costs an O(1) append/popleft — and a heap for the rest. Both are
+        # lazily invalidated against ``_armed`` the same way; the earliest item of either is the timer.
+        self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce)
+        self._fifo: deque[tuple[float, int]] = deque()  # (deadline, nonce), deadlines non-decreasing
         # nonce -> the entry's deadline. Its heap slot may carry an earlier time: a deadline
         # that moved later (the ponger's no-inbound deadline on every ping) is not pushed again
         # but re-pushed when the old slot reaches the top, so most datagrams cost no heap push.
         # Items later than the armed deadline are stale. ``get_timer`` stays exact.
         self._armed: dict[int, float] = {}
+        self._pushes = _REBUILD_EVERY  # pushes left until the next stale-item check
         self._seq = itertools.count()
-        #: Extension point (e.g. handover sessions): called with every entry
-        #: event after the indexes are updated, under :attr:`lock`.
+        #: Extension point (a driver's hook): called with every entry event after
+        #: the indexes are updated and before the owning handover session sees it, under :attr:`lock`.
         self.on_entry_event: Callable[[PairEntry, EntryOutput], None] | None = None
+        #: The handover sessions of this pool: it routes each entry event to the owning session.
+        self._handovers = HandoverRegistry(self.lock, self.drops, self.listeners, claims=_Claims(self))
+        self._session_owners = self._handovers.owners
 
     # --- registry ---------------------------------------------------------------
 
@@ -165,7 +197,8 @@ class PairPool:
     def claim_any(self, peer: str, now: float) -> PairEntry:
         """Claim the longest-idle pair with ``peer``; PairBusy if none is Idle."""
         with self.lock:
-            self._check_backlog()
+            if len(self._events) >= self.max_pending_events:
+                self._check_backlog()
             return self._claim_any_locked(peer, now)
 
     def _claim_locked(self, nonce: int, now: float) -> PairEntry:
@@ -247,36 +280,41 @@ class PairPool:
     def get_timer(self) -> float | None:
         """Earliest deadline of any entry."""
         with self.lock:
-            heap, armed = self._heap, self._armed
-            while heap:
-                deadline, _, nonce = heap[0]
-                real = armed.get(nonce)
-                if real == deadline:
-                    return deadline
-                if real is not None and real > deadline:  # moved later: re-slot it now
-                    heapq.heapreplace(heap, (real, next(self._seq), nonce))
-                else:
-                    heapq.heappop(heap)
-            return None
+            return self._earliest()
 
-    def handle_timer(self, now: float) -> None:
-        """Run every entry due by ``now`` (+ :data:`TIMER_SLACK`), each once; others are not touched."""
+    def handle_timer(self, now: float, max_entries: int | None = None) -> None:
+        """Run every entry due by ``now`` (+ :data:`TIMER_SLACK`), each once, earliest deadline first.
+
+        ``max_entries`` bounds how many run in this call (a driver's way to keep
+        one callback short when thousands are due at once); the rest stay due,
+        so :meth:`get_timer` returns a deadline at or before ``now`` and the
+        driver calls again. Entries that are not due are never touched.
+        """
         with self.lock:
             self._check_backlog()
-            heap, armed = self._heap, self._armed
+            heap, fifo, armed, push = self._heap, self._fifo, self._armed, self._push
             limit = now + TIMER_SLACK
+            budget = -1 if max_entries is None else max_entries
             due: dict[int, None] = {}
-            seq = self._seq
-            while heap and heap[0][0] <= limit:
-                _, _, nonce = heapq.heappop(heap)
+            while budget:
+                # The earlier of the two tops (the heap's on a tie), if due.
+                if heap and (not fifo or heap[0][0] <= fifo[0][0]):
+                    if heap[0][0] > limit:
+                        break
+                    _, _, nonce = heapq.heappop(heap)
+                elif fifo and fifo[0][0] <= limit:
+                    _, nonce = fifo.popleft()
+                else:
+                    break
                 real = armed.get(nonce)
                 if real is None:
                     continue
                 if real <= limit:
                     del armed[nonce]
                     due[nonce] = None
+                    budget -= 1
                 else:  # a slot whose deadline moved later (a stale later item cannot be <= limit here)
-                    heapq.heappush(heap, (real, next(seq), nonce))
+                    push(real, nonce)
             entries, touched = self._entries, self._touched
             for nonce in due:
                 entry = entries.get(nonce)
@@ -301,14 +339,14 @@ class PairPool:
                                f"(max_pending_events={self.max_pending_events}): drain them first")
 
     # === handover sessions (natpool/core/handover.py; section owned by the handover work) ===
-    # Sessions claim through the CAS above and then drive their entry directly
-    # under :attr:`lock`; the registry owns nonce -> session and receives every
-    # entry event through :attr:`on_entry_event` (chaining any earlier hook).
+    # Sessions claim through the CAS above (via ``_Claims``) and then drive their entry
+    # directly under :attr:`lock`; the registry owns nonce -> session and receives every
+    # entry event from ``_on_event``, after :attr:`on_entry_event`.
 
     @property
     def handovers(self) -> HandoverRegistry:
-        """The session registry (owners, drop/outcome counters), created on first use."""
-        return registry_of(self)
+        """The session registry (owners, drop/outcome counters)."""
+        return self._handovers
 
     def start_take(self, nonce: int | None, peer: str | None, now: float,
                    sid: bytes | None = None) -> InitiatorSession:
@@ -317,21 +355,24 @@ class PairPool:
         Raises PairBusy / UnknownPair at once, sending nothing (rule 1).
         The caller ships ``session.signals_to_send()`` over a fresh channel.
         """
-        return _start_take(self, nonce, peer, now, sid=sid)
+        return self._handovers.start_take(nonce, peer, now, sid=sid)
 
     def accept_session(self, data: bytes, now: float) -> ResponderSession:
         """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
-        return _accept_session(self, data, now)
+        return self._handovers.accept(data, now)
 
     # === end of handover section ===
 
     # --- bookkeeping (caller holds the lock) -----------------------------------------
 
     def _touched(self, entry: PairEntry) -> None:
-        """After any call into ``entry``: re-arm its heap slot and note queued output."""
+        """After any call into ``entry``: re-arm its timer slot and note queued output."""
+        if self._entries.get(entry.nonce) is entry:  # else expired and gone meanwhile
+            self._rearm(entry)
+
+    def _rearm(self, entry: PairEntry) -> None:
+        """``_touched`` for an entry known to be in the pool (its transition to a live state just ran)."""
         nonce = entry.nonce
-        if self._entries.get(nonce) is not entry:
-            return  # expired and gone meanwhile
         if entry.has_output:
             self._outbox[nonce] = None
         deadline = entry.get_timer()
@@ -345,30 +386,82 @@ class PairPool:
         armed[nonce] = deadline
         if current is not None and current < deadline:
             return  # its earlier slot is re-pushed at ``deadline`` when it reaches the top
+        fifo = self._fifo
+        if fifo and fifo[-1][0] <= deadline and self._pushes:  # _push inlined: the common in-order case
+            fifo.append((deadline, nonce))
+            self._pushes -= 1
+        else:
+            self._push(deadline, nonce)
+
+    def _push(self, deadline: float, nonce: int) -> None:
+        """One timer slot: appended to the FIFO when in order (O(1)), else pushed on the heap."""
+        fifo = self._fifo
+        if not fifo or fifo[-1][0] <= deadline:
+            fifo.append((deadline, nonce))
+        else:
+            heapq.heappush(self._heap, (deadline, next(self._seq), nonce))
+        self._pushes -= 1
+        if self._pushes > 0:
+            return
+        # Every _REBUILD_EVERY pushes: too many stale items (lazy invalidation)? Rebuild from ``_armed``,
+        # in place (callers hold references to both containers).
+        self._pushes = _REBUILD_EVERY
         heap = self._heap
-        heapq.heappush(heap, (deadline, next(self._seq), nonce))
-        if len(heap) > 2 * len(armed) + 1024:  # too many stale items: rebuild
-            self._heap = [(d, next(self._seq), n) for n, d in armed.items()]
-            heapq.heapify(self._heap)
+        if len(heap) + len(fifo) > 2 * len(self._armed) + _REBUILD_EVERY:
+            heap[:] = [(d, next(self._seq), n) for n, d in self._armed.items()]
+            heapq.heapify(heap)
+            fifo.clear()
+
+    def _earliest(self) -> float | None:
+        """Drop stale tops (re-slotting the ones that moved later); the earliest live deadline."""
+        heap, fifo, armed = self._heap, self._fifo, self._armed
+        while True:
+            while heap:
+                deadline, _, nonce = heap[0]
+                real = armed.get(nonce)
+                if real == deadline:
+                    break
+                if real is not None and real > deadline:  # moved later: re-slot it now
+                    heapq.heapreplace(heap, (real, next(self._seq), nonce))
+                else:
+                    heapq.heappop(heap)
+            while fifo:
+                deadline, nonce = fifo[0]
+                real = armed.get(nonce)
+                if real == deadline:
+                    break
+                fifo.popleft()
+                if real is not None and real > deadline:
+                    self._push(real, nonce)
+            # A re-slot from the FIFO may have gone onto the heap in front of its checked top: look again.
+            if not heap or armed.get(heap[0][2]) == heap[0][0]:
+                break
+        if heap and fifo:
+            return min(heap[0][0], fifo[0][0])
+        if heap:
+            return heap[0][0]
+        return fifo[0][0] if fifo else None
 
     def _on_event(self, entry: PairEntry, event: EntryOutput) -> None:
-        """Keep the indexes and the scheduler in step with every transition."""
+        """Keep the indexes and the scheduler in step with every transition (hot: two calls per claim)."""
         self._events.append(event)
-        if isinstance(event, StateChanged):
-            nonce = entry.nonce
-            peer = entry.remote.identity
+        if type(event) is StateChanged:
+            target = event.target
             if event.source == _IDLE:
-                idle = self._idle.get(peer)
+                idle = self._idle.get(entry.remote.identity)
                 if idle is not None:
-                    idle.pop(nonce, None)
-            if event.target in _FINAL:
-                self._forget(entry, peer)
+                    idle.pop(entry.nonce, None)
+            if target in _FINAL:
+                self._forget(entry, entry.remote.identity)
             else:
-                if event.target == _IDLE:
-                    self._idle.setdefault(peer, OrderedDict())[nonce] = None
-                self._touched(entry)
+                if target == _IDLE:
+                    self._idle.setdefault(entry.remote.identity, OrderedDict())[entry.nonce] = None
+                self._rearm(entry)
+        # Then the driver's hook, then the owning session.
         if self.on_entry_event is not None:
             self.on_entry_event(entry, event)
+        if self._session_owners:  # no session, no routing (the claim of a take comes before its session)
+            self._handovers.route(entry.nonce, event, event.at)
 
     def _forget(self, entry: PairEntry, peer: str) -> None:
         nonce = entry.nonce

@@ -11,8 +11,9 @@ directly must call :meth:`SimNode.pump` afterwards, as a driver would.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from natpool.config import PairConfig
 from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
@@ -22,18 +23,47 @@ from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import HandoverError, PairBusy, UnknownPair
 from natpool.machines.tables import ENTRY
-from natpool.sim.clock import SimulationError, TimerHandle
-from natpool.sim.network import Addr
+from natpool.sim.clock import Scheduler, SimulationError, TimerHandle
+from natpool.sim.network import Addr, Network
 from natpool.sim.records import DeliveredDatagram, SentDatagram, frame_kind
-from natpool.sim.signalling import ChannelEnd
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from natpool.sim.simulation import Simulation
+from natpool.sim.signalling import ChannelEnd, SimSignalling
 
 #: First UDP port a node hands out; ports are allocated sequentially so runs are reproducible.
 FIRST_PORT = 40000
+
+
+class World(Protocol):
+    """What a node needs of the simulation that hosts it (:class:`~natpool.sim.simulation.Simulation`).
+
+    A protocol, so this module does not import the simulation that imports
+    it (no import cycle): the clock, the shared network and signalling, the
+    other nodes (to find a take's peer), the logs a node appends to.
+    """
+
+    @property
+    def network(self) -> Network: ...
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def signalling(self) -> SimSignalling: ...
+
+    @property
+    def nodes(self) -> Mapping[str, SimNode]: ...
+
+    @property
+    def log(self) -> list[SentDatagram]: ...
+
+    @property
+    def deliveries(self) -> list[DeliveredDatagram]: ...
+
+    @property
+    def record_deliveries(self) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def new_sid(self) -> bytes: ...
 
 
 class SessionLink:
@@ -107,7 +137,7 @@ class SimNode:
 
     def __init__(
         self,
-        sim: Simulation,
+        sim: World,
         identity: str,
         host: str,
         config: PairConfig | None = None,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from natpool import resources
 from natpool.resources import SpecNotFound
+from natpool.spec.model import SpecError
 from natpool.specgen.generate import generate
-from natpool.specgen.model import SpecError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

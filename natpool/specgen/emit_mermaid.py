@@ -6,8 +6,8 @@ import types
 
 from statemachine import StateMachine
 
+from natpool.spec.model import MachineSpec
 from natpool.specgen.emit_python import emit_machine_module
-from natpool.specgen.model import MachineSpec
 
 
 def machine_class(m: MachineSpec) -> type[StateMachine]:

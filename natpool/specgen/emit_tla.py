@@ -17,7 +17,7 @@ from pathlib import Path
 from natpool.check.compile import action_guard
 from natpool.check.dsl import Define, Scope, Translator, names_used
 from natpool.check.system import Action, Model, Property, System, list_models, load_model, load_system
-from natpool.specgen.model import MachineSpec, SpecError
+from natpool.spec.model import MachineSpec, SpecError
 
 MODULE = "NatpoolHandover"
 FORALL = "\\A"

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+from natpool.spec.load import load_machines
+from natpool.spec.model import MachineSpec
 from natpool.specgen.emit_mermaid import emit_diagrams_doc, mermaid
 from natpool.specgen.emit_python import emit_machine_module, emit_package_init, emit_tables_module, snake
-from natpool.specgen.load import load_machines
-from natpool.specgen.model import MachineSpec
+from natpool.specgen.emit_tla import tla_outputs
 
 Producer = Callable[[Path, dict[str, MachineSpec]], dict[Path, str]]
 
@@ -45,13 +45,9 @@ def _diagram_outputs(root: Path, machines: dict[str, MachineSpec]) -> dict[Path,
 
 
 def _tla_outputs(root: Path, machines: dict[str, MachineSpec]) -> dict[Path, str]:
-    # Imported lazily: the TLA+ emitter also needs the system model of spec/.
-    try:
-        emit_tla = importlib.import_module("natpool.specgen.emit_tla")
-    except ModuleNotFoundError:
-        return {}
-    result: dict[Path, str] = emit_tla.tla_outputs(root, machines)
-    return result
+    # The TLA+ emitter also needs the checker's system model of spec/ (natpool.check, which reads the
+    # spec through natpool.spec, never through this package: no import cycle, so no lazy import).
+    return tla_outputs(root, machines)
 
 
 PRODUCERS: list[Producer] = [_python_outputs, _diagram_outputs, _tla_outputs]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from natpool.resources import SpecNotFound, spec_dir
-from natpool.specgen.model import Guard, MachineSpec, SpecError, Transition
+from natpool.spec.model import Guard, MachineSpec, SpecError, Transition
 
 MACHINE_FILES = ("entry.toml", "initiator.toml", "responder.toml")
 
