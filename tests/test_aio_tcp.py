@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from natpool.aio.tcp import HELLO_PREFIX, TcpChannel, TcpSignalling, TcpSignallingServer
+from natpool.aio.tcp import HELLO_PREFIX, IncomingChannel, TcpSignalling, TcpSignallingServer
 from natpool.errors import ChannelBroken, DropReason, LocalError
 
 BOUND = 10.0  # failure bound only; every test completes in milliseconds
@@ -22,7 +22,7 @@ def test_frames_round_trip_and_hello_names_the_peer() -> None:
         seen: list[tuple[str | None, bytes]] = []
         done = asyncio.Event()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             msg = await ch.recv()
             seen.append((ch.peer, msg))
             await ch.send(b"pong:" + msg)
@@ -43,7 +43,7 @@ def test_frames_round_trip_and_hello_names_the_peer() -> None:
 
 def test_recv_after_peer_closes_raises_channel_broken() -> None:
     async def main() -> None:
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             await ch.close()
 
         async with TcpSignallingServer(handler) as server:
@@ -61,7 +61,7 @@ def test_oversized_and_empty_frames_end_the_connection_and_are_counted() -> None
         results: list[str] = []
         all_done = asyncio.Event()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             try:
                 await ch.recv()
                 results.append("got")
@@ -96,7 +96,7 @@ def test_garbage_instead_of_hello_is_dropped_and_server_survives() -> None:
         handled: list[str | None] = []
         got = asyncio.Event()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             handled.append(ch.peer)
             got.set()
 
@@ -122,7 +122,7 @@ def test_read_timeout_closes_a_silent_connection() -> None:
     async def main() -> None:
         outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             try:
                 await ch.recv()
                 outcome.set_result("got")
