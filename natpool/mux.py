@@ -69,7 +69,8 @@ class MuxChannel:
     a per-take TCP connection with that timeout would. One ``recv`` at a time.
     """
 
-    __slots__ = ("_broken", "_closed", "_inbox", "_key", "_mux", "_opened", "_waiter", "local", "peer", "sid")
+    __slots__ = ("_broken", "_closed", "_inbox", "_key", "_mux", "_on_end", "_on_message", "_opened", "_waiter",
+                 "local", "peer", "sid")
 
     def __init__(self, mux: Mux, sid: int, local: bool) -> None:
         self._mux = mux
@@ -82,6 +83,8 @@ class MuxChannel:
         self._closed = False  # closed here
         self._broken: str | None = None  # why the peer or the link ended it
         self._opened = not local  # OPEN went out (or came in)
+        self._on_message: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[str], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -133,11 +136,31 @@ class MuxChannel:
         self._wake()
         await self._mux._ended(self, send_close=self._broken is None and self._opened)
 
+    def listen(self, on_message: Callable[[bytes], None] | None, on_end: Callable[[str], None] | None = None) -> None:
+        """Push mode: the link's reader calls ``on_message`` with each message, ``on_end`` once the session ends.
+
+        Saves the consumer a reader task and a loop iteration per message (the
+        handover pump uses it). Messages already queued are pushed at once,
+        then ``on_end`` if the session already ended; ``listen(None)`` goes
+        back to ``recv``. Callbacks must not raise (what they raise is logged
+        and ends this session, never the link).
+        """
+        self._on_message, self._on_end = on_message, on_end
+        if on_message is None:
+            return
+        while self._inbox and self._on_message is on_message:
+            self._push(self._inbox.popleft())
+        if self._broken is not None and self._on_message is on_message:
+            self._ended_push(self._broken)
+
     # --- called by the mux ------------------------------------------------------------------
 
     def _deliver(self, data: bytes) -> None:
-        self._inbox.append(data)
-        self._wake()
+        if self._on_message is not None:
+            self._push(data)
+        else:
+            self._inbox.append(data)
+            self._wake()
 
     def _break(self, why: str, *, drop_queued: bool) -> None:
         if self._broken is None:
@@ -145,6 +168,26 @@ class MuxChannel:
         if drop_queued:
             self._inbox.clear()
         self._wake()
+        if self._on_message is not None:
+            self._ended_push(why)
+
+    def _push(self, data: bytes) -> None:
+        assert self._on_message is not None
+        try:
+            self._on_message(data)
+        except Exception:
+            log.exception("mux session %d listener failed; ending the session", self.sid)
+            self._on_message = self._on_end = None
+            self._broken = self._broken or "listener failed"
+            self._mux._spawn(self.close())
+
+    def _ended_push(self, why: str) -> None:
+        on_end, self._on_message, self._on_end = self._on_end, None, None
+        if on_end is not None:
+            try:
+                on_end(why)
+            except Exception:
+                log.exception("mux session %d end listener failed", self.sid)
 
     def _wake(self) -> None:
         w = self._waiter

@@ -42,7 +42,7 @@ import functools
 import logging
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -56,6 +56,7 @@ _LEN = struct.Struct("!I")
 HELLO_PREFIX = b"natpool-signal/1 "
 MUX_HELLO_PREFIX = b"natpool-mux/1 "
 DEFAULT_MAX_FRAME = 4096
+READ_CHUNK = 65536
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DROP_SUMMARY_INTERVAL = 60.0  # seconds between two INFO summaries of dropped remote input
@@ -98,6 +99,12 @@ class TcpChannel:
     connection ended (EOF, reset, timeout, oversized or malformed frame);
     ``send`` raises :class:`ChannelBroken` if the connection is gone.
     ``drops`` counts the reasons remote input was discarded.
+
+    Reads take whatever the socket has (one ``read`` per segment, not two
+    ``readexactly`` per frame) and split it into frames here: frames that
+    arrived together are returned by the next ``recv`` calls without
+    suspending, and a bad length is raised only after the good frames
+    before it were delivered.
     """
 
     def __init__(
@@ -119,6 +126,9 @@ class TcpChannel:
         self._reader = reader
         self._writer = writer
         self._closed = False
+        self._buf = bytearray()  # bytes read but not yet a whole frame
+        self._frames: deque[bytes] = deque()  # whole frames not yet returned
+        self._bad: str | None = None  # a bad length was read after the queued frames
 
     @property
     def closed(self) -> bool:
@@ -139,29 +149,54 @@ class TcpChannel:
 
     async def recv(self) -> bytes:
         """Read one frame; raise ChannelBroken once the connection has ended for any reason."""
+        if self._frames:
+            return self._frames.popleft()
         if self._closed:
             raise ChannelBroken("signalling channel is closed")
-        try:
-            # asyncio.timeout (not wait_for): no extra task per read, which is most of a read's cost here.
-            async with asyncio.timeout(self.read_timeout):
-                header = await self._reader.readexactly(_LEN.size)
-            (length,) = _LEN.unpack(header)
+        while self._bad is None:
+            try:
+                if self.read_timeout is None:
+                    chunk = await self._reader.read(READ_CHUNK)
+                else:
+                    # asyncio.timeout (not wait_for): no extra task per read, which is most of a read's cost here.
+                    async with asyncio.timeout(self.read_timeout):
+                        chunk = await self._reader.read(READ_CHUNK)
+            except TimeoutError as exc:
+                self.drop_log.note("read_timeout", "signalling read from %s timed out; closing", self.peer)
+                self._abort()
+                raise ChannelBroken("read timeout") from exc
+            except (ConnectionError, OSError) as exc:
+                self._abort()
+                raise ChannelBroken(f"connection ended: {exc!r}") from exc
+            if not chunk:
+                self._abort()
+                raise ChannelBroken(f"connection ended: EOF{' mid-frame' if self._buf else ''}")
+            self._split(chunk)
+            if self._frames:
+                return self._frames.popleft()
+        self._abort()
+        raise ChannelBroken(self._bad)
+
+    def _split(self, chunk: bytes) -> None:
+        buf = self._buf
+        buf += chunk
+        start, end = 0, len(buf)
+        while end - start >= _LEN.size:
+            (length,) = _LEN.unpack_from(buf, start)
             if length == 0 or length > self.max_frame:
                 reason = DropReason.OVERSIZED if length else DropReason.MALFORMED
                 self.drops[reason] += 1
                 self.drop_log.note(reason.value, "signalling frame of %d bytes from %s dropped (%s); closing",
                                    length, self.peer, reason.value)
-                self._abort()
-                raise ChannelBroken(f"bad frame length {length}")
-            async with asyncio.timeout(self.read_timeout):
-                return await self._reader.readexactly(length)
-        except TimeoutError as exc:
-            self.drop_log.note("read_timeout", "signalling read from %s timed out; closing", self.peer)
-            self._abort()
-            raise ChannelBroken("read timeout") from exc
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            self._abort()
-            raise ChannelBroken(f"connection ended: {exc!r}") from exc
+                self._bad = f"bad frame length {length}"
+                start = end
+                break
+            stop = start + _LEN.size + length
+            if stop > end:
+                break
+            self._frames.append(bytes(buf[start + _LEN.size:stop]))
+            start = stop
+        del buf[:start]
 
     def _abort(self) -> None:
         if not self._closed:
