@@ -15,8 +15,12 @@ loopback, five times a whole 2-round-trip exchange on an open connection)::
 Each session is a virtual :class:`MuxChannel`; the frames are
 :mod:`natpool.wire.mux` (session id + OPEN / DATA / CLOSE). The rules:
 
-* ``open`` sends OPEN; the peer's ``on_session`` gets the other end (the
-  responder side typically passes ``pool.serve_handover``).
+* ``open`` sends OPEN; the peer's ``on_session`` gets the other end at
+  once (the responder side typically passes ``pool.serve_handover``), as a
+  per-take connection's server would on connect. (The frame format lets an
+  OPEN carry the first message too, and a received one is honoured; this
+  side does not fold them, so that a session exists for the peer from
+  ``open`` on, whatever is sent.)
 * ``close`` of a virtual channel sends CLOSE; a CLOSE from the peer breaks
   that channel (messages already queued are still delivered first, as a
   TCP EOF would) — exactly one session ends, the link stays.
@@ -27,7 +31,7 @@ Each session is a virtual :class:`MuxChannel`; the frames are
   beyond it raises :class:`SessionLimit`, a remote OPEN beyond it is
   answered with CLOSE; both are counted (``refused_local`` / ``refused_remote``).
 * Remote bad input (a malformed frame, DATA for a session that never
-  existed, a reused id) is dropped, counted in ``drops`` and logged at
+  existed, an OPEN for a live id) is dropped, counted in ``drops`` and logged at
   DEBUG; it never raises and never ends the link. Frames for a session that
   already ended here (a CLOSE crossing a DATA) are expected and only counted
   as ``late``.
@@ -241,7 +245,7 @@ class Mux:
         self._drop_note = drop_note
         self._sessions: dict[int, MuxChannel] = {}
         self._next_sid = 1
-        self._peer_sid = 0  # highest id the peer opened so far (ids only grow)
+        self._peer_sid = 0  # highest id the peer opened so far
         self._lost: str | None = None
         self._closing = False
         self._reader: asyncio.Task[None] | None = None
@@ -265,7 +269,7 @@ class Mux:
         """A new session on this link (``peer_identity``, if given, must be this link's peer).
 
         Raises :class:`ChannelBroken` if the link is gone, :class:`SessionLimit`
-        at the cap; OPEN is sent before this returns.
+        at the cap; OPEN has been sent when this returns.
         """
         if peer_identity is not None and self.peer is not None and peer_identity != self.peer:
             raise LocalError(f"this link goes to {self.peer!r}, not {peer_identity!r}")
@@ -280,7 +284,7 @@ class Mux:
         self._sessions[channel._key] = channel
         self.opened += 1
         try:
-            await self._send(wire.encode(wire.MuxFrame(FrameKind.OPEN, sid, True)))
+            await self._send(wire.encode_open(sid))
         except BaseException:
             channel._closed = True
             self._sessions.pop(channel._key, None)
@@ -380,7 +384,7 @@ class Mux:
             else:
                 self._unknown(frame)
         elif kind is FrameKind.OPEN:
-            self._incoming(frame.sid)
+            self._incoming(frame.sid, frame.payload)
         else:  # CLOSE
             channel = self._sessions.pop(key, None)
             if channel is not None:
@@ -397,12 +401,15 @@ class Mux:
         self._note(DropReason.UNEXPECTED.value, "mux %s for session %d from %s, which was never opened; dropped",
                    frame.kind.name, frame.sid, self.peer)
 
-    def _incoming(self, sid: int) -> None:
-        if sid <= self._peer_sid:
+    def _incoming(self, sid: int, first: bytes) -> None:
+        # Ids are never reused, but OPENs may arrive out of id order (a session announces itself with its
+        # first message), so only an id that is live right now is refused.
+        if (sid << 1 | 1) in self._sessions:
             self.drops[DropReason.UNEXPECTED] += 1
-            self._note(DropReason.UNEXPECTED.value, "mux OPEN from %s reuses session id %d; dropped", self.peer, sid)
+            self._note(DropReason.UNEXPECTED.value, "mux OPEN from %s reuses live session id %d; dropped",
+                       self.peer, sid)
             return
-        self._peer_sid = sid
+        self._peer_sid = max(self._peer_sid, sid)
         if self.on_session is None or len(self._sessions) >= self.max_sessions or self._closing:
             self.refused_remote += 1
             log.debug("mux OPEN %d from %s refused (%d sessions, cap %d)", sid, self.peer,
@@ -410,6 +417,8 @@ class Mux:
             self._spawn(self._send_quietly(wire.encode(wire.MuxFrame(FrameKind.CLOSE, sid, False))))
             return
         channel = MuxChannel(self, sid, local=False)
+        if first:
+            channel._inbox.append(first)
         self._sessions[channel._key] = channel
         self.accepted += 1
         try:

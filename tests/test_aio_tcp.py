@@ -230,6 +230,8 @@ def test_persistent_server_refuses_sessions_beyond_its_cap() -> None:
         async with TcpSignallingServer(handler, max_sessions=2) as server, \
                 TcpSignalling("alice", {"bob": server.address}) as sig:
             c1, c2, c3 = [await sig.open("bob") for _ in range(3)]
+            for ch in (c1, c2, c3):
+                await ch.send(b"hello")
             with pytest.raises(ChannelBroken):
                 await c3.recv()  # refused: CLOSE came back
             (link,) = server.links

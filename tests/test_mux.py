@@ -36,7 +36,7 @@ def run(coro: Awaitable[Any]) -> Any:
 
 frames = st.builds(
     lambda kind, sid, opener, payload: MuxFrame(kind, sid, opener or kind is FrameKind.OPEN,
-                                                payload if kind is FrameKind.DATA else b""),
+                                                b"" if kind is FrameKind.CLOSE else payload),
     st.sampled_from(list(FrameKind)), st.integers(1, wire.SID_MAX), st.booleans(), st.binary(min_size=1, max_size=64))
 
 
@@ -79,7 +79,6 @@ def test_decode_limits() -> None:
         "kind": b"\xac\x00\x00\x00\x01",
         "zero id": b"\xa9\x00\x00\x00\x00",
         "open by the non-opener": b"\xa1\x00\x00\x00\x01",
-        "open with payload": b"\xa9\x00\x00\x00\x01x",
         "close with payload": b"\xab\x00\x00\x00\x01x",
         "data without payload": b"\xaa\x00\x00\x00\x01",
     }
@@ -89,6 +88,7 @@ def test_decode_limits() -> None:
         assert info.value.reason is DropReason.MALFORMED, name
     with pytest.raises(ValueError):
         wire.encode(MuxFrame(FrameKind.OPEN, 1, False))
+    assert wire.decode(b"\xa9\x00\x00\x00\x01LOCK") == MuxFrame(FrameKind.OPEN, 1, True, b"LOCK")  # first message
 
 
 # --- sessions over one memory link ---------------------------------------------------------------
@@ -166,6 +166,8 @@ def test_losing_the_link_fails_every_session_at_once_and_no_new_one_opens() -> N
 
         alice, bob, la, _lb = linked(on_session=hold)
         chans = [await alice.open() for _ in range(5)]
+        for ch in chans:
+            await ch.send(b"hello")
         await all_in.wait()
         await served[0].send(b"queued")  # alice's mux queues it on chans[0], which nobody reads yet
         await served[1].send(b"marker")
@@ -198,7 +200,11 @@ def test_the_session_cap_refuses_local_and_remote_opens_and_counts_them() -> Non
         alice = Mux(la, max_sessions=3).start()
         bob = Mux(lb, on_session=echo, max_sessions=2).start()
         c1, c2 = await alice.open(), await alice.open()
-        c3 = await alice.open()  # alice allows 3, bob only 2: bob answers this OPEN with CLOSE
+        await c2.send(b"open")
+        assert await c2.recv() == b"echo:open"
+        await c1.send(b"open")
+        assert await c1.recv() == b"echo:open"
+        c3 = await alice.open()  # alice allows 3, bob only 2: bob answers its OPEN with CLOSE
         with pytest.raises(SessionLimit):
             await alice.open()
         assert alice.refused_local == 1
@@ -230,10 +236,13 @@ def test_close_sends_close_and_a_close_from_the_peer_breaks_only_that_session() 
 
         alice, bob, la, _lb = linked(on_session=hold)
         keep = await alice.open()
+        await keep.send(b"hello")
         await got.wait()
         got.clear()
         ch = await alice.open()
+        await ch.send(b"hello")
         await got.wait()
+        assert await served[1].recv() == b"hello"  # it came in the OPEN
         far = served[1]
         await ch.send(b"one")
         await ch.send(b"two")
@@ -326,10 +335,11 @@ def test_read_timeout_ends_a_silent_session_with_close() -> None:
         alice = Mux(la).start()
         bob = Mux(lb, on_session=wait_for_nothing, read_timeout=0.01).start()
         ch = await alice.open()
+        pending = asyncio.ensure_future(ch.recv())  # a recv before any send announces the session
         await ended.wait()
         assert outcome == ["read timeout"]
         with pytest.raises(ChannelBroken):
-            await ch.recv()  # bob's CLOSE arrived
+            await pending  # bob's CLOSE arrived
         assert alice.alive
         await alice.close()
         await bob.close()
@@ -352,6 +362,7 @@ def test_closing_the_mux_cancels_the_incoming_sessions_tasks_and_breaks_its_own(
 
         alice, bob, _la, _lb = linked(on_session=forever)
         ch = await alice.open()
+        await ch.send(b"hello")
         await started.wait()
         await bob.close()
         assert cancelled == [True] and bob.sessions == 0
@@ -404,5 +415,19 @@ def test_concurrent_takes_to_one_peer_run_over_one_link_without_glue() -> None:
             await bmux.close()
             await alice.close()
             await bob.close()
+
+    run(main())
+
+
+def test_an_open_carrying_the_first_message_is_served_like_open_then_data() -> None:
+    async def main() -> None:
+        la, lb = memory_channel_pair()  # la stays raw: it plays a peer that folds OPEN and the first message
+        bob = Mux(lb, on_session=echo).start()
+        await la.send(wire.encode_open(5, b"first"))
+        assert wire.decode(await la.recv()) == MuxFrame(FrameKind.DATA, 5, False, b"echo:first")
+        await la.send(wire.encode(MuxFrame(FrameKind.DATA, 5, True, b"second")))
+        assert wire.decode(await la.recv()).payload == b"echo:second"
+        assert bob.accepted == 1 and bob.drops == {}
+        await bob.close()
 
     run(main())
