@@ -114,3 +114,30 @@ def test_a_take_cut_off_by_close_raises_pool_closed_and_closes_its_session(caplo
     with caplog.at_level(logging.DEBUG):
         run(main())
     assert errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_takes_reuse_one_connection_unless_per_take_mode_is_asked_for(persistent: bool) -> None:
+    async def main() -> None:
+        alice, bob = AsyncPairPool("alice", CFG), AsyncPairPool("bob", CFG)
+        server = await TcpSignallingServer(bob.serve_handover).start()
+        sig = TcpSignalling("alice", {"bob": server.address}, persistent=persistent)
+        alice.signalling = sig
+        try:
+            for i in range(3):
+                await add_pair(alice, bob, nonce=NONCE + i)
+                lease = await alice.take(NONCE + i)
+                theirs = await bob.accept()
+                assert lease.entry.pair.nonce == theirs.entry.pair.nonce == NONCE + i
+                alice.release(lease)
+                bob.release(theirs)
+            assert sig.connects == (1 if persistent else 3)
+            assert len(server.links) == (1 if persistent else 0)
+            assert alice.handover_outcomes == {"lease": 3} and server.sessions_served == 3
+        finally:
+            await sig.close()
+            await server.close()
+            await bob.close()
+            await alice.close()
+
+    run(main())
