@@ -102,6 +102,23 @@ class MuxChannel:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
         await mux._send(wire.encode_data(self.sid, self.local, data))
 
+    @property
+    def can_send_nowait(self) -> bool:
+        """True if the link can write a message synchronously (it has ``send_nowait``, as TcpChannel does)."""
+        return self._mux._send_now is not None
+
+    def send_nowait(self, data: bytes) -> None:
+        """:meth:`send` without suspending, for a caller in a push callback (``listen``); needs :attr:`can_send_nowait`.
+
+        Lets a reply leave in the same loop step as the message it answers.
+        """
+        if self._closed or self._broken is not None:
+            raise ChannelBroken(f"mux session {self.sid} is closed ({self._broken or 'closed here'})")
+        mux = self._mux
+        if len(data) > mux.max_payload or not data:
+            raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
+        mux._send_sync(wire.encode_data(self.sid, self.local, data))
+
     async def recv(self) -> bytes:
         if self._closed:
             raise ChannelBroken(f"mux session {self.sid} is closed here")
@@ -243,6 +260,8 @@ class Mux:
         self.accepted = 0  # sessions the peer opened
         self.handler_errors = 0
         self._drop_note = drop_note
+        send_now = getattr(link, "send_nowait", None)
+        self._send_now: Callable[[bytes], None] | None = send_now if callable(send_now) else None
         self._sessions: dict[int, MuxChannel] = {}
         self._next_sid = 1
         self._peer_sid = 0  # highest id the peer opened so far
@@ -463,6 +482,23 @@ class Mux:
             with contextlib.suppress(Exception):
                 await self.link.close()
             raise ChannelBroken(f"mux send to {self.peer!r} failed: {exc!r}") from exc
+
+    def _send_sync(self, frame: bytes) -> None:
+        if self._lost is not None:
+            raise ChannelBroken(f"mux link to {self.peer!r} is {self._lost}")
+        if self._send_now is None:
+            raise LocalError("this link has no send_nowait")
+        try:
+            self._send_now(frame)
+        except Exception as exc:
+            self._lose(f"link lost: send failed: {exc!r}")
+            self._spawn(self._close_link())
+            raise ChannelBroken(f"mux send to {self.peer!r} failed: {exc!r}") from exc
+
+    async def _close_link(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.link.close()
 
     async def _send_quietly(self, frame: bytes) -> None:
         with contextlib.suppress(Exception):

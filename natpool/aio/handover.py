@@ -122,8 +122,22 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
             session.receive_signal(data, clock())
             wake_local()
 
+    def flush_now() -> bool:
+        assert isinstance(channel, MuxChannel)
+        for data in session.signals_to_send():
+            try:
+                channel.send_nowait(data)
+            except Exception as exc:
+                log.debug("handover %#x: send failed: %r", session.nonce, exc)
+                return False
+        return True
+
     def pushed(data: bytes) -> None:
         session.receive_signal(data, clock())
+        if sync_send and not flush_now():  # the reply leaves in this very loop step
+            assert isinstance(channel, MuxChannel)
+            channel.listen(None)
+            session.channel_closed(clock())
         wake_local()
 
     def pushed_end(why: str) -> None:
@@ -134,6 +148,9 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     session.waker = waker
     # A multiplexed channel pushes each signal from its link's reader: no reader task, one loop step less.
     push = isinstance(channel, MuxChannel)
+    # ... and, on a link that writes synchronously, every send of this session is synchronous too, so a
+    # reply made in the push callback can never overtake one the loop below is still sending.
+    sync_send = push and isinstance(channel, MuxChannel) and channel.can_send_nowait
     reader_task: asyncio.Task[None] | None = None
     if push:
         assert isinstance(channel, MuxChannel)
@@ -143,7 +160,7 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     try:
         while True:
             dirty = False  # before flushing: anything queued from here on skips the sleep below
-            if not await _flush(session, channel, clock):
+            if not (flush_now() if sync_send else await _flush(session, channel, clock)):
                 if push:
                     assert isinstance(channel, MuxChannel)
                     channel.listen(None)

@@ -147,6 +147,23 @@ class TcpChannel:
             self._abort()
             raise ChannelBroken(f"send failed: {exc}") from exc
 
+    def send_nowait(self, data: bytes) -> None:
+        """Write one frame now, without waiting for the buffer to drain (for tiny signals; see :class:`Mux`).
+
+        A handover session has a handful of 30-byte signals in flight at most,
+        and a mux caps its sessions, so skipping ``drain`` bounds the buffer
+        anyway; ChannelBroken if the connection is gone.
+        """
+        if self._closed or self._writer.transport.is_closing():
+            raise ChannelBroken("signalling channel is closed")
+        if len(data) > self.max_frame:
+            raise LocalError(f"signal of {len(data)} bytes exceeds max_frame {self.max_frame}")
+        try:
+            self._writer.write(_LEN.pack(len(data)) + data)
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            self._abort()
+            raise ChannelBroken(f"send failed: {exc}") from exc
+
     async def recv(self) -> bytes:
         """Read one frame; raise ChannelBroken once the connection has ended for any reason."""
         if self._frames:
