@@ -46,10 +46,12 @@ from natpool.errors import (
     PeerRefused,
     PoolClosed,
     RemoteProtocolError,
+    SessionLimit,
     SignalProtocolError,
     UnknownPair,
 )
 from natpool.machines.entry import EntryEvent, EntryState
+from natpool.mux import Mux, MuxChannel
 from natpool.signalling import SignalChannel, Signalling
 
 __version__ = "0.1.0"
@@ -85,6 +87,8 @@ __all__ = [
     "LeaseOwner",
     "LeasedProtocol",
     "LocalError",
+    "Mux",
+    "MuxChannel",
     "NatPoolError",
     "PairBusy",
     "PairConfig",
@@ -96,6 +100,7 @@ __all__ = [
     "ResponderSession",
     "Role",
     "Session",
+    "SessionLimit",
     "SignalChannel",
     "SignalProtocolError",
     "Signalling",

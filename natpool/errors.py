@@ -123,5 +123,9 @@ class ChannelBroken(HandoverError):
     """The signalling channel closed or failed mid-handover."""
 
 
+class SessionLimit(ChannelBroken):
+    """A multiplexed link already carries its ``max_sessions`` sessions (``natpool.mux``); nothing was sent."""
+
+
 class SignalProtocolError(HandoverError):
     """The peer sent a malformed, unexpected, replayed or mismatched signal; the session was ended."""

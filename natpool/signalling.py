@@ -23,6 +23,12 @@ Requirements on a channel: messages arrive whole and in order (one
 ``send`` = one ``recv``); each handover opens its own channel, and the
 session closes it when it ends. Signals are at most 64 bytes
 (:data:`natpool.wire.signal.MAX_SIGNAL_SIZE`), so a relay may cap frames small.
+
+An application with one control connection per peer (not one per session)
+wraps it in :class:`natpool.mux.Mux`, which is a :class:`Signalling` whose
+channels are sessions multiplexed on that connection; the reference
+:class:`natpool.aio.tcp.TcpSignalling` does the same over one TCP connection
+per peer.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from natpool.core.handover import InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.errors import ChannelBroken, HandoverCancelled, HandoverError, HandoverTimeout
+from natpool.mux import MuxChannel
 from natpool.signalling import SignalChannel
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     """Flush, then sleep on one future until a signal was processed, the waker fired or the timer is due.
 
     One reader task per session feeds incoming signals straight into the
-    session (no task per message, no ``asyncio.wait`` per step); only this
-    coroutine sends, so the session's output order is kept.
+    session (no task per message, no ``asyncio.wait`` per step); a
+    :class:`MuxChannel` needs not even that: its link's reader pushes each
+    signal into the session (``listen``). Only this coroutine sends, so the
+    session's output order is kept.
     """
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
@@ -119,12 +122,48 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
             session.receive_signal(data, clock())
             wake_local()
 
+    def flush_now() -> bool:
+        assert isinstance(channel, MuxChannel)
+        for data in session.signals_to_send():
+            try:
+                channel.send_nowait(data)
+            except Exception as exc:
+                log.debug("handover %#x: send failed: %r", session.nonce, exc)
+                return False
+        return True
+
+    def pushed(data: bytes) -> None:
+        session.receive_signal(data, clock())
+        if sync_send and not flush_now():  # the reply leaves in this very loop step
+            assert isinstance(channel, MuxChannel)
+            channel.listen(None)
+            session.channel_closed(clock())
+        wake_local()
+
+    def pushed_end(why: str) -> None:
+        log.debug("handover %#x: signalling channel ended: %s", session.nonce, why)
+        session.channel_closed(clock())
+        wake_local()
+
     session.waker = waker
-    reader_task: asyncio.Task[None] | None = asyncio.ensure_future(reader())
+    # A multiplexed channel pushes each signal from its link's reader: no reader task, one loop step less.
+    push = isinstance(channel, MuxChannel)
+    # ... and, on a link that writes synchronously, every send of this session is synchronous too, so a
+    # reply made in the push callback can never overtake one the loop below is still sending.
+    sync_send = push and isinstance(channel, MuxChannel) and channel.can_send_nowait
+    reader_task: asyncio.Task[None] | None = None
+    if push:
+        assert isinstance(channel, MuxChannel)
+        channel.listen(pushed, pushed_end)
+    else:
+        reader_task = asyncio.ensure_future(reader())
     try:
         while True:
             dirty = False  # before flushing: anything queued from here on skips the sleep below
-            if not await _flush(session, channel, clock):
+            if not (flush_now() if sync_send else await _flush(session, channel, clock)):
+                if push:
+                    assert isinstance(channel, MuxChannel)
+                    channel.listen(None)
                 session.channel_closed(clock())
                 if reader_task is not None:
                     reader_task.cancel()
@@ -153,6 +192,9 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
                 if handle is not None:
                     handle.cancel()
     except asyncio.CancelledError:
+        if push:
+            assert isinstance(channel, MuxChannel)
+            channel.listen(None)
         if reader_task is not None:
             reader_task.cancel()
             reader_task = None
@@ -162,6 +204,9 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         raise
     finally:
         session.waker = None
+        if push:
+            assert isinstance(channel, MuxChannel)
+            channel.listen(None)
         cancelled = False  # our own task was cancelled while it waited for the reader to end
         if reader_task is not None:
             reader_task.cancel()

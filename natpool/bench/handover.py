@@ -1,12 +1,16 @@
 """Handover latency: ``take()`` end to end on loopback, two pools in one process, reference TCP signalling.
 
-Each sample is one full take: claim, fresh TCP connection, LOCK/LOCKED,
+Each sample is one full take: claim, (per-take mode: a fresh TCP connection;
+persistent mode: a session opened on the peer's one connection), LOCK/LOCKED,
 drain, TAKE/TAKEN, hand-over of the socket — what an application waits for.
+:func:`open_exchange_times` is its floor: the same two round trips of
+30-byte messages between two asyncio streams on an already open connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable
 
@@ -21,8 +25,9 @@ from natpool.signalling import MemoryChannel, MemorySignalling
 async def handover_times(count: int, ping_interval: float = 0.05, transport: str = "tcp") -> list[float]:
     """``count`` sequential takes (alternating initiator side and pinger role), in seconds each.
 
-    ``transport="memory"`` swaps the TCP signalling for in-process channels, which isolates the
-    protocol's own cost (sessions, generated machines, drain) from connection set-up.
+    ``transport``: ``"tcp"`` the persistent reference signalling (one connection per peer, sessions
+    multiplexed), ``"tcp-per-take"`` a fresh connection per take, ``"memory"`` in-process channels,
+    which isolates the protocol's own cost (sessions, machines, drain) from the transport.
     """
     cfg = PairConfig(ping_interval=ping_interval, no_inbound_timeout=30.0, ping_lifespan=1.0)
     a, b = AsyncPairPool("a", cfg), AsyncPairPool("b", cfg)
@@ -41,8 +46,9 @@ async def handover_times(count: int, ping_interval: float = 0.05, transport: str
         a.signalling = MemorySignalling(spawn(b))
         b.signalling = MemorySignalling(spawn(a))
     else:
-        a.signalling = TcpSignalling("a", {"b": sb.address})
-        b.signalling = TcpSignalling("b", {"a": sa.address})
+        persistent = transport == "tcp"
+        a.signalling = TcpSignalling("a", {"b": sb.address}, persistent=persistent)
+        b.signalling = TcpSignalling("b", {"a": sa.address}, persistent=persistent)
     times: list[float] = []
     try:
         for i in range(count):
@@ -62,8 +68,47 @@ async def handover_times(count: int, ping_interval: float = 0.05, transport: str
             taker.release(lease)
             giver.release(theirs)
     finally:
+        for sig in (a.signalling, b.signalling):
+            if isinstance(sig, TcpSignalling):
+                await sig.close()
         await sa.close()
         await sb.close()
         await a.close()
         await b.close()
     return times
+
+
+async def open_exchange_times(count: int) -> list[float]:
+    """The raw floor of a persistent-signalling handover: 2 request/response round trips on an open connection.
+
+    Length-prefixed 30-byte messages between two asyncio streams in this loop, the shape of
+    LOCK/LOCKED + TAKE/TAKEN, with no natpool code on the path.
+    """
+    msg = struct.pack("!I", 30) + bytes(30)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(await reader.readexactly(len(msg)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    out: list[float] = []
+    try:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            for _ in range(2):
+                writer.write(msg)
+                await reader.readexactly(len(msg))
+            out.append(time.perf_counter() - t0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+    return out

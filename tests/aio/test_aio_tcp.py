@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 
 import pytest
 
-from natpool.aio.tcp import HELLO_PREFIX, TcpChannel, TcpSignalling, TcpSignallingServer
+from natpool.aio.tcp import HELLO_PREFIX, MUX_HELLO_PREFIX, IncomingChannel, TcpSignalling, TcpSignallingServer
 from natpool.errors import ChannelBroken, DropReason, LocalError
 
 BOUND = 10.0  # failure bound only; every test completes in milliseconds
@@ -22,7 +23,7 @@ def test_frames_round_trip_and_hello_names_the_peer() -> None:
         seen: list[tuple[str | None, bytes]] = []
         done = asyncio.Event()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             msg = await ch.recv()
             seen.append((ch.peer, msg))
             await ch.send(b"pong:" + msg)
@@ -43,7 +44,7 @@ def test_frames_round_trip_and_hello_names_the_peer() -> None:
 
 def test_recv_after_peer_closes_raises_channel_broken() -> None:
     async def main() -> None:
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             await ch.close()
 
         async with TcpSignallingServer(handler) as server:
@@ -61,7 +62,7 @@ def test_oversized_and_empty_frames_end_the_connection_and_are_counted() -> None
         results: list[str] = []
         all_done = asyncio.Event()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             try:
                 await ch.recv()
                 results.append("got")
@@ -96,7 +97,7 @@ def test_garbage_instead_of_hello_is_dropped_and_server_survives() -> None:
         handled: list[str | None] = []
         got = asyncio.Event()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             handled.append(ch.peer)
             got.set()
 
@@ -122,7 +123,7 @@ def test_read_timeout_closes_a_silent_connection() -> None:
     async def main() -> None:
         outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-        async def handler(ch: TcpChannel) -> None:
+        async def handler(ch: IncomingChannel) -> None:
             try:
                 await ch.recv()
                 outcome.set_result("got")
@@ -152,3 +153,112 @@ def test_identity_too_long_for_a_hello_is_refused_up_front() -> None:
     with pytest.raises(LocalError):
         TcpSignalling("a" * 100, max_frame=64)
     assert TcpSignalling("a" * (64 - len(HELLO_PREFIX)), max_frame=64).max_frame == 64
+
+
+# --- persistent mode: one connection per peer, sessions multiplexed -----------------------------
+
+
+def test_persistent_mode_is_the_default_and_takes_share_one_connection() -> None:
+    async def main() -> None:
+        peers: list[str | None] = []
+
+        async def handler(ch: IncomingChannel) -> None:
+            peers.append(ch.peer)
+            await ch.send(b"pong:" + await ch.recv())
+
+        async with TcpSignallingServer(handler) as server, TcpSignalling("alice", {"bob": server.address}) as sig:
+            assert sig.persistent
+            for i in range(3):
+                ch = await sig.open("bob")
+                await ch.send(b"%d" % i)
+                assert await ch.recv() == b"pong:%d" % i
+                await ch.close()
+            # concurrent first uses of a second client share one connect too
+            sig2 = TcpSignalling("carol", {"bob": server.address})
+            chans = await asyncio.gather(*(sig2.open("bob") for _ in range(4)))
+            for ch in chans:
+                await ch.send(b"c")
+            assert [await ch.recv() for ch in chans] == [b"pong:c"] * 4
+            assert sig.connects == 1 and sig2.connects == 1
+            assert len(server.links) == 2
+            await sig2.close()
+        assert peers == ["alice"] * 3 + ["carol"] * 4
+        assert server.sessions_served == 7 and server.handler_errors == 0
+
+    run(main())
+
+
+def test_losing_the_connection_fails_its_sessions_and_the_next_open_reconnects() -> None:
+    async def main() -> None:
+        waiting = asyncio.Event()
+        served = 0
+
+        async def handler(ch: IncomingChannel) -> None:
+            nonlocal served
+            served += 1
+            if served == 2:
+                waiting.set()
+            with contextlib.suppress(ChannelBroken):  # the first two see their connection die
+                await ch.send(b"pong:" + await ch.recv())
+
+        async with TcpSignallingServer(handler) as server, TcpSignalling("alice", {"bob": server.address}) as sig:
+            chans = [await sig.open("bob"), await sig.open("bob")]
+            await waiting.wait()
+            (link,) = server.links
+            await link.link.close()  # the connection dies mid-session (from the server's end)
+            for ch in chans:
+                with pytest.raises(ChannelBroken):
+                    await ch.recv()
+                with pytest.raises(ChannelBroken):
+                    await ch.send(b"x")
+            ch = await sig.open("bob")  # a new connection
+            await ch.send(b"again")
+            assert await ch.recv() == b"pong:again"
+            assert sig.connects == 2
+        assert server.handler_errors == 0
+
+    run(main())
+
+
+def test_persistent_server_refuses_sessions_beyond_its_cap() -> None:
+    async def main() -> None:
+        hold = asyncio.Event()
+
+        async def handler(ch: IncomingChannel) -> None:
+            await hold.wait()
+
+        async with TcpSignallingServer(handler, max_sessions=2) as server, \
+                TcpSignalling("alice", {"bob": server.address}) as sig:
+            c1, c2, c3 = [await sig.open("bob") for _ in range(3)]
+            for ch in (c1, c2, c3):
+                await ch.send(b"hello")
+            with pytest.raises(ChannelBroken):
+                await c3.recv()  # refused: CLOSE came back
+            (link,) = server.links
+            assert link.refused_remote == 1 and link.sessions == 2
+            hold.set()
+            for ch in (c1, c2):
+                with pytest.raises(ChannelBroken):
+                    await ch.recv()  # the handler returned: its session closed
+
+    run(main())
+
+
+def test_a_bad_mux_frame_on_a_persistent_connection_is_counted_and_the_connection_survives() -> None:
+    async def main() -> None:
+        async def handler(ch: IncomingChannel) -> None:
+            await ch.send(b"pong:" + await ch.recv())
+
+        async with TcpSignallingServer(handler) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            for frame in (MUX_HELLO_PREFIX + b"mallory", b"\x00\x01\x02\x03\x04\x05",
+                          b"\xa9\x00\x00\x00\x01", b"\xaa\x00\x00\x00\x01ping"):
+                writer.write(struct.pack("!I", len(frame)) + frame)
+            header = await reader.readexactly(4)
+            reply = await reader.readexactly(struct.unpack("!I", header)[0])
+            assert reply == b"\xa2\x00\x00\x00\x01pong:ping"  # DATA on session 1, which mallory opened
+            (link,) = server.links
+            assert link.drops == {DropReason.MALFORMED: 1}
+            writer.close()
+
+    run(main())
