@@ -15,7 +15,7 @@ say exactly what the generated classes say, so equivalence is enforced:
   the class and its compiled table disagree, or when the class uses a
   feature a table cannot express (actions, ``unless``, validators, two
   transitions for one event and source, ...);
-* a hypothesis differential test (tests/test_compiled_machines.py) drives
+* a hypothesis differential test (tests/machines/test_compiled_machines.py) drives
   class and table side by side through random events and guard values.
 
 The class itself still runs every transition whenever python-statemachine

@@ -1,7 +1,7 @@
 """The spec's named properties (spec/properties.toml) as predicates over runtime observations.
 
 The model checker evaluates the formulas of ``spec/properties.toml`` over
-its abstract state; the runtime tests (``tests/test_stateful*.py``) observe
+its abstract state; the runtime tests (``tests/stateful/``) observe
 real pools and sessions. Both must mean the same thing, so the per-pair,
 per-step predicates live here, phrased over entry *state names* and counts
 the runtime can observe, with the state sets taken from the generated

@@ -1,4 +1,4 @@
-"""The package's import graph: no cycles, and the sans-IO core never imports a driver (issue 9, item 6).
+"""Import graph and test layout: no cycles, the core imports no driver, tests/ mirrors natpool/ (issue 9, item 6).
 
 The graph is read with :mod:`ast` from every module under ``natpool/``, not
 by importing, so an import that only runs inside a function, under
@@ -6,6 +6,12 @@ by importing, so an import that only runs inside a function, under
 edge too: such an import exists to dodge a cycle at import time, and the
 layering is just as tangled. Edges are kept by kind (module level vs inside a
 function) so a failure says which import to look at.
+
+The suite's own layout is checked the same way (by reading, not importing):
+``tests/<sub>/`` holds the tests of ``natpool/<sub>/`` and each of them imports
+it, helpers live in ``tests/support/`` only, and the top level keeps only the
+tests of top-level modules (``test_config.py`` for ``natpool/config.py``) and
+the cross-cutting ones listed below.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 import natpool
 
 ROOT = Path(natpool.__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent
 DRIVERS = ("natpool.aio", "natpool.sim", "natpool.cli", "natpool.bench", "natpool.netlab", "natpool.demo")
 
 
@@ -187,3 +194,95 @@ def test_the_core_imports_no_driver() -> None:
                     f"{start} reaches the driver {e.target}:\n{_show(chain)}")
                 seen.add(e.target)
                 todo.append((e.target, chain))
+
+
+# Tests at tests/ top level that are about the whole package rather than one subpackage.
+CROSS_CUTTING = {"test_readme.py", "test_public_api.py", "test_packaging.py", "test_cli_output.py", "test_layout.py",
+                 "test_examples.py"}
+# Directories of tests/ that mirror no subpackage, and what they hold instead.
+NOT_MIRRORS = {"support": "helpers shared by the tests", "stateful": "the stateful test of the whole runtime",
+               "counterexamples": "the checker's saved traces (data)"}
+
+
+def natpool_subpackages() -> set[str]:
+    return {p.parent.name for p in ROOT.glob("*/__init__.py")}
+
+
+def subdirectories(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name != "__pycache__")
+
+
+def imported_natpool_subpackages(path: Path) -> set[str]:
+    """``natpool.<sub>`` reached by the module: imported (at any depth), or run as ``natpool <sub>`` via the CLI."""
+    tree = ast.parse(path.read_text(), str(path))
+    subs: set[str] = set()
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "natpool" and len(parts) > 1:
+            subs.add(parts[1])
+    if "cli" in subs:  # cli_main(["bench", ...]) drives natpool.bench through its command
+        subs |= {node.elts[0].value for node in ast.walk(tree)
+                 if isinstance(node, ast.List) and node.elts and isinstance(node.elts[0], ast.Constant)
+                 and isinstance(node.elts[0].value, str)}
+    return subs
+
+
+def test_no_test_module_sits_at_the_top_level_unless_cross_cutting_or_of_a_top_level_module() -> None:
+    top_modules = {p.stem for p in ROOT.glob("*.py")}
+    stray = [p.name for p in sorted(TESTS.glob("test_*.py"))
+             if p.name not in CROSS_CUTTING and p.stem.removeprefix("test_") not in top_modules]
+    assert not stray, f"move these into the tests/<sub>/ of the natpool subpackage they test: {stray}"
+    assert (TESTS / "test_config.py").is_file() and "config" in top_modules  # the rule's second half is in use
+
+
+def test_every_test_directory_mirrors_a_subpackage_and_is_a_package() -> None:
+    subs = natpool_subpackages()
+    assert {"core", "aio", "sim", "check", "wire"} <= subs
+    for d in subdirectories(TESTS):
+        assert d.name in subs or d.name in NOT_MIRRORS, f"tests/{d.name}/ mirrors no natpool subpackage"
+        if d.name != "counterexamples":
+            # Packages all the way down: pytest's prepend mode then names tests.core.test_x and tests.aio.test_x
+            # apart, and ``tests.support`` imports resolve the same way for pytest, mypy and a copy of tests/.
+            missing = [str(p.relative_to(TESTS)) for p in [d, *d.rglob("*")]
+                       if p.is_dir() and p.name != "__pycache__" and not (p / "__init__.py").is_file()]
+            assert not missing, f"not packages: {missing}"
+    assert (TESTS / "__init__.py").is_file()
+    assert any((TESTS / "counterexamples").rglob("*.json"))
+
+
+def test_every_test_module_in_a_mirror_directory_imports_its_subpackage() -> None:
+    subs = natpool_subpackages()
+    checked = 0
+    for d in subdirectories(TESTS):
+        for path in sorted(d.rglob("test_*.py")):
+            reached = imported_natpool_subpackages(path)
+            if d.name in subs:
+                assert d.name in reached, (f"{path.relative_to(TESTS)} does not import natpool.{d.name}; "
+                                           f"it imports {sorted(reached)}: move it to where it belongs")
+            else:
+                assert d.name == "stateful", f"{path.relative_to(TESTS)}: no tests under tests/{d.name}/"
+            checked += 1
+    assert checked >= 30
+
+
+def test_helpers_live_in_tests_support_only() -> None:
+    helpers = [str(p.relative_to(TESTS)) for p in sorted(TESTS.rglob("*.py"))
+               if not p.name.startswith("test_") and p.name not in ("__init__.py", "conftest.py")
+               and p.relative_to(TESTS).parts[0] != "support"]
+    assert not helpers, f"move these helpers into tests/support/: {helpers}"
+    assert not list((TESTS / "support").rglob("test_*.py")), "tests/support/ holds helpers, not tests"
+
+
+def test_the_layout_reader_sees_imports_and_commands(tmp_path: Path) -> None:
+    mod = tmp_path / "test_x.py"
+    mod.write_text("import natpool.sim.clock\nfrom natpool.core import entry\nfrom natpool.cli import main\n\n"
+                   "def test() -> None:\n    from natpool import wire\n    main([\"bench\", \"--quick\"])\n")
+    assert imported_natpool_subpackages(mod) == {"sim", "core", "cli", "wire", "bench"}
+    mod.write_text("from tests.support.aio import run\nX = ['bench']\n")
+    assert imported_natpool_subpackages(mod) == set()

@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aio_support import bound_socket
-from aio_support import run as _run
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +24,8 @@ from natpool.mux import Mux, MuxChannel
 from natpool.signalling import MemoryChannel, memory_channel_pair
 from natpool.wire import mux as wire
 from natpool.wire.mux import FrameKind, MuxFrame
+from tests.support.aio import bound_socket
+from tests.support.aio import run as _run
 
 
 def run(coro: Awaitable[Any]) -> Any:

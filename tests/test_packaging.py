@@ -191,7 +191,7 @@ def test_every_module_is_importable() -> None:
 
 def test_readme_has_no_relative_links() -> None:
     """A package index shows the README without the repository around it: relative links would be dead."""
-    from test_readme import readme_text
+    from tests.test_readme import readme_text
 
     links = re.findall(r"\]\(([^)\s]+)", readme_text())
     relative = [u for u in links if not re.match(r"[a-z][a-z0-9+.-]*:|#", u)]

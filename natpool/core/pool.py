@@ -62,7 +62,7 @@ class _Claims:
 
     The sessions get this instead of the pool (lock held by the caller). It
     looks the pool's methods up at each call, so a test that patches
-    ``PairPool._claim_locked`` on the class (tests/stateful/mutants.py) is seen.
+    ``PairPool._claim_locked`` on the class (tests/support/stateful/mutants.py) is seen.
     """
 
     __slots__ = ("_pool",)

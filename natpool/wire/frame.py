@@ -49,7 +49,7 @@ def decode(data: bytes) -> Frame:
 
 # --- the entry's hot path ---------------------------------------------------------------------
 # One pair's frames are recognised and built without Frame objects; ``decode`` stays the
-# authority for everything else (tests/test_entry_hotpath.py checks they agree on every input).
+# authority for everything else (tests/core/test_entry_hotpath.py checks they agree on every input).
 
 _PING = int(Kind.PING)
 _PONG = int(Kind.PONG)

@@ -25,8 +25,7 @@ import pytest
 
 from natpool.netlab import Lab, LabConfig
 from natpool.netlab.client import Agent
-
-from .support import event_time, expiry, keepalive_sends, poll, punched_hosts
+from tests.support.netlab import event_time, expiry, keepalive_sends, poll, punched_hosts
 
 MakeLab = Callable[..., Lab]
 MakeAgent = Callable[[Lab, str], Agent]

@@ -1,1 +1,1 @@
-"""Harness for the hypothesis stateful tests: two simulated pools, manual network and signalling."""
+"""The hypothesis stateful test of the whole runtime (harness in tests/support/stateful/), its checks and mutants."""

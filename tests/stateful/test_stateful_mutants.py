@@ -1,6 +1,6 @@
 """Mutation sanity check: with a seeded runtime bug, the stateful test must fail.
 
-Each mutant from tests/stateful/mutants.py is applied to the runtime and the
+Each mutant from tests/support/stateful/mutants.py is applied to the runtime and the
 same state machine runs derandomized (so CI is reproducible) under the
 loaded profile's example budget, without shrinking (only *that* it fails
 matters here, and shrinking is the slow part). The property that caught
@@ -14,11 +14,11 @@ import tomllib
 import pytest
 from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
-from stateful.machine import HandoverMachine
-from stateful.mutants import MUTANTS
-from stateful.world import Violation
 
 from natpool.resources import spec_dir
+from tests.support.stateful.machine import HandoverMachine
+from tests.support.stateful.mutants import MUTANTS
+from tests.support.stateful.world import Violation
 
 #: Which properties may report each mutant (the first violated one wins); the
 #: checker's `expect` (spec/mutants.toml) is always among them.

@@ -79,14 +79,14 @@ EQUIV_MODELS = {
 @pytest.mark.parametrize("name", sorted(EQUIV_MODELS))
 def test_tla_module_explores_the_same_graph_as_the_checker(name: str, tmp_path: Path,
                                                           outputs: dict[Path, str]) -> None:
-    """Independent path: generated TLA+ text -> `tla` parser -> tests/tla_mini.py evaluator.
+    """Independent path: generated TLA+ text -> `tla` parser -> tests/support/tla_mini.py evaluator.
 
     Same reachable states, same successors of every state, same invariant and
     Terminal values: the exported module is the model `natpool check` explores
     (with reductions off, TLC must report the same number of distinct states).
     """
     pytest.importorskip("tla")
-    from tla_mini import Module, explore
+    from tests.support.tla_mini import Module, explore
 
     base, repl = EQUIV_MODELS[name]
     text = (ROOT / "models" / base).read_text()

@@ -13,14 +13,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aio_support import bound_socket
-from aio_support import run as _run
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.config import PairConfig
 from natpool.core.entry import StateChanged
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import BindFailed, DropReason, DuplicateNonce, PoolClosed
+from tests.support.aio import bound_socket
+from tests.support.aio import run as _run
 
 BOUND = 10.0
 def run(coro: Awaitable[Any]) -> Any:

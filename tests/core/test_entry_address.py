@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from aio_support import bound_socket
-from aio_support import run as aio_run
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.config import PairConfig
@@ -22,6 +20,8 @@ from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason
 from natpool.sim import Simulation
 from natpool.wire.frame import Frame, Kind, encode
+from tests.support.aio import bound_socket
+from tests.support.aio import run as aio_run
 
 ALICE = Endpoint("alice", "127.0.0.1", 40001)
 BOB = Endpoint("bob", "127.0.0.1", 40002)

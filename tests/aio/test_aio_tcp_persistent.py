@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from test_aio_close import CFG, NONCE, SID, add_pair, errors_logged, run
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import IncomingChannel, TcpSignalling, TcpSignallingServer
@@ -22,6 +21,7 @@ from natpool.errors import ChannelBroken, PoolClosed
 from natpool.mux import MuxChannel
 from natpool.wire import signal as wire
 from natpool.wire.signal import AbortReason, Signal, SignalType
+from tests.aio.test_aio_close import CFG, NONCE, SID, add_pair, errors_logged, run
 
 
 @asynccontextmanager

@@ -26,9 +26,10 @@ from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import PairBusy
+from tests.support import COUNTEREXAMPLES
 
-TRACES = sorted((Path(__file__).parent / "counterexamples").glob("*.json"))
-MUTANT_TRACES = sorted((Path(__file__).parent / "counterexamples" / "mutants").glob("*.json"))
+TRACES = sorted(COUNTEREXAMPLES.glob("*.json"))
+MUTANT_TRACES = sorted((COUNTEREXAMPLES / "mutants").glob("*.json"))
 NODES = ("n0", "n1")
 
 #: Model steps the real code takes inside the call that enables them.

@@ -17,8 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aio_support import bound_socket
-from aio_support import run as _run
 
 import natpool
 from natpool import (
@@ -39,6 +37,8 @@ from natpool.machines.tables import ENTRY
 from natpool.signalling import MemoryChannel, MemorySignalling, SignalChannel
 from natpool.wire import signal as wire
 from natpool.wire.frame import Frame, Kind, encode
+from tests.support.aio import bound_socket
+from tests.support.aio import run as _run
 
 CFG = PairConfig(ping_interval=0.02, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=3.0)
 BIG = bytes(range(256)) * 15 + bytes(160)  # 4,000 bytes, not all one value: a cut or reorder shows

@@ -1,7 +1,7 @@
 """Two simulated pools on a manual network with manual signalling, plus a spec-trace recorder.
 
 Everything the stateful test can do to the system is a method here; the
-:class:`~stateful.machine.HandoverMachine` only chooses which one runs next.
+:class:`~tests.support.stateful.machine.HandoverMachine` only chooses which one runs next.
 
 * **Network**: :class:`natpool.sim.Simulation` with every link in manual
   mode, so keepalive datagrams wait in ``network.in_flight`` until a rule

@@ -1,6 +1,6 @@
 """The stateful test's own checks: they name the spec's properties and do fail on bad runtimes.
 
-Deterministic scenarios on the same :class:`~stateful.world.World` the
+Deterministic scenarios on the same :class:`~tests.support.stateful.world.World` the
 hypothesis machine drives, so a green stateful run means "checked", not
 "the checks were blind".
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-from stateful.mutants import no_drain
-from stateful.world import MAX_LIFETIME, A, B, Violation, World
 
 from natpool import props
 from natpool.core.lease import Lease
 from natpool.machines.tables import TABLES
 from natpool.resources import spec_dir
 from natpool.spec.load import load_machines
+from tests.support.stateful.mutants import no_drain
+from tests.support.stateful.world import MAX_LIFETIME, A, B, Violation, World
 
 SPEC = spec_dir().path  # the checkout's spec/, or the copy installed with natpool
 

@@ -1,7 +1,7 @@
 """Hypothesis stateful test: the real runtime against the spec's properties and transition tables.
 
 Two simulated pools on a manual, faulty in-memory network with manual
-signalling (see tests/stateful/). Bounds scale with the loaded hypothesis
+signalling (see tests/support/stateful/). Bounds scale with the loaded hypothesis
 profile: ``ci`` keeps the run short; ``thorough`` runs many more, longer
 programs (see CONTRIBUTING.md).
 """
@@ -12,9 +12,9 @@ from typing import ClassVar
 
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
-from stateful.machine import HandoverMachine
 
 from natpool.machines.tables import TABLES
+from tests.support.stateful.machine import HandoverMachine
 
 
 def stateful_runs() -> tuple[settings, int]:

@@ -11,8 +11,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aio_support import bound_socket
-from aio_support import run as _run
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import HELLO_PREFIX, TcpSignalling, TcpSignallingServer
@@ -22,6 +20,8 @@ from natpool.core.lease import Lease
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, PairBusy, PoolClosed, UnknownPair
 from natpool.wire import signal as wire
+from tests.support.aio import bound_socket
+from tests.support.aio import run as _run
 
 BOUND = 15.0
 CFG = PairConfig(ping_interval=0.02, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=3.0)

@@ -3,7 +3,7 @@
 Every test runs on loopback with real UDP sockets (and, where the case is
 about TCP, the reference TCP signalling). Nothing sleeps on the wall clock:
 interleavings are forced with events, futures and ``asyncio.sleep(0)``
-yields, and ``aio_support.run`` fails a test on any exception the loop
+yields, and ``tests.support.aio.run`` fails a test on any exception the loop
 swallowed (asyncio's "Exception in callback ..." goes there, not to logging).
 """
 
@@ -18,8 +18,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aio_support import bound_socket
-from aio_support import run as _run
 
 from natpool.aio.handover import run_initiator, serve_responder
 from natpool.aio.pool import AsyncPairPool
@@ -46,6 +44,8 @@ from natpool.errors import (
 from natpool.signalling import MemoryChannel, SignalChannel, memory_channel_pair
 from natpool.wire import signal as wire
 from natpool.wire.signal import AbortReason, Signal, SignalType
+from tests.support.aio import bound_socket
+from tests.support.aio import run as _run
 
 NONCE = 0xC105E
 CFG = PairConfig(ping_interval=0.02, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=3.0)

@@ -6,7 +6,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from handover_net import A, B, Link, Net, assert_no_leak, assert_silent_after_lock, leases, types
 
 from natpool.config import PairConfig
 from natpool.core.entry import ExpiryReason, StateChanged
@@ -17,6 +16,7 @@ from natpool.errors import (
     PairBusy,
 )
 from natpool.wire.signal import SignalType, decode
+from tests.support.handover_net import A, B, Link, Net, assert_no_leak, assert_silent_after_lock, leases, types
 
 NONCE = 0xC0FFEE
 CFG = PairConfig(ping_interval=5.0, no_inbound_timeout=20.0, ping_lifespan=2.0, lock_timeout=1.0)

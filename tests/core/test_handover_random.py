@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 
-from handover_net import A, B, Link, Net, Sent, assert_no_leak, leases
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from natpool.config import PairConfig
 from natpool.core.lease import Lease
 from natpool.errors import HandoverError, PairBusy, UnknownPair
+from tests.support.handover_net import A, B, Link, Net, Sent, assert_no_leak, leases
 
 NONCE = 0xA11CE
 

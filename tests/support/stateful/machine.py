@@ -1,4 +1,4 @@
-"""The hypothesis rule-based state machine over :class:`~stateful.world.World`.
+"""The hypothesis rule-based state machine over :class:`~tests.support.stateful.world.World`.
 
 Rules are the faults and calls the spec's system model allows (spec/system.toml):
 punching pairs (on both sides or one), time, keepalive fates (deliver any
@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 
 from natpool.wire import signal as wire
 from natpool.wire.signal import Signal, SignalType
-from stateful.world import BOGUS_SID_TAG, NODES, Link, PairRef, World
+from tests.support.stateful.world import BOGUS_SID_TAG, NODES, Link, PairRef, World
 
 MAX_PAIRS = 4
 node_st = st.sampled_from(NODES)

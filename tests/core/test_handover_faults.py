@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from handover_net import A, B, Link, Net, Sent, assert_no_leak, assert_symmetry, leases
 
 from natpool.config import PairConfig
 from natpool.core.lease import Lease
@@ -20,6 +19,7 @@ from natpool.errors import (
 )
 from natpool.wire.frame import Kind
 from natpool.wire.signal import AbortReason, Signal, SignalType, decode, encode
+from tests.support.handover_net import A, B, Link, Net, Sent, assert_no_leak, assert_symmetry, leases
 
 NONCE = 0xBEEF
 CFG = PairConfig(ping_interval=5.0, no_inbound_timeout=20.0, ping_lifespan=2.0, lock_timeout=1.0)

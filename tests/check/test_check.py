@@ -19,6 +19,7 @@ from natpool.check.system import System, list_models, load_model, load_system
 from natpool.check.trace import FORMAT, render, to_json
 from natpool.resources import models_dir, spec_dir
 from natpool.spec.model import SpecError
+from tests.support import COUNTEREXAMPLES
 
 FAST = list_models("fast")
 MODELS = models_dir().path  # the checkout's models/, or the installed copy
@@ -123,7 +124,7 @@ def test_trace_json_format() -> None:
     assert "CleanHandover violated" in text and "take(" in text
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent / "counterexamples").rglob("*.json")),
+@pytest.mark.parametrize("path", sorted(COUNTEREXAMPLES.rglob("*.json")),
                          ids=lambda p: p.stem)
 def test_saved_counterexamples_are_well_formed(path: Path) -> None:
     doc = json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""Tests of natpool.bench: the ``natpool bench`` sections this suite can afford."""

@@ -1,0 +1,1 @@
+"""Harness for the hypothesis stateful tests: two simulated pools, manual network and signalling."""

@@ -1,0 +1,1 @@
+"""Tests of natpool.wire: the keepalive frame and handover signal codecs."""
