@@ -96,6 +96,15 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     dirty = False  # something happened since the last flush
     sleeper: asyncio.Future[None] | None = None
     fired: float | None = None  # the last timer handled
+    # The session's timer stays armed across sleeps while its deadline is unchanged (the lock deadline
+    # is the same for most of a take): one loop timer per deadline, not one call_later per step.
+    alarm: asyncio.TimerHandle | None = None
+    alarm_at: float | None = None
+
+    def ring() -> None:
+        nonlocal alarm, alarm_at
+        alarm = alarm_at = None
+        wake_local()
 
     def wake_local() -> None:
         nonlocal dirty
@@ -183,14 +192,16 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
                 continue
             if dirty:
                 continue
+            if timer != alarm_at:
+                if alarm is not None:
+                    alarm.cancel()
+                alarm = None if timer is None else loop.call_later(timer - now, ring)
+                alarm_at = timer
             sleeper = loop.create_future()
-            handle = None if timer is None else loop.call_later(timer - now, wake_local)
             try:
                 await sleeper
             finally:
                 sleeper = None
-                if handle is not None:
-                    handle.cancel()
     except asyncio.CancelledError:
         if push:
             assert isinstance(channel, MuxChannel)
@@ -203,6 +214,9 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
             await asyncio.wait_for(_flush(session, channel, clock), timeout=CANCEL_SEND_TIMEOUT)
         raise
     finally:
+        if alarm is not None:
+            alarm.cancel()
+            alarm = None
         session.waker = None
         if push:
             assert isinstance(channel, MuxChannel)
