@@ -119,6 +119,16 @@ class MuxChannel:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
         mux._send_sync(wire.encode_data(self.sid, self.local, data))
 
+    def recv_nowait(self) -> bytes | None:
+        """The next queued message, or None (nothing queued, or the session ended): never suspends.
+
+        Lets a consumer skip arming a timeout for a message that is already
+        here (the first signal of an incoming session arrives with its OPEN).
+        """
+        if self._closed or not self._inbox:
+            return None
+        return self._inbox.popleft()
+
     async def recv(self) -> bytes:
         if self._closed:
             raise ChannelBroken(f"mux session {self.sid} is closed here")
