@@ -728,14 +728,16 @@ class AsyncPairPool:
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
                     self._early.pop(event.nonce, None)
                     self._close_transport(event.nonce)
-            for callback in list(self._callbacks):
-                try:
-                    callback(event)
-                except Exception:
-                    log.exception("event callback failed")
-            for sub in list(self._subscriptions):
-                if not sub._put(event):
-                    self.stats.events_lost += 1
+            if self._callbacks:  # most pools have none: no copy per event
+                for callback in list(self._callbacks):
+                    try:
+                        callback(event)
+                    except Exception:
+                        log.exception("event callback failed")
+            if self._subscriptions:
+                for sub in list(self._subscriptions):
+                    if not sub._put(event):
+                        self.stats.events_lost += 1
         return any_event
 
     def _rearm(self) -> None:
