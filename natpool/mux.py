@@ -519,7 +519,13 @@ class Mux:
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
-            await self._send_quietly(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
+            frame = wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local))
+            if self._send_now is not None:
+                # A link that writes synchronously: no timeout to arm, no drain to await at every session end.
+                with contextlib.suppress(ChannelBroken):
+                    self._send_sync(frame)
+            else:
+                await self._send_quietly(frame)
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:
