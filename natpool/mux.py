@@ -119,6 +119,16 @@ class MuxChannel:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
         mux._send_sync(wire.encode_data(self.sid, self.local, data))
 
+    def recv_nowait(self) -> bytes | None:
+        """The next queued message, or None (nothing queued, or the session ended): never suspends.
+
+        Lets a consumer skip arming a timeout for a message that is already
+        here (the first signal of an incoming session arrives with its OPEN).
+        """
+        if self._closed or not self._inbox:
+            return None
+        return self._inbox.popleft()
+
     async def recv(self) -> bytes:
         if self._closed:
             raise ChannelBroken(f"mux session {self.sid} is closed here")
@@ -509,7 +519,13 @@ class Mux:
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
-            await self._send_quietly(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
+            frame = wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local))
+            if self._send_now is not None:
+                # A link that writes synchronously: no timeout to arm, no drain to await at every session end.
+                with contextlib.suppress(ChannelBroken):
+                    self._send_sync(frame)
+            else:
+                await self._send_quietly(frame)
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:

@@ -59,6 +59,21 @@ async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
     signal is in, before any entry is claimed; False (the pool began
     closing) ends here with :class:`HandoverCancelled`, nothing claimed.
     """
+    # A multiplexed session's first signal usually came in with its OPEN: no timeout to arm and cancel.
+    first = channel.recv_nowait() if isinstance(channel, MuxChannel) else None
+    if first is None:
+        first = await _first_signal(pool, channel)
+    if may_start is not None and not may_start():
+        await _close(channel)
+        raise HandoverCancelled("the pool began closing before this session could claim an entry")
+    session: ResponderSession = pool.accept_session(first, clock())
+    if on_progress is not None:
+        on_progress()
+    return await _pump(session, channel, clock, on_progress)
+
+
+async def _first_signal(pool: PairPool, channel: SignalChannel) -> bytes:
+    """Wait at most ``lock_timeout`` for an incoming channel's first signal; the channel is closed on failure."""
     try:
         # asyncio.timeout, not wait_for: 3.11's wait_for returns the result of a read that completed
         # as the task was cancelled, swallowing the cancellation (and a closing pool then took a LOCK).
@@ -73,13 +88,7 @@ async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
     except BaseException:  # cancelled before LOCK arrived
         await _close(channel)
         raise
-    if may_start is not None and not may_start():
-        await _close(channel)
-        raise HandoverCancelled("the pool began closing before this session could claim an entry")
-    session: ResponderSession = pool.accept_session(first, clock())
-    if on_progress is not None:
-        on_progress()
-    return await _pump(session, channel, clock, on_progress)
+    return first
 
 
 async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progress: Progress) -> Lease:
@@ -94,13 +103,23 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     dirty = False  # something happened since the last flush
+    muted = False  # inside ``pushed``, which flushes and decides itself whether the loop must wake
     sleeper: asyncio.Future[None] | None = None
     fired: float | None = None  # the last timer handled
+    # The session's timer stays armed across sleeps while its deadline is unchanged (the lock deadline
+    # is the same for most of a take): one loop timer per deadline, not one call_later per step.
+    alarm: asyncio.TimerHandle | None = None
+    alarm_at: float | None = None
+
+    def ring() -> None:
+        nonlocal alarm, alarm_at
+        alarm = alarm_at = None
+        wake_local()
 
     def wake_local() -> None:
         nonlocal dirty
         dirty = True
-        if sleeper is not None and not sleeper.done():
+        if not muted and sleeper is not None and not sleeper.done():
             sleeper.set_result(None)
 
     def waker() -> None:
@@ -133,12 +152,31 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         return True
 
     def pushed(data: bytes) -> None:
-        session.receive_signal(data, clock())
-        if sync_send and not flush_now():  # the reply leaves in this very loop step
+        nonlocal muted
+        if not sync_send:
+            session.receive_signal(data, clock())
+            wake_local()
+            return
+        muted = True  # the reply is sent right here: the session's waker need not wake the loop below
+        try:
+            session.receive_signal(data, clock())
+            sent = flush_now()  # the reply leaves in this very loop step
+        finally:
+            muted = False
+        if not sent:
             assert isinstance(channel, MuxChannel)
             channel.listen(None)
             session.channel_closed(clock())
-        wake_local()
+            wake_local()
+            return
+        if session.done:
+            wake_local()
+            return
+        if on_progress is not None:
+            on_progress()
+        # The loop below only has a timer to re-arm or run (a new deadline); otherwise it sleeps on.
+        if session.get_timer() != alarm_at:
+            wake_local()
 
     def pushed_end(why: str) -> None:
         log.debug("handover %#x: signalling channel ended: %s", session.nonce, why)
@@ -183,14 +221,16 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
                 continue
             if dirty:
                 continue
+            if timer != alarm_at:
+                if alarm is not None:
+                    alarm.cancel()
+                alarm = None if timer is None else loop.call_later(timer - now, ring)
+                alarm_at = timer
             sleeper = loop.create_future()
-            handle = None if timer is None else loop.call_later(timer - now, wake_local)
             try:
                 await sleeper
             finally:
                 sleeper = None
-                if handle is not None:
-                    handle.cancel()
     except asyncio.CancelledError:
         if push:
             assert isinstance(channel, MuxChannel)
@@ -203,6 +243,9 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
             await asyncio.wait_for(_flush(session, channel, clock), timeout=CANCEL_SEND_TIMEOUT)
         raise
     finally:
+        if alarm is not None:
+            alarm.cancel()
+            alarm = None
         session.waker = None
         if push:
             assert isinstance(channel, MuxChannel)
@@ -243,6 +286,12 @@ async def _flush(session: Session, channel: SignalChannel, clock: Clock) -> bool
 
 async def _close(channel: SignalChannel) -> None:
     """Close ``channel``, bounded (a hung user channel must not hang a session's end) and never raising."""
+    if isinstance(channel, MuxChannel):
+        # Bounded by the mux itself (its CLOSE send has mux.CLOSE_TIMEOUT, the rest is synchronous): no
+        # second timer to arm and cancel at the end of every session.
+        with contextlib.suppress(Exception):
+            await channel.close()
+        return
     with contextlib.suppress(Exception):
         async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
             await channel.close()

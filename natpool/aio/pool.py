@@ -728,14 +728,16 @@ class AsyncPairPool:
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
                     self._early.pop(event.nonce, None)
                     self._close_transport(event.nonce)
-            for callback in list(self._callbacks):
-                try:
-                    callback(event)
-                except Exception:
-                    log.exception("event callback failed")
-            for sub in list(self._subscriptions):
-                if not sub._put(event):
-                    self.stats.events_lost += 1
+            if self._callbacks:  # most pools have none: no copy per event
+                for callback in list(self._callbacks):
+                    try:
+                        callback(event)
+                    except Exception:
+                        log.exception("event callback failed")
+            if self._subscriptions:
+                for sub in list(self._subscriptions):
+                    if not sub._put(event):
+                        self.stats.events_lost += 1
         return any_event
 
     def _rearm(self) -> None:
@@ -755,9 +757,20 @@ class AsyncPairPool:
         self._handle_when = deadline
 
     def kick(self) -> None:
-        """Process the core's pending output/events now: call after driving the core directly."""
-        if not self._closed:
+        """Process the core's pending output/events now: call after driving the core directly.
+
+        The handover pump calls this after every step, most of which changed
+        no entry: with no event and no datagram queued and the timer armed,
+        nothing can have moved a deadline earlier (only a transition does, and
+        it queues an event), so the flush and re-arm are skipped.
+        """
+        if self._closed:
+            return
+        if self._events_pending or self._handle is None or self.core.has_pending_output():
             self._after_input()
+        elif self._waiting:
+            assert self._changed is not None
+            self._changed.set()
 
     # --- handover -------------------------------------------------------------------------------
 

@@ -208,8 +208,10 @@ class Session:
                 return None
             # The lock deadline only matters while failing is still allowed (not in Settling).
             deadline = self.deadline if self._can_fail() else None
-            timers = [t for t in (deadline, self._settle_at()) if t is not None]
-            return min(timers) if timers else None
+            settle = self._settle_at()
+            if deadline is None or settle is None:
+                return settle if deadline is None else deadline
+            return min(deadline, settle)
 
     def handle_timer(self, now: float) -> None:
         with self._registry.lock:

@@ -76,6 +76,9 @@ def encode_open(sid: int, payload: bytes = b"") -> bytes:
     return _HEAD.pack(MAGIC | OPENER | 1, sid) + payload
 
 
+_KINDS: dict[int, FrameKind] = {int(k): k for k in FrameKind}
+
+
 def decode(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> MuxFrame:
     """Parse one link message; raise :class:`RemoteProtocolError` (OVERSIZED / MALFORMED) unless valid."""
     n = len(data)
@@ -91,7 +94,7 @@ def decode(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> MuxFrame:
         raise RemoteProtocolError(DropReason.MALFORMED, f"bad kind {k}")
     if sid == 0:
         raise RemoteProtocolError(DropReason.MALFORMED, "session id 0")
-    kind = FrameKind(k)
+    kind = _KINDS[k]  # a dict lookup, not the enum constructor's call chain (one decode per link message)
     opener = bool(flags & OPENER)
     if kind is FrameKind.DATA:
         if n == HEAD_SIZE:

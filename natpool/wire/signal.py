@@ -55,6 +55,11 @@ class AbortReason(enum.IntEnum):
     ENTRY_GONE = 5  # the local entry expired (no inbound, send failures, removed)
 
 
+#: Byte -> member, a dict lookup instead of the enum constructor's call chain (decoding is per signal).
+_TYPES: dict[int, SignalType] = {int(t): t for t in SignalType}
+_REASONS: dict[int, AbortReason] = {int(r): r for r in AbortReason}
+
+
 @dataclass(frozen=True, slots=True)
 class Signal:
     type: SignalType
@@ -97,10 +102,9 @@ def decode(data: bytes) -> Signal:
     version, type_byte, nonce, sid, seq = _HEAD.unpack_from(data)
     if version != VERSION_BYTE:
         raise RemoteProtocolError(DropReason.MALFORMED, f"version byte {version:#04x}, expected {VERSION_BYTE:#04x}")
-    try:
-        stype = SignalType(type_byte)
-    except ValueError:
-        raise RemoteProtocolError(DropReason.MALFORMED, f"unknown signal type {type_byte}") from None
+    stype = _TYPES.get(type_byte)
+    if stype is None:
+        raise RemoteProtocolError(DropReason.MALFORMED, f"unknown signal type {type_byte}")
     expected = ABORT_SIZE if stype is SignalType.ABORT else BASE_SIZE
     if n != expected:
         raise RemoteProtocolError(DropReason.MALFORMED, f"{stype.name} is {n} bytes, expected {expected}")
@@ -112,8 +116,7 @@ def decode(data: bytes) -> Signal:
         raise RemoteProtocolError(DropReason.MALFORMED, "zero sequence number")
     reason: AbortReason | None = None
     if stype is SignalType.ABORT:
-        try:
-            reason = AbortReason(data[BASE_SIZE])
-        except ValueError:
-            raise RemoteProtocolError(DropReason.MALFORMED, f"unknown abort reason {data[BASE_SIZE]}") from None
+        reason = _REASONS.get(data[BASE_SIZE])
+        if reason is None:
+            raise RemoteProtocolError(DropReason.MALFORMED, f"unknown abort reason {data[BASE_SIZE]}")
     return Signal(stype, nonce, bytes(sid), seq, reason)
