@@ -148,10 +148,11 @@ class DriverStats:
 class _EntryProtocol(asyncio.DatagramProtocol):
     """Feeds one entry's datagrams into the pool; nothing else lives here (kept tiny on purpose)."""
 
-    __slots__ = ("_nonce", "_owner", "early", "entry", "sock", "transport")
+    __slots__ = ("_feed", "_nonce", "_owner", "early", "entry", "sock", "transport")
 
     def __init__(self, owner: AsyncPairPool, nonce: int) -> None:
         self._owner = owner
+        self._feed = owner._on_datagram  # bound once: one attribute lookup less per datagram
         self._nonce = nonce
         self.entry: PairEntry | None = None  # set once the core registered it
         self.sock: socket.socket | None = None  # the real socket, for the lease (asyncio exposes a wrapper)
@@ -174,7 +175,7 @@ class _EntryProtocol(asyncio.DatagramProtocol):
             if len(self.early) < EARLY_BEFORE_ADD:
                 self.early.append((data, addr))
             return
-        self._owner._on_datagram(self._nonce, entry, data, addr)
+        self._feed(self._nonce, entry, data, addr)
 
     def error_received(self, exc: Exception) -> None:
         self._owner._on_socket_error(self._nonce, exc)
@@ -281,6 +282,7 @@ class AsyncPairPool:
         #: Called with each lease this side hands out as responder; without it they queue for accept().
         self.on_lease = on_lease
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = _unbound_clock
         self._transports: dict[int, asyncio.DatagramTransport] = {}
         self._send_errors: Counter[int] = Counter()
         self._pending: set[int] = set()
@@ -329,6 +331,7 @@ class AsyncPairPool:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+            self._clock = loop.time  # bound once: the datagram path reads the clock on every datagram
             self._changed = asyncio.Event()
         elif self._loop is not loop:
             raise LocalError("AsyncPairPool is bound to another event loop")
@@ -575,8 +578,7 @@ class AsyncPairPool:
     def _on_datagram(self, nonce: int, entry: PairEntry, data: bytes, addr: Any) -> None:
         stats = self.stats
         stats.datagrams_in += 1
-        assert self._loop is not None
-        now = self._loop.time()
+        now = self._clock()
         observer = self.wire_observer
         if observer is not None:
             self._observe("recv", nonce, data, addr)
@@ -602,7 +604,7 @@ class AsyncPairPool:
                     self._report_send_error(nonce, exc, now)
             else:
                 self._send(nonce, transport, replies, now)
-        if not self._events_pending and not core.has_pending_output():
+        if not self._events_pending and not core._outbox:  # has_pending_output(), inlined (hot)
             # Fast path (a ping or a pong): no event, nothing else queued. Only this entry changed, and a
             # datagram alone never brings a deadline forward (it refreshes liveness or clears a ping).
             if self._waiting:
@@ -957,6 +959,11 @@ class AsyncPairPool:
             transport.max_size = LEASE_RECV_BUFFER
         lease.attach(transport, sock, self, buffer)
         return lease
+
+
+def _unbound_clock() -> float:
+    """The clock before ``_bind_loop``: no datagram can arrive then (no socket is open yet)."""
+    raise LocalError("AsyncPairPool is not bound to an event loop yet")
 
 
 def _is_own_keepalive(data: bytes, nonce: int) -> bool:
