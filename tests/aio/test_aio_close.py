@@ -63,6 +63,14 @@ def make_pair(nonce: int = NONCE) -> tuple[EndpointPair, socket.socket, socket.s
     return pair, s1, s2
 
 
+def pair_only(nonce: int) -> EndpointPair:
+    """An EndpointPair with loopback ports, its sockets closed: for calls that must fail before binding."""
+    pair, s1, s2 = make_pair(nonce)
+    s1.close()
+    s2.close()
+    return pair
+
+
 async def add_pair(alice: AsyncPairPool, bob: AsyncPairPool, nonce: int = NONCE, alice_pings: bool = True) -> None:
     pair, s1, s2 = make_pair(nonce)
     ea = await alice.add(pair, is_pinger=alice_pings, sock=s1)
@@ -605,9 +613,9 @@ def test_add_closes_the_given_socket_on_every_failure() -> None:
         await pool.add(pair, True, sock=s1)
 
         cases: list[tuple[str, Callable[[], socket.socket], EndpointPair, type[LocalError]]] = [
-            ("tcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), make_pair(2)[0], InvalidSocket),
-            ("unbound", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), make_pair(3)[0], InvalidSocket),
-            ("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), make_pair(4)[0], InvalidSocket),
+            ("tcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), pair_only(2), InvalidSocket),
+            ("unbound", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), pair_only(3), InvalidSocket),
+            ("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), pair_only(4), InvalidSocket),
             ("duplicate", bound_socket, pair, DuplicateNonce),
             ("invalid-pair", bound_socket,
              EndpointPair(Endpoint("x", "127.0.0.1", 1), Endpoint("y", "127.0.0.1", 2), 5), InvalidPair),
@@ -620,12 +628,12 @@ def test_add_closes_the_given_socket_on_every_failure() -> None:
         closed = bound_socket()
         closed.close()
         with pytest.raises(InvalidSocket):
-            await pool.add(make_pair(6)[0], True, sock=closed)
+            await pool.add(pair_only(6), True, sock=closed)
         assert len(pool) == 1 and pool.stats.sockets_opened == 1
         await pool.close()
         s = bound_socket()
         with pytest.raises(PoolClosed):
-            await pool.add(make_pair(7)[0], True, sock=s)
+            await pool.add(pair_only(7), True, sock=s)
         assert s.fileno() == -1
 
     run(main())
