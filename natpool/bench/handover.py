@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import TcpSignalling, TcpSignallingServer
-from natpool.bench.raw import open_udp
+from natpool.bench.raw import echo_server, open_udp
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.signalling import MemoryChannel, MemorySignalling
@@ -90,16 +90,7 @@ async def open_exchange_times(count: int) -> list[float]:
     """
     msg = struct.pack("!I", 30) + bytes(30)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                writer.write(await reader.readexactly(len(msg)))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await echo_server(len(msg))
     host, port = server.sockets[0].getsockname()[:2]
     reader, writer = await asyncio.open_connection(host, port)
     out: list[float] = []

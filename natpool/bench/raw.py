@@ -141,20 +141,25 @@ async def udp_rtts(count: int) -> list[float]:
     return out
 
 
-async def tcp_exchange_times(count: int) -> list[float]:
-    """Fresh TCP connection + two request/response round trips of 30-byte messages (a handover's shape)."""
+async def echo_server(size: int) -> asyncio.Server:
+    """A loopback TCP server echoing every ``size``-byte message back: the far end of the raw baselines."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                data = await reader.readexactly(34)
-                writer.write(data)
+                writer.write(await reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def tcp_exchange_times(count: int) -> list[float]:
+    """Fresh TCP connection + two request/response round trips of 30-byte messages (a handover's shape)."""
+
+    server = await echo_server(34)
     host, port = server.sockets[0].getsockname()[:2]
     out: list[float] = []
     msg = bytes(34)
