@@ -24,6 +24,10 @@ class LocalError(NatPoolError):
     """The caller did something the API does not allow."""
 
 
+class InvalidKey(LocalError):
+    """A key or secret is too short (fewer than 16 bytes) or not bytes."""
+
+
 class InvalidPair(LocalError, ValueError):
     """``add`` got a pair that can never be valid (bad nonce, endpoints, identities)."""
 
@@ -79,6 +83,8 @@ class DropReason(enum.Enum):
     BAD_MAC = "bad_mac"
     REPLAY = "replay"
     OVERSIZED = "oversized"
+    UNEXPECTED_PEER = "unexpected_peer"  # a signalling peer claimed an identity this node cannot verify
+    RATE_LIMITED = "rate_limited"  # refused: a connection or session cap was reached
 
 
 class RemoteProtocolError(NatPoolError):

@@ -71,10 +71,12 @@ class MuxChannel:
     ``recv`` waits at most ``read_timeout`` (the mux's) for a message, then
     ends the session (CLOSE) and raises ``ChannelBroken("read timeout")``, as
     a per-take TCP connection with that timeout would. One ``recv`` at a time.
+    ``peer_identity`` is the link's verified peer (:attr:`Mux.peer_identity`):
+    every session on a link is with the one peer the link authenticated.
     """
 
     __slots__ = ("_broken", "_closed", "_inbox", "_key", "_mux", "_on_end", "_on_message", "_opened", "_waiter",
-                 "local", "peer", "sid")
+                 "local", "peer", "peer_identity", "sid")
 
     def __init__(self, mux: Mux, sid: int, local: bool) -> None:
         self._mux = mux
@@ -82,6 +84,7 @@ class MuxChannel:
         self.sid = sid
         self.local = local  # True: this side opened the session
         self.peer = mux.peer
+        self.peer_identity = mux.peer_identity
         self._inbox: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False  # closed here
@@ -239,6 +242,12 @@ class Mux:
     and counted in ``handler_errors``, never kills the link). Without it an
     incoming OPEN is refused like one beyond the cap. ``read_timeout`` bounds
     each virtual ``recv``; the link itself may stay idle for ever.
+
+    ``peer`` names the peer for logs and ``open``; it is a claim, not a proof.
+    ``peer_identity`` is what the sessions report as their authenticated peer:
+    by default the link's own ``peer_identity`` (a link from
+    :class:`natpool.aio.tcp.TcpSignalling` with secrets, say), else None.
+    Pass it only for a link whose far end your application has verified.
     """
 
     def __init__(
@@ -251,6 +260,7 @@ class Mux:
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
         read_timeout: float | None = None,
         drop_note: DropNote | None = None,
+        peer_identity: str | None = None,
     ) -> None:
         if max_sessions < 1:
             raise LocalError("max_sessions must be at least 1")
@@ -259,6 +269,8 @@ class Mux:
         self.link = link
         self.on_session = on_session
         self.peer = peer
+        self.peer_identity: str | None = (peer_identity if peer_identity is not None
+                                          else getattr(link, "peer_identity", None))
         self.max_sessions = max_sessions
         self.max_payload = max_payload
         self.read_timeout = read_timeout

@@ -29,6 +29,25 @@ wraps it in :class:`natpool.mux.Mux`, which is a :class:`Signalling` whose
 channels are sessions multiplexed on that connection; the reference
 :class:`natpool.aio.tcp.TcpSignalling` does the same over one TCP connection
 per peer.
+
+Who is on the other end: every channel carries ``peer_identity``, the
+identity of the node at the far end *as the transport verified it*, or None
+when it verified nothing. The responder trusts it to bind a session to the
+pair's remote identity (issue 10: a third party must not lock or take a
+pair), so a transport that sets it must guarantee:
+
+* the value was authenticated by the transport itself (a challenge–response
+  over a secret only that peer holds, a certificate, an authenticated relay
+  that vouches for the sender) — never copied from a claim the peer made
+  (a hello, a header, a URL path);
+* it holds for every message the channel delivers: it is fixed when the
+  channel is made and the channel cannot be re-bound to another peer;
+* when in doubt, None. None is always safe: the channel then counts as
+  unauthenticated, and what the responder allows on it is the legacy
+  (astrald) behaviour.
+
+A channel object written before this attribute existed (no such attribute
+at all) is treated as None at run time.
 """
 
 from __future__ import annotations
@@ -45,7 +64,11 @@ class SignalChannel(Protocol):
 
     ``recv`` raises :class:`ChannelBroken` once the channel is closed by either
     side or fails; ``close`` is idempotent and wakes a pending ``recv``.
+    ``peer_identity`` is the far end's identity as the transport verified it,
+    or None (see the module docstring for what setting it promises).
     """
+
+    peer_identity: str | None
 
     async def send(self, data: bytes) -> None: ...
 
@@ -81,6 +104,8 @@ class MemoryChannel:
         self._outbox = outbox
         self._closed = False
         self._peer_closed = False
+        # In-process: whoever wires the pair knows both ends for certain (MemorySignalling sets it).
+        self.peer_identity: str | None = None
         self.sent: list[bytes] = []  # every message this end sent, for tests and traces
 
     @property
@@ -124,13 +149,19 @@ class MemorySignalling:
 
     ``on_incoming`` is the remote node's responder entry point (for example a
     callback that spawns ``serve_responder``); the tests wire two pools with it.
+    With ``local_identity`` both ends carry a ``peer_identity`` (the far end
+    gets ``local_identity``, this end the identity it opened to): an
+    in-process pair cannot be spoofed, so it counts as authenticated.
     """
 
-    def __init__(self, on_incoming: _IncomingHandler) -> None:
+    def __init__(self, on_incoming: _IncomingHandler, local_identity: str | None = None) -> None:
         self._on_incoming = on_incoming
+        self.local_identity = local_identity
 
     async def open(self, peer_identity: str) -> SignalChannel:
         mine, theirs = memory_channel_pair()
+        if self.local_identity is not None:
+            mine.peer_identity, theirs.peer_identity = peer_identity, self.local_identity
         self._on_incoming(peer_identity, theirs)
         return mine
 

@@ -39,15 +39,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
+import os
 import struct
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
-from natpool.errors import ChannelBroken, DropReason, LocalError
+from natpool.errors import ChannelBroken, DropReason, LocalError, RemoteProtocolError
 from natpool.mux import DEFAULT_MAX_SESSIONS, Mux, MuxChannel
+from natpool.wire import hello as auth
 from natpool.wire import mux as mux_wire
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,44 @@ READ_CHUNK = 65536
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DROP_SUMMARY_INTERVAL = 60.0  # seconds between two INFO summaries of dropped remote input
+DEFAULT_HELLO_TIMEOUT = 5.0  # the whole hello (and its challenge-response) must be done within this
+DEFAULT_MAX_CONNECTIONS = 1024  # per server, in any state
+DEFAULT_MAX_PENDING_PER_HOST = 16  # connections from one address that have not finished their hello
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 64  # per authenticated (or, without secrets, claimed) identity
+DEFAULT_MAX_SESSIONS_PER_PEER = 256  # concurrent handover sessions per identity, over all its connections
+
+#: Pre-shared signalling secrets: one ``bytes`` for the whole network, or one per peer identity.
+Secrets = bytes | Mapping[str, bytes]
+
+_warned_unauthenticated = False
+
+
+def _check_secrets(secrets: Secrets | None) -> Secrets | None:
+    if secrets is None or isinstance(secrets, bytes | bytearray):
+        return None if secrets is None else auth.check_secret(secrets)
+    return {str(k): auth.check_secret(v) for k, v in secrets.items()}
+
+
+def _secret_for(secrets: Secrets, identity: str) -> bytes | None:
+    return secrets if isinstance(secrets, bytes) else secrets.get(identity)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_unauthenticated(what: str) -> None:
+    """One WARNING per process: unauthenticated signalling beyond loopback lets anyone claim any identity."""
+    global _warned_unauthenticated
+    if not _warned_unauthenticated:
+        _warned_unauthenticated = True
+        log.warning("%s runs WITHOUT authentication (allow_unauthenticated=True, no secrets): anyone who can reach "
+                    "it can claim any identity; use this for tests only", what)
 
 
 class DropLog:
@@ -118,7 +160,8 @@ class TcpChannel:
         drops: Counter[DropReason] | None = None,
         drop_log: DropLog | None = None,
     ) -> None:
-        self.peer = peer
+        self.peer = peer  # the identity the peer claimed (or we dialled), for logs
+        self.peer_identity: str | None = None  # set once the hello verified it
         self.drop_log = drop_log if drop_log is not None else DropLog()
         self.max_frame = max_frame
         self.read_timeout = read_timeout
@@ -237,6 +280,17 @@ class TcpSignalling:
     session, as before. ``peers`` maps a peer identity to the ``(host, port)``
     of its server; it may be mutated as peers come and go. :meth:`close`
     ends the persistent connections (and so every session on them).
+
+    ``secrets`` (one ``bytes`` for the network, or a mapping from peer
+    identity to ``bytes``, each at least 16 bytes) turns on the mutual
+    challenge–response hello (:mod:`natpool.wire.hello`): ``open`` then
+    returns only a channel to a server that proved it holds the secret and
+    named itself as the peer dialled, with ``peer_identity`` set; a server
+    that fails is counted (``drops``) and ``open`` raises ChannelBroken.
+    Without ``secrets`` the hello is the old unauthenticated one, channels
+    carry ``peer_identity=None``, and only loopback peers may be dialled
+    (``allow_unauthenticated=True`` lifts that, for test rigs, with one
+    WARNING): FOR TESTS ONLY.
     """
 
     def __init__(
@@ -249,10 +303,17 @@ class TcpSignalling:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         persistent: bool = True,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        secrets: Secrets | None = None,
+        allow_unauthenticated: bool = False,
     ) -> None:
         if not local_identity:
             raise LocalError("local_identity must be non-empty")
-        hello = max(len(HELLO_PREFIX), len(MUX_HELLO_PREFIX)) + len(local_identity.encode())
+        self.secrets = _check_secrets(secrets)
+        self.allow_unauthenticated = allow_unauthenticated
+        if self.secrets is None and allow_unauthenticated:
+            _warn_unauthenticated(f"TcpSignalling({local_identity!r})")
+        hello = (max(len(HELLO_PREFIX), len(MUX_HELLO_PREFIX)) if self.secrets is None
+                 else len(auth.AUTH_HELLO_PREFIX) + 1 + auth.NONCE_SIZE) + len(local_identity.encode())
         if hello > max_frame:
             # Checked here, not in open(): a refused hello would leave the new connection open.
             raise LocalError(f"hello for {local_identity!r} is {hello} bytes, more than max_frame {max_frame}")
@@ -280,7 +341,7 @@ class TcpSignalling:
         if peer not in self.peers:
             raise LocalError(f"no signalling address known for peer {peer!r}")
         if not self.persistent:
-            return await self._connect(peer, HELLO_PREFIX, self.read_timeout)
+            return await self._connect(peer, False, self.read_timeout)
         mux = self.links.get(peer)
         if mux is None or not mux.alive:
             mux = await self._link(peer)
@@ -302,7 +363,7 @@ class TcpSignalling:
             task.exception()  # retrieved: a connect nobody awaits any more is not logged at ERROR
 
     async def _dial(self, peer: str) -> Mux:
-        channel = await self._connect(peer, MUX_HELLO_PREFIX, None)  # an idle persistent connection is normal
+        channel = await self._connect(peer, True, None)  # an idle persistent connection is normal
         mux = Mux(channel, peer=peer, max_sessions=self.max_sessions, max_payload=self.max_frame - mux_wire.HEAD_SIZE,
                   read_timeout=self.read_timeout, drop_note=self.drop_log.note)
         old = self.links.get(peer)
@@ -311,8 +372,16 @@ class TcpSignalling:
             await old.close()
         return mux
 
-    async def _connect(self, peer: str, prefix: bytes, read_timeout: float | None) -> TcpChannel:
+    async def _connect(self, peer: str, mux: bool, read_timeout: float | None) -> TcpChannel:
         host, port = self.peers[peer]
+        secret: bytes | None = None
+        if self.secrets is not None:
+            secret = _secret_for(self.secrets, peer)
+            if secret is None:
+                raise LocalError(f"no signalling secret for peer {peer!r}")
+        elif not self.allow_unauthenticated and not _is_loopback(host):
+            raise LocalError(f"refusing unauthenticated signalling to {peer!r} at {host}: pass secrets= "
+                             "(or allow_unauthenticated=True, for tests only)")
         try:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(host, port)
@@ -321,8 +390,44 @@ class TcpSignalling:
         self.connects += 1  # (asyncio sets TCP_NODELAY on its TCP sockets itself)
         channel = TcpChannel(reader, writer, peer=peer, max_frame=self.max_frame,
                              read_timeout=read_timeout, drops=self.drops, drop_log=self.drop_log)
-        await channel.send(prefix + self.local_identity.encode())
+        if secret is None:
+            await channel.send((MUX_HELLO_PREFIX if mux else HELLO_PREFIX) + self.local_identity.encode())
+            return channel
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._authenticate(channel, peer, auth.MODE_MUX if mux else auth.MODE_SESSION, secret)
+        except BaseException as exc:
+            await channel.close()
+            if isinstance(exc, TimeoutError):
+                raise ChannelBroken(f"{peer!r} at {host}:{port} did not answer the hello in time") from exc
+            raise
         return channel
+
+    async def _authenticate(self, channel: TcpChannel, peer: str, mode: bytes, secret: bytes) -> None:
+        """Client half of the challenge–response; ChannelBroken (counted) unless ``peer`` proved itself."""
+        nonce = os.urandom(auth.NONCE_SIZE)
+        me = self.local_identity
+        await channel.send(auth.encode_hello(mode, nonce, me))
+        try:
+            challenge = auth.decode_challenge(await channel.recv())
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            self.drop_log.note(exc.reason.value, "signalling hello to %s: bad challenge (%s)", peer, exc)
+            raise ChannelBroken(f"{peer!r} sent no valid hello challenge") from None
+        if challenge.identity != peer:
+            self.drops[DropReason.UNEXPECTED_PEER] += 1
+            self.drop_log.note(DropReason.UNEXPECTED_PEER.value, "signalling hello to %s: the server says it is %r",
+                               peer, challenge.identity)
+            raise ChannelBroken(f"the signalling server at {peer!r}'s address says it is {challenge.identity!r}")
+        expected = auth.transcript_mac(secret, auth.ROLE_SERVER, mode, me, peer, nonce, challenge.nonce)
+        if not auth.mac_ok(expected, challenge.mac):
+            self.drops[DropReason.BAD_MAC] += 1
+            self.drop_log.note(DropReason.BAD_MAC.value, "signalling hello to %s: the server failed to "
+                               "authenticate (bad MAC)", peer)
+            raise ChannelBroken(f"{peer!r} failed to authenticate its hello")
+        await channel.send(auth.encode_proof(
+            auth.transcript_mac(secret, auth.ROLE_CLIENT, mode, me, peer, nonce, challenge.nonce)))
+        channel.peer_identity = peer
 
     async def close(self) -> None:
         """Close every persistent connection; their sessions fail with ChannelBroken. Never raises."""
@@ -342,7 +447,8 @@ class TcpSignalling:
 class IncomingChannel(Protocol):
     """What a server handler gets: a :class:`TcpChannel` (per-take) or a :class:`MuxChannel` (persistent)."""
 
-    peer: str | None
+    peer: str | None  # the claimed identity (for logs)
+    peer_identity: str | None  # the verified one: None without secrets
 
     async def send(self, data: bytes) -> None: ...
 
@@ -352,6 +458,26 @@ class IncomingChannel(Protocol):
 
 
 Handler = Callable[[IncomingChannel], Awaitable[object]]
+
+
+@dataclass
+class ServerStats:
+    """What a :class:`TcpSignallingServer` refused and accepted, for monitoring (all counters since start).
+
+    ``open_connections`` and ``pending`` are gauges (now); the rest only grow.
+    The reasons of refused hellos are in the server's ``drops`` too.
+    """
+
+    connections: int = 0  # TCP connections accepted by the listener
+    authenticated: int = 0  # hellos whose identity was verified (secrets)
+    unauthenticated: int = 0  # unauthenticated hellos accepted (no secrets: tests only)
+    hellos_refused: int = 0  # malformed, unverifiable identity, bad MAC, or not done within hello_timeout
+    refused_busy: int = 0  # closed at once: max_connections live already
+    refused_host: int = 0  # closed at once: max_pending_per_host hellos pending from that address
+    refused_peer: int = 0  # closed after the hello: max_connections_per_peer live for that identity
+    sessions_refused: int = 0  # max_sessions_per_peer sessions live for that identity
+    open_connections: int = 0
+    pending: int = 0
 
 
 class TcpSignallingServer:
@@ -366,6 +492,32 @@ class TcpSignallingServer:
     and closes every live connection; no connection task ends cancelled (on
     Python 3.11.x/3.12 asyncio logs such a task at ERROR, "Exception in
     callback StreamReaderProtocol…", since nobody can retrieve it).
+
+    Authentication: with ``secrets`` (one ``bytes`` for the network, or a
+    mapping from peer identity to ``bytes``) and this node's ``identity``,
+    every hello must complete the mutual challenge–response of
+    :mod:`natpool.wire.hello`; a hello naming an identity with no secret, an
+    unauthenticated hello, a wrong MAC or a replayed transcript is refused:
+    the connection is closed, counted (``drops``: UNEXPECTED_PEER, BAD_MAC,
+    MALFORMED; ``stats.hellos_refused``) and logged at DEBUG. The channels
+    handed to ``handler`` then carry ``peer_identity``, the verified
+    identity. A network-wide secret proves membership only: any holder can
+    claim any identity; per-peer secrets bind the identity. Without
+    ``secrets`` every hello is believed and ``peer_identity`` is None; the
+    server then listens only on loopback unless ``allow_unauthenticated=True``
+    (with one WARNING): FOR TESTS ONLY.
+
+    Limits, each refusal counted in :attr:`stats`, in ``drops`` as
+    RATE_LIMITED and logged at DEBUG (the INFO summary of :class:`DropLog` at
+    most once per interval): ``max_connections`` live connections in all;
+    ``max_pending_per_host`` connections from one address still in their
+    hello (which must end within ``hello_timeout``), so one address cannot
+    starve the others' hellos; ``max_connections_per_peer`` connections per
+    identity; ``max_sessions_per_peer`` concurrent sessions per identity over
+    all its connections (a session beyond it is closed before the handler
+    sees it: on a persistent connection its CLOSE, on a per-take one the
+    connection). Without secrets the per-identity limits apply to the
+    claimed identity, which anyone can claim.
     """
 
     def __init__(
@@ -377,22 +529,50 @@ class TcpSignallingServer:
         max_frame: int = DEFAULT_MAX_FRAME,
         read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        identity: str | None = None,
+        secrets: Secrets | None = None,
+        allow_unauthenticated: bool = False,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_pending_per_host: int = DEFAULT_MAX_PENDING_PER_HOST,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
     ) -> None:
         if max_frame <= mux_wire.HEAD_SIZE:
             raise LocalError(f"max_frame {max_frame} leaves no room for a mux frame")
+        self.secrets = _check_secrets(secrets)
+        if self.secrets is not None and not identity:
+            raise LocalError("an authenticating server needs its own identity= (the clients check it)")
+        if self.secrets is None and not allow_unauthenticated and not _is_loopback(host):
+            raise LocalError(f"refusing to serve unauthenticated signalling on {host!r}: pass identity= and "
+                             "secrets= (or allow_unauthenticated=True, for tests only)")
+        if min(max_connections, max_pending_per_host, max_connections_per_peer, max_sessions_per_peer) < 1:
+            raise LocalError("connection and session limits must be at least 1")
+        if self.secrets is None and allow_unauthenticated:
+            _warn_unauthenticated(f"TcpSignallingServer on {host!r}")
         self.handler = handler
         self.host = host
         self.port = port
+        self.identity = identity
         self.max_frame = max_frame
         self.read_timeout = read_timeout
         self.max_sessions = max_sessions
+        self.hello_timeout = hello_timeout
+        self.max_connections = max_connections
+        self.max_pending_per_host = max_pending_per_host
+        self.max_connections_per_peer = max_connections_per_peer
+        self.max_sessions_per_peer = max_sessions_per_peer
         self.drops: Counter[DropReason] = Counter()
+        self.stats = ServerStats()
         self.sessions_served = 0
         self.handler_errors = 0
         self.drop_log = DropLog()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: set[TcpChannel] = set()
+        self._pending: Counter[str] = Counter()  # hellos in progress, per remote address
+        self._peer_connections: Counter[str] = Counter()  # live connections per identity
+        self._peer_sessions: Counter[str] = Counter()  # live sessions per identity
         self.links: set[Mux] = set()  # the live persistent connections
 
     @property
@@ -413,16 +593,39 @@ class TcpSignallingServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _refuse(self, reason: DropReason, msg: str, *args: object) -> None:
+        self.drops[reason] += 1
+        self.drop_log.note(reason.value, msg, *args)
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        stats = self.stats
+        stats.connections += 1
+        name = writer.get_extra_info("peername")
+        host = str(name[0]) if name else "?"
+        if len(self._channels) >= self.max_connections or self._pending[host] >= self.max_pending_per_host:
+            # Refused before anything is read: costs one accept and one close.
+            if len(self._channels) >= self.max_connections:
+                stats.refused_busy += 1
+                self._refuse(DropReason.RATE_LIMITED, "signalling connection from %s refused: %d connections "
+                             "live (max_connections)", host, len(self._channels))
+            else:
+                stats.refused_host += 1
+                self._refuse(DropReason.RATE_LIMITED, "signalling connection from %s refused: %d hellos pending "
+                             "from that address (max_pending_per_host)", host, self._pending[host])
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+            return
         if task is not None:
             self._tasks.add(task)
         channel = TcpChannel(reader, writer, max_frame=self.max_frame, read_timeout=self.read_timeout,
                              drops=self.drops, drop_log=self.drop_log)
         self._channels.add(channel)
+        stats.open_connections = len(self._channels)
         try:
             try:
-                await self._serve(channel)
+                await self._serve(channel, host)
             finally:
                 await channel.close()
         except asyncio.CancelledError:
@@ -432,40 +635,141 @@ class TcpSignallingServer:
                 task.uncancel()
         finally:
             self._channels.discard(channel)
+            stats.open_connections = len(self._channels)
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _serve(self, channel: TcpChannel) -> None:
+    async def _serve(self, channel: TcpChannel, host: str) -> None:
+        self._pending[host] += 1
+        self.stats.pending += 1
+        try:
+            try:
+                async with asyncio.timeout(self.hello_timeout):
+                    hello = await self._hello(channel)
+            except TimeoutError:
+                hello = None
+                self._refuse(DropReason.MALFORMED, "signalling hello from %s not done within %.1f s; closing",
+                             host, self.hello_timeout)
+        finally:
+            self.stats.pending -= 1
+            self._pending[host] -= 1
+            if not self._pending[host]:
+                del self._pending[host]
+        if hello is None:
+            self.stats.hellos_refused += 1
+            return
+        peer, persistent = hello
+        if self._peer_connections[peer] >= self.max_connections_per_peer:
+            self.stats.refused_peer += 1
+            self._refuse(DropReason.RATE_LIMITED, "signalling connection from %s (%s) refused: %d live for that "
+                         "peer (max_connections_per_peer)", peer, host, self._peer_connections[peer])
+            return
+        self._peer_connections[peer] += 1
+        try:
+            if not persistent:
+                if self._session_refused(peer):
+                    return
+                await self._handle_counted(channel, peer)
+                return
+            # Persistent: this task is the connection's one reader; each session runs in its own task.
+            channel.read_timeout = None  # an idle persistent connection is normal; each session's recv times out
+            mux = Mux(channel, peer=peer, on_session=functools.partial(self._on_mux_session, peer),
+                      max_sessions=self.max_sessions, max_payload=self.max_frame - mux_wire.HEAD_SIZE,
+                      read_timeout=self.read_timeout, drop_note=self.drop_log.note)
+            self.links.add(mux)
+            try:
+                await mux.run()
+                await mux.wait_sessions()  # they see ChannelBroken and end on their own
+            finally:
+                self.links.discard(mux)
+                await mux.close()
+        finally:
+            self._peer_connections[peer] -= 1
+            if not self._peer_connections[peer]:
+                del self._peer_connections[peer]
+
+    async def _hello(self, channel: TcpChannel) -> tuple[str, bool] | None:
+        """Read (and with secrets, verify) the hello; ``(identity, persistent)`` or None (refused, counted)."""
         try:
             hello = await channel.recv()
         except ChannelBroken:
-            return
+            return None
+        if hello.startswith(auth.AUTH_HELLO_PREFIX):
+            return await self._challenge(channel, hello)
         prefix = MUX_HELLO_PREFIX if hello.startswith(MUX_HELLO_PREFIX) else HELLO_PREFIX
         if not hello.startswith(prefix) or len(hello) == len(prefix):
-            self.drops[DropReason.MALFORMED] += 1
-            self.drop_log.note(DropReason.MALFORMED.value, "signalling connection without a valid hello dropped")
-            return
+            self._refuse(DropReason.MALFORMED, "signalling connection without a valid hello dropped")
+            return None
         try:
-            channel.peer = hello[len(prefix):].decode()
+            peer = hello[len(prefix):].decode()
         except UnicodeDecodeError:
-            self.drops[DropReason.MALFORMED] += 1
-            self.drop_log.note(DropReason.MALFORMED.value, "signalling hello with an undecodable identity dropped")
-            return
-        if prefix is HELLO_PREFIX:
-            await self._handle(channel)
-            return
-        # Persistent: this task is the connection's one reader; each session runs in its own task.
-        channel.read_timeout = None  # an idle persistent connection is normal; each session's recv times out
-        mux = Mux(channel, peer=channel.peer, on_session=self._handle, max_sessions=self.max_sessions,
-                  max_payload=self.max_frame - mux_wire.HEAD_SIZE, read_timeout=self.read_timeout,
-                  drop_note=self.drop_log.note)
-        self.links.add(mux)
+            self._refuse(DropReason.MALFORMED, "signalling hello with an undecodable identity dropped")
+            return None
+        if self.secrets is not None:
+            self._refuse(DropReason.UNEXPECTED_PEER, "unauthenticated signalling hello from %r refused "
+                         "(this server requires secrets)", peer)
+            return None
+        channel.peer = peer
+        self.stats.unauthenticated += 1
+        return peer, prefix is MUX_HELLO_PREFIX
+
+    async def _challenge(self, channel: TcpChannel, data: bytes) -> tuple[str, bool] | None:
+        """Server half of the challenge–response (see :mod:`natpool.wire.hello`)."""
         try:
-            await mux.run()
-            await mux.wait_sessions()  # they see ChannelBroken and end on their own
+            hello = auth.decode_hello(data)
+        except RemoteProtocolError as exc:
+            self._refuse(exc.reason, "signalling hello dropped: %s", exc)
+            return None
+        peer = hello.identity
+        if self.secrets is None or self.identity is None:
+            self._refuse(DropReason.UNEXPECTED_PEER, "authenticated signalling hello from %r refused: this "
+                         "server has no secrets", peer)
+            return None
+        secret = _secret_for(self.secrets, peer)
+        if secret is None:
+            self._refuse(DropReason.UNEXPECTED_PEER, "signalling hello from %r refused: no secret for that "
+                         "identity", peer)
+            return None
+        me, nonce = self.identity, os.urandom(auth.NONCE_SIZE)
+        mac = auth.transcript_mac(secret, auth.ROLE_SERVER, hello.mode, peer, me, hello.nonce, nonce)
+        try:
+            await channel.send(auth.encode_challenge(nonce, mac, me))
+            proof = auth.decode_proof(await channel.recv())
+        except ChannelBroken:
+            return None
+        except RemoteProtocolError as exc:
+            self._refuse(exc.reason, "signalling hello from %r: bad proof frame (%s)", peer, exc)
+            return None
+        expected = auth.transcript_mac(secret, auth.ROLE_CLIENT, hello.mode, peer, me, hello.nonce, nonce)
+        if not auth.mac_ok(expected, proof):
+            self._refuse(DropReason.BAD_MAC, "signalling hello from %r refused: bad MAC (wrong secret or a "
+                         "replayed hello)", peer)
+            return None
+        channel.peer = channel.peer_identity = peer
+        self.stats.authenticated += 1
+        return peer, hello.mode == auth.MODE_MUX
+
+    def _session_refused(self, peer: str) -> bool:
+        if self._peer_sessions[peer] < self.max_sessions_per_peer:
+            return False
+        self.stats.sessions_refused += 1
+        self._refuse(DropReason.RATE_LIMITED, "signalling session from %s refused: %d live for that peer "
+                     "(max_sessions_per_peer)", peer, self._peer_sessions[peer])
+        return True
+
+    def _on_mux_session(self, peer: str, channel: MuxChannel) -> Awaitable[None]:
+        if self._session_refused(peer):
+            return channel.close()  # the mux runs it: CLOSE goes out, the handler never sees the session
+        return self._handle_counted(channel, peer)
+
+    async def _handle_counted(self, channel: IncomingChannel, peer: str) -> None:
+        self._peer_sessions[peer] += 1
+        try:
+            await self._handle(channel)
         finally:
-            self.links.discard(mux)
-            await mux.close()
+            self._peer_sessions[peer] -= 1
+            if not self._peer_sessions[peer]:
+                del self._peer_sessions[peer]
 
     async def _handle(self, channel: IncomingChannel) -> None:
         try:

@@ -142,7 +142,7 @@ class _DelayedChannel:
 
 class _DelayedSignalling(TcpSignalling):
     def __init__(self, local_identity: str, peers: dict[str, tuple[str, int]], n: int, delay: float) -> None:
-        super().__init__(local_identity, peers)
+        super().__init__(local_identity, peers, allow_unauthenticated=True)  # a test rig in its own namespaces
         self.n, self.delay = n, delay
 
     async def open(self, peer: str) -> _DelayedChannel:  # type: ignore[override]
@@ -240,7 +240,8 @@ class AgentState:
 
     async def cmd_serve(self, host: str, port: int = 0, send_on_lease: list[int] | None = None) -> dict[str, Any]:
         self.send_on_lease = list(send_on_lease or [])
-        self.server = await TcpSignallingServer(self._pool().serve_handover, host=host, port=port).start()
+        self.server = await TcpSignallingServer(self._pool().serve_handover, host=host, port=port,
+                                                allow_unauthenticated=True).start()
         return {"address": list(self.server.address)}
 
     async def cmd_peer(self, identity: str, host: str, port: int, delay_recv: int = 0,
@@ -249,7 +250,7 @@ class AgentState:
         pool = self._pool()
         peers = {identity: (host, port)}
         pool.signalling = (_DelayedSignalling(pool.local_identity, peers, delay_recv, delay) if delay_recv
-                           else TcpSignalling(pool.local_identity, peers))
+                           else TcpSignalling(pool.local_identity, peers, allow_unauthenticated=True))
         return {}
 
     def _adopt(self, lease: Lease, sizes: list[int]) -> None:
