@@ -33,6 +33,7 @@ class StreamLink:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.peer_identity: str | None = None  # a plain TCP connection proves nobody's identity
 
     async def send(self, data: bytes) -> None:
         if self.writer.is_closing():

@@ -29,6 +29,7 @@ class WebSocketChannel:
 
     def __init__(self, ws: ClientConnection | ServerConnection) -> None:
         self.ws = ws
+        self.peer_identity: str | None = None  # nothing verified here (authenticate in your WebSocket layer)
 
     async def send(self, data: bytes) -> None:
         try:

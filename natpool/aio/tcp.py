@@ -572,7 +572,8 @@ class TcpSignallingServer:
         self._channels: set[TcpChannel] = set()
         self._pending: Counter[str] = Counter()  # hellos in progress, per remote address
         self._peer_connections: Counter[str] = Counter()  # live connections per identity
-        self._peer_sessions: Counter[str] = Counter()  # live sessions per identity
+        # live sessions per identity (a set, not a count: a session task cancelled before it ran leaves nothing behind)
+        self._peer_sessions: dict[str, set[IncomingChannel]] = {}
         self.links: set[Mux] = set()  # the live persistent connections
 
     @property
@@ -665,15 +666,15 @@ class TcpSignallingServer:
                          "peer (max_connections_per_peer)", peer, host, self._peer_connections[peer])
             return
         self._peer_connections[peer] += 1
+        mine: set[IncomingChannel] = set()  # this connection's live sessions
         try:
             if not persistent:
-                if self._session_refused(peer):
-                    return
-                await self._handle_counted(channel, peer)
+                if self._claim_session(peer, channel, mine):
+                    await self._handle_counted(channel, peer, mine)
                 return
             # Persistent: this task is the connection's one reader; each session runs in its own task.
             channel.read_timeout = None  # an idle persistent connection is normal; each session's recv times out
-            mux = Mux(channel, peer=peer, on_session=functools.partial(self._on_mux_session, peer),
+            mux = Mux(channel, peer=peer, on_session=functools.partial(self._on_mux_session, peer, mine),
                       max_sessions=self.max_sessions, max_payload=self.max_frame - mux_wire.HEAD_SIZE,
                       read_timeout=self.read_timeout, drop_note=self.drop_log.note)
             self.links.add(mux)
@@ -687,6 +688,8 @@ class TcpSignallingServer:
             self._peer_connections[peer] -= 1
             if not self._peer_connections[peer]:
                 del self._peer_connections[peer]
+            for session in mine:
+                self._end_session(peer, session)
 
     async def _hello(self, channel: TcpChannel) -> tuple[str, bool] | None:
         """Read (and with secrets, verify) the hello; ``(identity, persistent)`` or None (refused, counted)."""
@@ -749,27 +752,36 @@ class TcpSignallingServer:
         self.stats.authenticated += 1
         return peer, hello.mode == auth.MODE_MUX
 
-    def _session_refused(self, peer: str) -> bool:
-        if self._peer_sessions[peer] < self.max_sessions_per_peer:
+    def _claim_session(self, peer: str, channel: IncomingChannel, mine: set[IncomingChannel]) -> bool:
+        """Count a new session against ``peer``'s cap (synchronously: a burst of OPENs is one loop step)."""
+        live = self._peer_sessions.setdefault(peer, set())
+        if len(live) >= self.max_sessions_per_peer:
+            self.stats.sessions_refused += 1
+            self._refuse(DropReason.RATE_LIMITED, "signalling session from %s refused: %d live for that peer "
+                         "(max_sessions_per_peer)", peer, len(live))
             return False
-        self.stats.sessions_refused += 1
-        self._refuse(DropReason.RATE_LIMITED, "signalling session from %s refused: %d live for that peer "
-                     "(max_sessions_per_peer)", peer, self._peer_sessions[peer])
+        live.add(channel)
+        mine.add(channel)
         return True
 
-    def _on_mux_session(self, peer: str, channel: MuxChannel) -> Awaitable[None]:
-        if self._session_refused(peer):
-            return channel.close()  # the mux runs it: CLOSE goes out, the handler never sees the session
-        return self._handle_counted(channel, peer)
+    def _end_session(self, peer: str, channel: IncomingChannel) -> None:
+        live = self._peer_sessions.get(peer)
+        if live is not None:
+            live.discard(channel)
+            if not live:
+                del self._peer_sessions[peer]
 
-    async def _handle_counted(self, channel: IncomingChannel, peer: str) -> None:
-        self._peer_sessions[peer] += 1
+    def _on_mux_session(self, peer: str, mine: set[IncomingChannel], channel: MuxChannel) -> Awaitable[None]:
+        if not self._claim_session(peer, channel, mine):
+            return channel.close()  # the mux runs it: CLOSE goes out, the handler never sees the session
+        return self._handle_counted(channel, peer, mine)
+
+    async def _handle_counted(self, channel: IncomingChannel, peer: str, mine: set[IncomingChannel]) -> None:
         try:
             await self._handle(channel)
         finally:
-            self._peer_sessions[peer] -= 1
-            if not self._peer_sessions[peer]:
-                del self._peer_sessions[peer]
+            mine.discard(channel)
+            self._end_session(peer, channel)
 
     async def _handle(self, channel: IncomingChannel) -> None:
         try:

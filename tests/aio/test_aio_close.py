@@ -116,6 +116,7 @@ class Wired:
 class _GatedSend:
     def __init__(self, inner: MemoryChannel, gate: SignalType, started: asyncio.Event) -> None:
         self.inner, self.gate, self.started = inner, gate, started
+        self.peer_identity = inner.peer_identity
 
     async def send(self, data: bytes) -> None:
         if wire.decode(data).type is self.gate:
@@ -135,6 +136,7 @@ class RecvProbe:
 
     def __init__(self, inner: MemoryChannel) -> None:
         self.inner = inner
+        self.peer_identity = inner.peer_identity
         self.waiting = asyncio.Event()
 
     async def send(self, data: bytes) -> None:
@@ -419,6 +421,7 @@ def test_a_lock_read_by_a_channel_that_swallows_cancellation_claims_nothing() ->
 
         class Stubborn:
             closed = False
+            peer_identity: str | None = None
 
             async def send(self, data: bytes) -> None:
                 raise AssertionError("nothing may be answered")

@@ -79,6 +79,7 @@ class GatedChannel:
 
     def __init__(self, inner: SignalChannel, gate: asyncio.Event) -> None:
         self.inner = inner
+        self.peer_identity = inner.peer_identity
         self.gate = gate
         self.held = 0
 
