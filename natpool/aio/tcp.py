@@ -42,12 +42,13 @@ import functools
 import ipaddress
 import logging
 import os
+import ssl as _ssl
 import struct
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from natpool.errors import ChannelBroken, DropReason, LocalError, RemoteProtocolError
 from natpool.mux import DEFAULT_MAX_SESSIONS, Mux, MuxChannel
@@ -93,6 +94,25 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def cert_identities(cert: Mapping[str, Any] | None) -> frozenset[str]:
+    """The identities a verified peer certificate names: its DNS and URI subjectAltNames and subject commonName.
+
+    ``cert`` is what ``getpeercert()`` returns (empty unless the certificate
+    was verified against the context's CAs). Matching is exact: no wildcards.
+    """
+    if not cert:
+        return frozenset()
+    names = {str(v) for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "URI")}
+    for rdn in cert.get("subject", ()):
+        names.update(str(v) for k, v in rdn if k == "commonName")
+    return frozenset(names)
+
+
+def _verifies_peers(context: _ssl.SSLContext | None) -> bool:
+    """True for a TLS context that only completes a handshake with a certificate its CAs vouch for."""
+    return context is not None and context.verify_mode == _ssl.CERT_REQUIRED
 
 
 def _warn_unauthenticated(what: str) -> None:
@@ -148,6 +168,12 @@ class TcpChannel:
     suspending, and a bad length is raised only after the good frames
     before it were delivered.
     """
+
+    @property
+    def peercert(self) -> dict[str, Any] | None:
+        """The peer's verified TLS certificate (``getpeercert()``), or None (no TLS, or no certificate)."""
+        cert = self._writer.get_extra_info("peercert")
+        return dict(cert) if cert else None
 
     def __init__(
         self,
@@ -291,6 +317,13 @@ class TcpSignalling:
     carry ``peer_identity=None``, and only loopback peers may be dialled
     (``allow_unauthenticated=True`` lifts that, for test rigs, with one
     WARNING): FOR TESTS ONLY.
+
+    ``ssl`` runs every connection over TLS with that client context; the
+    server's certificate is then checked to name the peer identity dialled
+    (``server_hostname`` is the identity, and :func:`cert_identities` must
+    contain it), and a context that verifies certificates
+    (``CERT_REQUIRED``) authenticates the peer by itself: channels carry
+    ``peer_identity`` with or without ``secrets``. With both, both must pass.
     """
 
     def __init__(
@@ -305,12 +338,14 @@ class TcpSignalling:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         secrets: Secrets | None = None,
         allow_unauthenticated: bool = False,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if not local_identity:
             raise LocalError("local_identity must be non-empty")
         self.secrets = _check_secrets(secrets)
         self.allow_unauthenticated = allow_unauthenticated
-        if self.secrets is None and allow_unauthenticated:
+        self.ssl = ssl
+        if self.secrets is None and not _verifies_peers(ssl) and allow_unauthenticated:
             _warn_unauthenticated(f"TcpSignalling({local_identity!r})")
         hello = (max(len(HELLO_PREFIX), len(MUX_HELLO_PREFIX)) if self.secrets is None
                  else len(auth.AUTH_HELLO_PREFIX) + 1 + auth.NONCE_SIZE) + len(local_identity.encode())
@@ -379,19 +414,31 @@ class TcpSignalling:
             secret = _secret_for(self.secrets, peer)
             if secret is None:
                 raise LocalError(f"no signalling secret for peer {peer!r}")
-        elif not self.allow_unauthenticated and not _is_loopback(host):
+        elif not self.allow_unauthenticated and not _verifies_peers(self.ssl) and not _is_loopback(host):
             raise LocalError(f"refusing unauthenticated signalling to {peer!r} at {host}: pass secrets= "
-                             "(or allow_unauthenticated=True, for tests only)")
+                             "or a verifying ssl= context (or allow_unauthenticated=True, for tests only)")
         try:
             async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(host, port)
-        except (TimeoutError, OSError) as exc:
+                if self.ssl is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                else:
+                    reader, writer = await asyncio.open_connection(host, port, ssl=self.ssl, server_hostname=peer)
+        except (TimeoutError, OSError) as exc:  # (ssl.SSLError is an OSError: a certificate that fails too)
             raise ChannelBroken(f"cannot reach {peer!r} at {host}:{port}: {exc!r}") from exc
         self.connects += 1  # (asyncio sets TCP_NODELAY on its TCP sockets itself)
         channel = TcpChannel(reader, writer, peer=peer, max_frame=self.max_frame,
                              read_timeout=read_timeout, drops=self.drops, drop_log=self.drop_log)
+        cert = channel.peercert
+        if cert is not None and peer not in cert_identities(cert):
+            await channel.close()
+            self.drops[DropReason.UNEXPECTED_PEER] += 1
+            self.drop_log.note(DropReason.UNEXPECTED_PEER.value, "signalling to %s: its TLS certificate names %s",
+                               peer, sorted(cert_identities(cert)))
+            raise ChannelBroken(f"the TLS certificate at {peer!r}'s address does not name {peer!r}")
         if secret is None:
             await channel.send((MUX_HELLO_PREFIX if mux else HELLO_PREFIX) + self.local_identity.encode())
+            if cert is not None:
+                channel.peer_identity = peer
             return channel
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -507,6 +554,14 @@ class TcpSignallingServer:
     server then listens only on loopback unless ``allow_unauthenticated=True``
     (with one WARNING): FOR TESTS ONLY.
 
+    ``ssl`` (a server context) runs every connection over TLS. If the
+    context requires client certificates (``CERT_REQUIRED``) a hello is
+    verified by the certificate too: its claimed identity must be one the
+    certificate names (:func:`cert_identities`), else it is refused as
+    UNEXPECTED_PEER; such a server authenticates without ``secrets``. With
+    both, both must pass. The TLS handshake itself happens before the hello,
+    bounded by ``hello_timeout`` too, but outside ``max_pending_per_host``.
+
     Limits, each refusal counted in :attr:`stats`, in ``drops`` as
     RATE_LIMITED and logged at DEBUG (the INFO summary of :class:`DropLog` at
     most once per interval): ``max_connections`` live connections in all;
@@ -537,18 +592,22 @@ class TcpSignallingServer:
         max_pending_per_host: int = DEFAULT_MAX_PENDING_PER_HOST,
         max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
         max_sessions_per_peer: int = DEFAULT_MAX_SESSIONS_PER_PEER,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if max_frame <= mux_wire.HEAD_SIZE:
             raise LocalError(f"max_frame {max_frame} leaves no room for a mux frame")
         self.secrets = _check_secrets(secrets)
+        self.ssl = ssl
         if self.secrets is not None and not identity:
             raise LocalError("an authenticating server needs its own identity= (the clients check it)")
-        if self.secrets is None and not allow_unauthenticated and not _is_loopback(host):
+        unauthenticated = self.secrets is None and not _verifies_peers(ssl)
+        if unauthenticated and not allow_unauthenticated and not _is_loopback(host):
             raise LocalError(f"refusing to serve unauthenticated signalling on {host!r}: pass identity= and "
-                             "secrets= (or allow_unauthenticated=True, for tests only)")
+                             "secrets= or a client-verifying ssl= context (or allow_unauthenticated=True, for tests "
+                             "only)")
         if min(max_connections, max_pending_per_host, max_connections_per_peer, max_sessions_per_peer) < 1:
             raise LocalError("connection and session limits must be at least 1")
-        if self.secrets is None and allow_unauthenticated:
+        if unauthenticated and allow_unauthenticated:
             _warn_unauthenticated(f"TcpSignallingServer on {host!r}")
         self.handler = handler
         self.host = host
@@ -585,7 +644,11 @@ class TcpSignallingServer:
         return (str(name[0]), int(name[1]))
 
     async def start(self) -> TcpSignallingServer:
-        self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
+        if self.ssl is None:
+            self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
+        else:
+            self._server = await asyncio.start_server(self._on_connect, self.host, self.port, ssl=self.ssl,
+                                                      ssl_handshake_timeout=self.hello_timeout)
         return self
 
     async def __aenter__(self) -> TcpSignallingServer:
@@ -712,9 +775,27 @@ class TcpSignallingServer:
             self._refuse(DropReason.UNEXPECTED_PEER, "unauthenticated signalling hello from %r refused "
                          "(this server requires secrets)", peer)
             return None
+        certified = self._certified(channel, peer)
+        if certified is False:
+            return None
         channel.peer = peer
-        self.stats.unauthenticated += 1
+        if certified:
+            channel.peer_identity = peer
+            self.stats.authenticated += 1
+        else:
+            self.stats.unauthenticated += 1
         return peer, prefix is MUX_HELLO_PREFIX
+
+    def _certified(self, channel: TcpChannel, peer: str) -> bool | None:
+        """None: no verified client certificate; True: it names ``peer``; False: it does not (refused, counted)."""
+        cert = channel.peercert
+        if cert is None:
+            return None
+        if peer in cert_identities(cert):
+            return True
+        self._refuse(DropReason.UNEXPECTED_PEER, "signalling hello from %r refused: its TLS certificate names %s",
+                     peer, sorted(cert_identities(cert)))
+        return False
 
     async def _challenge(self, channel: TcpChannel, data: bytes) -> tuple[str, bool] | None:
         """Server half of the challenge–response (see :mod:`natpool.wire.hello`)."""
@@ -732,6 +813,8 @@ class TcpSignallingServer:
         if secret is None:
             self._refuse(DropReason.UNEXPECTED_PEER, "signalling hello from %r refused: no secret for that "
                          "identity", peer)
+            return None
+        if self._certified(channel, peer) is False:
             return None
         me, nonce = self.identity, os.urandom(auth.NONCE_SIZE)
         mac = auth.transcript_mac(secret, auth.ROLE_SERVER, hello.mode, peer, me, hello.nonce, nonce)
