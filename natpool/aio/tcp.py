@@ -18,7 +18,12 @@ Framing: a 4-byte big-endian length, then that many bytes of signal (or, on
 a persistent connection, of mux frame). The very first frame a client sends
 is a hello naming its identity (:data:`HELLO_PREFIX` for a per-take
 connection, :data:`MUX_HELLO_PREFIX` for a persistent one), so the server
-knows which peer is on the line. A frame larger than ``max_frame`` cannot be
+knows which peer is on the line. With ``secrets`` that hello is the mutual
+challenge–response of :mod:`natpool.wire.hello` (``AUTH_HELLO_PREFIX``), and
+with ``ssl`` it runs inside TLS; only then do channels carry a
+``peer_identity``. Without either, the hello is a bare claim anyone can make:
+that mode serves and dials loopback only, FOR TESTS (see
+:class:`TcpSignallingServer`). A frame larger than ``max_frame`` cannot be
 skipped safely (we would have to read it), so it ends the connection and is
 counted as ``DropReason.OVERSIZED``; a read that does not complete within
 ``read_timeout`` ends a per-take connection too (on a persistent one the
