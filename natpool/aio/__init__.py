@@ -5,8 +5,9 @@ directly; this package module stays import-light so ``natpool --help`` does
 not pull in the event-loop machinery. A node, in short::
 
     pool = AsyncPairPool("alice", PairConfig())
-    server = await TcpSignallingServer(pool.serve_handover, port=7000).start()
-    pool.signalling = TcpSignalling("alice", {"bob": ("198.51.100.7", 7000)})
+    server = await TcpSignallingServer(pool.serve_handover, host="0.0.0.0", port=7000,
+                                       identity="alice", secrets={"bob": k_ab}).start()   # k_ab: >= 16 bytes
+    pool.signalling = TcpSignalling("alice", {"bob": ("198.51.100.7", 7000)}, secrets={"bob": k_ab})
     await pool.add(pair, is_pinger=True, sock=punched_socket)   # kept alive from now on
     lease = await pool.take_any("bob")       # or, when bob took: lease = await pool.accept()
     async with lease:                        # closes the lease (its socket, its entry) on exit
