@@ -55,6 +55,10 @@ class BindFailed(LocalError, OSError):
     """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
 
 
+class InvalidKey(LocalError, ValueError):
+    """``add(key=...)`` got a per-pair key that is not ``bytes`` of at least 16 bytes."""
+
+
 class InvalidSocket(LocalError, ValueError):
     """``add(sock=...)`` got a socket it cannot adopt: not a UDP/IP socket, closed, or not bound.
 
@@ -79,6 +83,7 @@ class DropReason(enum.Enum):
     BAD_MAC = "bad_mac"
     REPLAY = "replay"
     OVERSIZED = "oversized"
+    UNEXPECTED_PEER = "unexpected_peer"  # a session opened by another identity than the pair's remote one
 
 
 class RemoteProtocolError(NatPoolError):
