@@ -170,7 +170,11 @@ def verify(sig: Signal, key: bytes, by_responder: bool) -> bool:
 
 
 def decode(data: bytes) -> Signal:
-    """Parse one signal; raise :class:`RemoteProtocolError` (OVERSIZED / MALFORMED) otherwise."""
+    """Parse one signal of either version; raise :class:`RemoteProtocolError` (OVERSIZED / MALFORMED) otherwise.
+
+    Form only: a version-2 signal's MAC is checked by the session (:func:`verify`),
+    which knows the pair's key and which direction the signal must come from.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         # A user-written SignalChannel that delivers, say, str: dropped like any bad signal, not a TypeError.
         raise RemoteProtocolError(DropReason.MALFORMED, f"signal is {type(data).__name__}, not bytes")
