@@ -289,14 +289,15 @@ class Session:
     def _emit(self, stype: SignalType, reason: AbortReason | None = None) -> None:
         self._send_seq += 1
         key = self._key
-        if key is None:
+        if key is None or self._ri is None:
             sig = Signal(stype, self.nonce, self.sid, self._send_seq, reason)
+            data = wire.encode(sig)
         else:
             rr = self._rr if self._rr is not None else NO_RAND
-            sig = wire.sign(Signal(stype, self.nonce, self.sid, self._send_seq, reason, self._ri, rr, b""),
-                            key, by_responder=self.role == "responder")
+            sig, data = wire.encode_signed(stype, self.nonce, self.sid, self._send_seq, reason, self._ri, rr,
+                                           key, self.role == "responder")
         self.sent.append(sig)
-        self._out.append(wire.encode(sig))
+        self._out.append(data)
         self._registry.messages_sent += 1
         self._wake()
 

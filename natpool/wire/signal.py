@@ -162,6 +162,16 @@ def sign(sig: Signal, key: bytes, by_responder: bool) -> Signal:
     return replace(sig, mac=_mac(key, by_responder, _signed_body(sig)))
 
 
+def encode_signed(stype: SignalType, nonce: int, sid: bytes, seq: int, reason: AbortReason | None,
+                  ri: bytes, rr: bytes, key: bytes, by_responder: bool) -> tuple[Signal, bytes]:
+    """Build, sign and encode in one go (the sender's per-signal path): the signal and its bytes."""
+    body = _HEAD.pack(SIGNED_VERSION_BYTE, stype, nonce, sid, seq) + _RANDS.pack(ri, rr)
+    if reason is not None:
+        body += bytes((reason,))
+    mac = _mac(key, by_responder, body)
+    return Signal(stype, nonce, sid, seq, reason, ri, rr, mac), body + mac
+
+
 def verify(sig: Signal, key: bytes, by_responder: bool) -> bool:
     """True if ``sig`` is version 2 and its MAC is valid under ``key`` for that direction (constant time)."""
     if sig.ri is None or not sig.mac:
