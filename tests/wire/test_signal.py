@@ -25,6 +25,7 @@ from natpool.wire.signal import (
     SignalType,
     decode,
     encode,
+    encode_signed,
     sign,
     verify,
 )
@@ -239,3 +240,12 @@ def test_derive_gives_distinct_sub_keys() -> None:
     assert derive(key, "sig") == hashlib.blake2b(key=key, person=b"natpool-sig", digest_size=32).digest()
     assert derive(key, "ka") == hashlib.blake2b(key=key, person=b"natpool-ka", digest_size=32).digest()
     assert derive(key, "sig") != derive(key, "ka") != derive(key[::-1], "ka")
+
+
+@given(signed_signals())
+def test_encode_signed_is_sign_then_encode(case: tuple[Signal, bool]) -> None:
+    sig, by_responder = case
+    assert sig.ri is not None and sig.rr is not None
+    built, data = encode_signed(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason, sig.ri, sig.rr, SIG_KEY,
+                                by_responder)
+    assert built == sig and data == encode(sig)
