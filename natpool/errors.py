@@ -24,10 +24,6 @@ class LocalError(NatPoolError):
     """The caller did something the API does not allow."""
 
 
-class InvalidKey(LocalError):
-    """A key or secret is too short (fewer than 16 bytes) or not bytes."""
-
-
 class InvalidPair(LocalError, ValueError):
     """``add`` got a pair that can never be valid (bad nonce, endpoints, identities)."""
 
@@ -59,6 +55,10 @@ class BindFailed(LocalError, OSError):
     """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
 
 
+class InvalidKey(LocalError, ValueError):
+    """A per-pair key (``add(key=...)``) or a signalling secret that is not ``bytes`` of at least 16 bytes."""
+
+
 class InvalidSocket(LocalError, ValueError):
     """``add(sock=...)`` got a socket it cannot adopt: not a UDP/IP socket, closed, or not bound.
 
@@ -83,8 +83,8 @@ class DropReason(enum.Enum):
     BAD_MAC = "bad_mac"
     REPLAY = "replay"
     OVERSIZED = "oversized"
-    UNEXPECTED_PEER = "unexpected_peer"  # a signalling peer claimed an identity this node cannot verify
-    RATE_LIMITED = "rate_limited"  # refused: a connection or session cap was reached
+    UNEXPECTED_PEER = "unexpected_peer"  # an unverifiable identity, or a session from someone not the pair's peer
+    RATE_LIMITED = "rate_limited"  # refused: a connection/session cap or a pong rate limit was reached
 
 
 class RemoteProtocolError(NatPoolError):

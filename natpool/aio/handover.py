@@ -66,8 +66,9 @@ async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
     if may_start is not None and not may_start():
         await _close(channel)
         raise HandoverCancelled("the pool began closing before this session could claim an entry")
-    # TODO(issue 10, sigauth): pool.accept_session(first, clock(), peer=getattr(channel, "peer_identity", None))
-    session: ResponderSession = pool.accept_session(first, clock())
+    # The channel's authenticated peer, where the signalling provides one (natpool.signalling.SignalChannel).
+    peer = getattr(channel, "peer_identity", None)
+    session: ResponderSession = pool.accept_session(first, clock(), peer=peer if isinstance(peer, str) else None)
     if on_progress is not None:
         on_progress()
     return await _pump(session, channel, clock, on_progress)

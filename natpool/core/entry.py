@@ -24,7 +24,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
-from natpool.errors import DropReason, InvalidState, RemoteProtocolError
+from natpool.errors import DropReason, InvalidKey, InvalidState, RemoteProtocolError
 from natpool.fsm import Compiled
 from natpool.machines import EntryMachine
 from natpool.machines.entry import EntryEvent, EntryState
@@ -168,6 +168,7 @@ class PairEntry:
         "_settle_start",
         "config",
         "is_pinger",
+        "key",
         "last_seen",
         "local",
         "locked_at",
@@ -190,7 +191,12 @@ class PairEntry:
         listeners: Sequence[object] = (),
         *,
         observer: EntryObserver | None = None,
+        key: bytes | None = None,
     ) -> None:
+        if key is not None and (not isinstance(key, bytes) or len(key) < 16):
+            raise InvalidKey("a pair key must be bytes of at least 16 bytes (or None: unauthenticated)")
+        #: The per-pair key (issue 10) or None: legacy, unauthenticated frames and signals.
+        self.key = key
         self.pair = pair
         self.nonce = pair.nonce
         self.local: Endpoint = pair.local(local_identity)

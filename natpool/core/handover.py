@@ -51,7 +51,8 @@ from natpool.fsm import Compiled
 from natpool.machines import InitiatorMachine, ResponderMachine
 from natpool.machines.tables import INITIATOR, RESPONDER
 from natpool.wire import signal as wire
-from natpool.wire.signal import AbortReason, Signal, SignalType
+from natpool.wire.keys import derive
+from natpool.wire.signal import NO_RAND, AbortReason, Signal, SignalType
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +143,16 @@ class HandoverRegistry:
             entry = claims.claim(nonce, now) if nonce is not None else claims.claim_any(str(peer), now)
             return InitiatorSession(self, entry, now, sid=sid)
 
-    def accept(self, data: bytes, now: float) -> ResponderSession:
-        """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
+    def accept(self, data: bytes, now: float, peer: str | None = None) -> ResponderSession:
+        """Open a responder session from the first signal of an incoming channel; never raises on bad input.
+
+        ``peer`` is the authenticated identity of the channel's other end
+        (None: the channel cannot tell, legacy); a LOCK for a pair whose
+        remote identity is another one is refused, nothing claimed.
+        """
         claims = self._need_claims()
         with self.lock:
-            return ResponderSession(self, claims.lookup, claims.claim, data, now)
+            return ResponderSession(self, claims.lookup, claims.claim, data, now, peer=peer)
 
     def _need_claims(self) -> EntryClaims:
         if self._claims is None:
@@ -190,6 +196,10 @@ class Session:
         self._entry_reason: ExpiryReason | None = None  # ExpiryReason of the last foreign entry transition
         self._busy = False  # re-entrance guard: entry events raised by our own calls
         self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
+        # Keyed pairs (issue 10): the signal sub-key, and the two session randoms (wire/signal.py, version 2).
+        self._key: bytes | None = None
+        self._ri: bytes | None = None  # the initiator's random (ours as initiator; from LOCK as responder)
+        self._rr: bytes | None = None  # the responder's random (ours as responder; from the first answer)
 
     # -- public sans-IO surface --
 
@@ -224,8 +234,15 @@ class Session:
         with self._registry.lock:
             try:
                 sig = wire.decode(data)
+                if not self._authentic(sig):
+                    return  # forged or from another session: dropped (counted), this session goes on
                 self._check_binding(sig)
             except RemoteProtocolError as exc:
+                if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
+                                                            DropReason.REPLAY):
+                    # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end the session.
+                    self._drop(exc.reason, exc.detail)
+                    return
                 self._protocol_failure(exc, now)  # after the end: only counted
                 return
             if self.done or self._timed_out(now):  # a late driver must not carry us past lock_timeout
@@ -271,11 +288,56 @@ class Session:
 
     def _emit(self, stype: SignalType, reason: AbortReason | None = None) -> None:
         self._send_seq += 1
-        sig = Signal(stype, self.nonce, self.sid, self._send_seq, reason)
+        key = self._key
+        if key is None or self._ri is None:
+            sig = Signal(stype, self.nonce, self.sid, self._send_seq, reason)
+            data = wire.encode(sig)
+        else:
+            rr = self._rr if self._rr is not None else NO_RAND
+            sig, data = wire.encode_signed(stype, self.nonce, self.sid, self._send_seq, reason, self._ri, rr,
+                                           key, self.role == "responder")
         self.sent.append(sig)
-        self._out.append(wire.encode(sig))
+        self._out.append(data)
         self._registry.messages_sent += 1
         self._wake()
+
+    def _authentic(self, sig: Signal) -> bool:
+        """Keyed pair: the MAC is valid and the signal is bound to this session's randoms; else dropped.
+
+        Without a key only the legacy format is accepted (a signed signal
+        raises: the peer has a key we lack, a mismatch to report, not to
+        parse around). With one, an unsigned, forged or earlier session's
+        signal is dropped and counted (BAD_MAC / REPLAY) and returns False:
+        it cannot be the peer's, so it neither advances nor ends the session.
+        """
+        key = self._key
+        if key is None:
+            if sig.signed:
+                raise RemoteProtocolError(DropReason.BAD_MAC, "signed signal for a pair without a key")
+            return True
+        if not sig.signed:
+            self._drop(DropReason.BAD_MAC, f"unsigned (legacy) {sig.type.name} for a keyed pair")
+            return False
+        if not wire.verify(sig, key, by_responder=self.role == "initiator"):
+            self._drop(DropReason.BAD_MAC, f"{sig.type.name}: MAC does not verify")
+            return False
+        if sig.sid != self.sid or sig.nonce != self.nonce or sig.ri != self._ri:
+            self._drop(DropReason.REPLAY, f"{sig!r}: signed for another session")
+            return False
+        if self.role == "initiator":
+            if self._rr is None:
+                if sig.rr == NO_RAND:
+                    self._drop(DropReason.MALFORMED, f"{sig!r}: answer without the responder's random")
+                    return False
+                self._rr = sig.rr  # the first answer, bound to our fresh ri: it is live
+            elif sig.rr != self._rr:
+                self._drop(DropReason.REPLAY, f"{sig!r}: bound to another responder random")
+                return False
+        elif sig.rr != self._rr and not (sig.type is SignalType.ABORT and sig.rr == NO_RAND):
+            # Only an ABORT the initiator sent before our answer reached it may lack our random.
+            self._drop(DropReason.REPLAY, f"{sig!r}: not bound to this session's responder random")
+            return False
+        return True
 
     def _check_binding(self, sig: Signal) -> None:
         """Session id, nonce and sequence must match this session exactly (the channel is FIFO)."""
@@ -450,6 +512,9 @@ class InitiatorSession(Session):
         self.nonce = entry.nonce
         self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
         self.deadline = now + entry.config.lock_timeout
+        if entry.key is not None:
+            self._key = derive(entry.key, "sig")
+            self._ri = _session_random()
         self.state = INITIATOR.initial  # the machine's initial state; transitions go through it
         registry.bind(self.nonce, self)
         self._machine_fire("send_lock")  # guard entry_claimed: the caller's claim won
@@ -512,8 +577,16 @@ class ResponderSession(Session):
     role: Role = "responder"
     _machine = Compiled(ResponderMachine, RESPONDER)
 
-    def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float) -> None:
-        """Process the session's first signal; call with the pool lock held (the pool's accept_session does)."""
+    def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float,
+                 peer: str | None = None) -> None:
+        """Process the session's first signal; call with the pool lock held (the pool's accept_session does).
+
+        Before anything is claimed (or a local take yields in the tie-break):
+        the channel's ``peer`` must be the pair's remote identity, and on a
+        keyed pair the LOCK must be signed. A LOCK proves no freshness (it may
+        be a recording); the TAKE does, being bound to our random: nothing
+        irrecoverable happens before it (spec/handover.md, "Authenticated signals").
+        """
         super().__init__(registry, now)
         self.state = RESPONDER.initial  # the machine's initial state; transitions go through it
         try:
@@ -539,6 +612,19 @@ class ResponderSession(Session):
         except UnknownPair:
             self._refuse(HandoverError(f"unknown pair {sig.nonce:#x}"), now, reply=AbortReason.UNKNOWN_PAIR)
             return
+        if peer is not None and peer != entry.remote.identity:
+            # Answered like an unknown nonce: for this peer there is no such pair (and no existence oracle).
+            self._refuse(HandoverError(f"pair {sig.nonce:#x} is not shared with {peer!r}"), now,
+                         drop=RemoteProtocolError(DropReason.UNEXPECTED_PEER,
+                                                  f"LOCK for {sig.nonce:#x} from {peer!r}, its peer is "
+                                                  f"{entry.remote.identity!r}"),
+                         reply=AbortReason.UNKNOWN_PAIR)
+            return
+        if entry.key is not None or sig.signed:
+            forged = self._keyed_lock(entry, sig)
+            if forged is not None:
+                self._refuse(SignalProtocolError(str(forged)), now, drop=forged)  # silence: no reply to sign
+                return
         self.deadline = now + entry.config.lock_timeout
         owner = registry.owner(sig.nonce)
         if (isinstance(owner, InitiatorSession) and owner.state == "Locking" and not entry.is_pinger
@@ -558,10 +644,31 @@ class ResponderSession(Session):
         self._machine_fire("accept")  # guard entry_claimed
         self._advance(now)
 
+    def _keyed_lock(self, entry: PairEntry, sig: Signal) -> RemoteProtocolError | None:
+        """A keyed pair's LOCK must be signed and verify; then this session signs with our own random."""
+        if entry.key is None:
+            return RemoteProtocolError(DropReason.BAD_MAC, "signed LOCK for a pair without a key")
+        if not sig.signed:
+            return RemoteProtocolError(DropReason.BAD_MAC, "unsigned (legacy) LOCK for a keyed pair")
+        key = derive(entry.key, "sig")
+        if not wire.verify(sig, key, by_responder=False):
+            return RemoteProtocolError(DropReason.BAD_MAC, "LOCK: MAC does not verify")
+        if sig.rr != NO_RAND:
+            return RemoteProtocolError(DropReason.MALFORMED, "LOCK carries a responder random")
+        self._key, self._ri, self._rr = key, sig.ri, _session_random()
+        return None
+
     @property
     def peer_may_proceed(self) -> bool:
-        """Guard ``peer_may_proceed``: a pinger must be Locked (drained, silent) before LOCKED goes out."""
-        return self.entry is not None and (not self.entry.is_pinger or self.entry.state == "Locked")
+        """Guard ``peer_may_proceed``: a pinger must be drained (silent, nothing in flight) before LOCKED goes out.
+
+        It stays InLocking until TAKE proves the session fresh (TAKE is bound
+        to our random): a recorded LOCK replayed to a pinger ends with the
+        entry back in Idle, never Locked and expired.
+        """
+        entry = self.entry
+        return entry is not None and (not entry.is_pinger or entry.state == "Locked"
+                                      or (entry.state == "InLocking" and entry.drained))
 
     def _can_fail(self) -> bool:
         return self.state in RESPONDER.sets["abortable"]
@@ -583,7 +690,7 @@ class ResponderSession(Session):
             assert sig.reason is not None
             self._fail(PeerRefused(f"initiator aborted the handover of {self.nonce:#x}: {sig.reason.name}"), now)
         elif st == "Committed" and sig.type is SignalType.TAKE:
-            # The initiator is Locked; a ponger locks now (nothing can be in flight), a pinger already is.
+            # The initiator is Locked; we lock now (a pinger drained before LOCKED, a ponger has nothing in flight).
             self._lock_entry(now)
             if self.entry is None or self.entry.state != "Locked":
                 self._fail(HandoverError(f"pair {self.nonce:#x} could not lock on TAKE"), now,
@@ -601,10 +708,17 @@ class ResponderSession(Session):
         if self.done or self._entry_lost(now):
             return
         if self.state == "Draining":
-            if self.entry is not None and self.entry.is_pinger:
-                self._lock_entry(now)  # pinger responder locks first (drains), then LOCKED
+            # A pinger responder drains, then answers LOCKED still InLocking; both roles lock on TAKE.
             if self.peer_may_proceed:
                 self._machine_fire("send_locked")
                 self._emit(SignalType.LOCKED)
         if self.state == "Settling":
             self._try_settle(now)
+
+
+def _session_random() -> bytes:
+    """A fresh, non-zero session random (wire/signal.py version 2)."""
+    while True:
+        r = secrets.token_bytes(wire.RAND_SIZE)
+        if any(r):
+            return r

@@ -133,7 +133,7 @@ class PairPool:
 
     # --- registry ---------------------------------------------------------------
 
-    def add(self, pair: EndpointPair, is_pinger: bool, now: float) -> PairEntry:
+    def add(self, pair: EndpointPair, is_pinger: bool, now: float, *, key: bytes | None = None) -> PairEntry:
         """Register a freshly punched pair as Idle; raises InvalidPair/DuplicateNonce, changing nothing."""
         pair.validate()
         pair.local(self.local_identity)
@@ -141,7 +141,8 @@ class PairPool:
             if pair.nonce in self._entries:
                 raise DuplicateNonce(f"pair {pair.nonce:#x} is already in the pool")
             entry = PairEntry(
-                pair, self.local_identity, is_pinger, self.config, now, self.listeners, observer=self._observer
+                pair, self.local_identity, is_pinger, self.config, now, self.listeners, observer=self._observer,
+                key=key,
             )
             peer = entry.remote.identity
             self._entries[pair.nonce] = entry
@@ -365,9 +366,14 @@ class PairPool:
         """
         return self._handovers.start_take(nonce, peer, now, sid=sid)
 
-    def accept_session(self, data: bytes, now: float) -> ResponderSession:
-        """Open a responder session from the first signal of an incoming channel; never raises on bad input."""
-        return self._handovers.accept(data, now)
+    def accept_session(self, data: bytes, now: float, peer: str | None = None) -> ResponderSession:
+        """Open a responder session from the first signal of an incoming channel; never raises on bad input.
+
+        ``peer``: the authenticated identity of the channel's far end, if the
+        signalling knows it; a LOCK for another identity's pair is refused
+        (``DropReason.UNEXPECTED_PEER``), nothing claimed.
+        """
+        return self._handovers.accept(data, now, peer=peer)
 
     # === end of handover section ===
 

@@ -95,7 +95,7 @@ drained(n, p) == ((pinger(p) # n) \/ (outst[p] = 0))
 settled(n, p) == ((entry[n][p] = "Locked") /\ (~(settle) \/ ((pings[p] + pongs[p]) = 0)))
 entry_claimed(n, p, s) == ((entry[n][p] = "InLocking") /\ (owner[n][p] = s))
 entry_locked(n, p) == (entry[n][p] = "Locked")
-peer_may_proceed(n, p) == ((pinger(p) # n) \/ (entry[n][p] = "Locked"))
+peer_may_proceed(n, p) == ((pinger(p) # n) \/ (entry[n][p] = "Locked") \/ ((entry[n][p] = "InLocking") /\ drained(n, p)))
 fate(e) == (IF (e = "InLocking") THEN Entry_step(e, "abort_lock") ELSE (IF (e = "Locked") THEN Entry_step(e, "expire") ELSE e))
 pending_local(m, p) == ((owner[m][p] >= 0) /\ (ini_node(owner[m][p]) = m) /\ (ini[owner[m][p]] = "Locking"))
 wins_tie(m, p) == (pinger(p) = m)
@@ -351,15 +351,6 @@ A_accept(s) ==
     /\ resp' = [resp EXCEPT ![s] = Responder_step(resp[s], "accept")]
     /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, toresp, toini, closed>>
 
-\* resp_finish_lock: Rule 3: a pinger responder drains and locks before it answers LOCKED.
-A_resp_finish_lock(s) ==
-    LET m == resp_node(s)
-        p == pair[s]
-    IN
-    /\ (((resp[s] = "Draining") /\ (pinger(p) = m) /\ (entry[m][p] = "InLocking") /\ drained(m, p)) /\ Entry_can(entry[m][p], "finish_lock"))
-    /\ entry' = [entry EXCEPT ![m][p] = Entry_step(entry[m][p], "finish_lock")]
-    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed>>
-
 \* send_locked
 A_send_locked(s) ==
     LET m == resp_node(s)
@@ -370,7 +361,7 @@ A_send_locked(s) ==
     /\ toini' = [toini EXCEPT ![s] = put(s, toini[s], "LOCKED")]
     /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, toresp, closed>>
 
-\* recv_take: Rule 3: a ponger responder locks on TAKE (the pinger is Locked and drained); TAKEN goes back.
+\* recv_take: Rule 3: the responder locks on TAKE (a pinger drained before it answered LOCKED, a ponger has nothing in flight: the pinger is drained); TAKEN goes back.
 A_recv_take(s) ==
     LET m == resp_node(s)
         p == pair[s]
@@ -452,7 +443,6 @@ Next ==
     \/ \E s \in Sessions : A_lock_refuse(s)
     \/ \E s \in Sessions : A_lock_unknown(s)
     \/ \E s \in Sessions : A_accept(s)
-    \/ \E s \in Sessions : A_resp_finish_lock(s)
     \/ \E s \in Sessions : A_send_locked(s)
     \/ \E s \in Sessions : A_recv_take(s)
     \/ \E s \in Sessions : A_resp_settle(s)
@@ -481,7 +471,6 @@ Fairness ==
     /\ \A s \in Sessions : WF_vars(A_lock_refuse(s))
     /\ \A s \in Sessions : WF_vars(A_lock_unknown(s))
     /\ \A s \in Sessions : WF_vars(A_accept(s))
-    /\ \A s \in Sessions : WF_vars(A_resp_finish_lock(s))
     /\ \A s \in Sessions : WF_vars(A_send_locked(s))
     /\ \A s \in Sessions : WF_vars(A_recv_take(s))
     /\ \A s \in Sessions : WF_vars(A_resp_settle(s))

@@ -1,5 +1,6 @@
 """The handover signal codec: round trip, strict rejection of everything else."""
 
+import hashlib
 import struct
 
 import pytest
@@ -7,17 +8,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natpool.errors import DropReason, RemoteProtocolError
+from natpool.wire.keys import derive
 from natpool.wire.signal import (
     ABORT_SIZE,
     BASE_SIZE,
+    MAC_SIZE,
     MAX_SIGNAL_SIZE,
+    RAND_SIZE,
     SEQ_MAX,
+    SIGNED_ABORT_SIZE,
+    SIGNED_SIZE,
+    SIGNED_VERSION_BYTE,
     VERSION_BYTE,
     AbortReason,
     Signal,
     SignalType,
     decode,
     encode,
+    encode_signed,
+    sign,
+    verify,
 )
 
 nonces = st.integers(min_value=1, max_value=2**64 - 1)
@@ -133,3 +143,109 @@ def test_non_bytes_input_is_malformed_not_a_type_error(data: object) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode(data)  # type: ignore[arg-type]
     assert info.value.reason is DropReason.MALFORMED
+
+
+# --- version 2: signed signals (issue 10) ---------------------------------------------------
+
+SIG_KEY = derive(bytes(range(16)), "sig")
+rands = st.binary(min_size=RAND_SIZE, max_size=RAND_SIZE)
+nonzero_rands = rands.filter(any)
+
+
+@st.composite
+def signed_signals(draw: st.DrawFn) -> tuple[Signal, bool]:
+    stype = draw(st.sampled_from(SignalType))
+    reason = draw(st.sampled_from(AbortReason)) if stype is SignalType.ABORT else None
+    unsigned = Signal(stype, draw(nonces), draw(sids), draw(seqs), reason, draw(nonzero_rands), draw(rands), b"")
+    by_responder = draw(st.booleans())
+    return sign(unsigned, SIG_KEY, by_responder), by_responder
+
+
+@given(signed_signals())
+def test_signed_round_trip_and_verify(case: tuple[Signal, bool]) -> None:
+    sig, by_responder = case
+    data = encode(sig)
+    assert data[0] == SIGNED_VERSION_BYTE and len(data) <= MAX_SIGNAL_SIZE
+    assert len(data) == (SIGNED_ABORT_SIZE if sig.type is SignalType.ABORT else SIGNED_SIZE)
+    back = decode(data)
+    assert back == sig and back.signed
+    assert verify(back, SIG_KEY, by_responder)
+    assert not verify(back, SIG_KEY, not by_responder)  # direction is bound: no reflection
+    assert not verify(back, derive(bytes(range(1, 17)), "sig"), by_responder)
+    assert not verify(Signal(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason), SIG_KEY, by_responder)
+
+
+@given(signed_signals(), st.data())
+def test_signed_single_byte_mutation_never_verifies(case: tuple[Signal, bool], data: st.DataObject) -> None:
+    """Any changed byte (header, randoms, reason or MAC) either fails to parse or fails the MAC."""
+    sig, by_responder = case
+    raw = bytearray(encode(sig))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= data.draw(st.integers(1, 255))
+    try:
+        other = decode(bytes(raw))
+    except RemoteProtocolError as exc:
+        assert exc.reason is DropReason.MALFORMED
+    else:
+        assert other != sig and not verify(other, SIG_KEY, by_responder)
+        if other.signed:
+            assert encode(other) == bytes(raw)
+
+
+@given(st.binary(min_size=SIGNED_SIZE - 1, max_size=SIGNED_ABORT_SIZE), st.booleans())
+def test_arbitrary_signed_looking_bytes_never_verify(tail: bytes, by_responder: bool) -> None:
+    data = bytes([SIGNED_VERSION_BYTE]) + tail
+    try:
+        sig = decode(data)
+    except RemoteProtocolError as exc:
+        assert exc.reason is DropReason.MALFORMED
+    else:
+        assert sig.signed and encode(sig) == data
+        assert not verify(sig, SIG_KEY, by_responder)
+
+
+def test_signed_layout_is_the_documented_one() -> None:
+    sig = sign(Signal(SignalType.ABORT, 7, b"\x01" * 16, 3, AbortReason.TIMEOUT, b"\x02" * 8, bytes(8), b""),
+               SIG_KEY, by_responder=False)
+    data = encode(sig)
+    assert data[:46] == struct.pack("!BBQ16sI8s8s", 0x92, 6, 7, b"\x01" * 16, 3, b"\x02" * 8, bytes(8))
+    assert data[46] == AbortReason.TIMEOUT and data[47:] == sig.mac and len(sig.mac or b"") == MAC_SIZE
+    assert sig.mac == hashlib.blake2b(b"I" + data[:47], key=SIG_KEY, digest_size=16).digest()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ri": bytes(8), "rr": bytes(8), "mac": b""},  # zero initiator random
+        {"ri": b"\x01" * 7, "rr": bytes(8), "mac": b""},
+        {"ri": b"\x01" * 8, "rr": bytes(9), "mac": b""},
+        {"ri": b"\x01" * 8, "rr": bytes(8), "mac": b"\x01" * 5},
+        {"ri": b"\x01" * 8},  # half a signed signal
+    ],
+)
+def test_signed_construction_errors_raise(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Signal(SignalType.LOCK, 1, b"\x01" * 16, 1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_unsigned_v2_cannot_be_encoded_and_v1_cannot_be_signed() -> None:
+    with pytest.raises(ValueError):
+        encode(Signal(SignalType.LOCK, 1, b"\x01" * 16, 1, None, b"\x01" * 8, bytes(8), b""))
+    with pytest.raises(ValueError):
+        sign(Signal(SignalType.LOCK, 1, b"\x01" * 16, 1), SIG_KEY, by_responder=False)
+
+
+def test_derive_gives_distinct_sub_keys() -> None:
+    key = bytes(range(32))
+    assert derive(key, "sig") == hashlib.blake2b(key=key, person=b"natpool-sig", digest_size=32).digest()
+    assert derive(key, "ka") == hashlib.blake2b(key=key, person=b"natpool-ka", digest_size=32).digest()
+    assert derive(key, "sig") != derive(key, "ka") != derive(key[::-1], "ka")
+
+
+@given(signed_signals())
+def test_encode_signed_is_sign_then_encode(case: tuple[Signal, bool]) -> None:
+    sig, by_responder = case
+    assert sig.ri is not None and sig.rr is not None
+    built, data = encode_signed(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason, sig.ri, sig.rr, SIG_KEY,
+                                by_responder)
+    assert built == sig and data == encode(sig)
