@@ -55,6 +55,13 @@ class BindFailed(LocalError, OSError):
     """``add`` could not bind the entry's local UDP endpoint (e.g. port in use); the pool is unchanged."""
 
 
+class InvalidKey(LocalError, ValueError):
+    """``add(key=...)`` got a per-pair key that is not ``bytes`` of 16 to 64 bytes.
+
+    Shorter keys are too weak to authenticate anything; keyed BLAKE2b takes at most 64.
+    """
+
+
 class InvalidSocket(LocalError, ValueError):
     """``add(sock=...)`` got a socket it cannot adopt: not a UDP/IP socket, closed, or not bound.
 
@@ -79,6 +86,11 @@ class DropReason(enum.Enum):
     BAD_MAC = "bad_mac"
     REPLAY = "replay"
     OVERSIZED = "oversized"
+    # A pong beyond the per-entry answer budget (natpool.core.entry.PONG_BUDGET): a ping flood is not reflected.
+    RATE_LIMITED = "rate_limited"
+    # This pair's keepalive frame in the other format (legacy 9-byte frame at a keyed entry, or keyed frame
+    # at a legacy one): the two ends were added one with a key and one without.
+    FORMAT_MISMATCH = "format_mismatch"
 
 
 class RemoteProtocolError(NatPoolError):

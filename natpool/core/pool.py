@@ -133,15 +133,21 @@ class PairPool:
 
     # --- registry ---------------------------------------------------------------
 
-    def add(self, pair: EndpointPair, is_pinger: bool, now: float) -> PairEntry:
-        """Register a freshly punched pair as Idle; raises InvalidPair/DuplicateNonce, changing nothing."""
+    def add(self, pair: EndpointPair, is_pinger: bool, now: float, key: bytes | None = None) -> PairEntry:
+        """Register a freshly punched pair as Idle; raises InvalidPair/DuplicateNonce/InvalidKey, changing nothing.
+
+        ``key``: the per-pair secret (16..64 bytes) both ends got from the traversal layer's authenticated
+        session (see ``natpool.core.entry.check_key``): keepalives are then keyed frames that only the peer
+        can make (natpool.wire.keepalive). None: the legacy astrald frame, unauthenticated.
+        """
         pair.validate()
         pair.local(self.local_identity)
         with self.lock:
             if pair.nonce in self._entries:
                 raise DuplicateNonce(f"pair {pair.nonce:#x} is already in the pool")
             entry = PairEntry(
-                pair, self.local_identity, is_pinger, self.config, now, self.listeners, observer=self._observer
+                pair, self.local_identity, is_pinger, self.config, now, self.listeners, observer=self._observer,
+                key=key,
             )
             peer = entry.remote.identity
             self._entries[pair.nonce] = entry

@@ -177,12 +177,12 @@ class SimNode:
 
     # --- pool operations (each followed by a pump, as a driver would) ------------
 
-    def add(self, pair: EndpointPair, is_pinger: bool) -> PairEntry:
-        """Add ``pair`` to the pool and bind its local endpoint on the network."""
+    def add(self, pair: EndpointPair, is_pinger: bool, key: bytes | None = None) -> PairEntry:
+        """Add ``pair`` to the pool (``key``: keyed keepalives) and bind its local endpoint on the network."""
         addr = pair.local(self.identity).addr
         if self.sim.network.is_bound(addr):
             raise SimulationError(f"{addr} is already bound on the simulated network")
-        entry = self.pool.add(pair, is_pinger, self.sim.now())
+        entry = self.pool.add(pair, is_pinger, self.sim.now(), key)
         self._local[entry.nonce] = addr
         self._entries[entry.nonce] = entry
         self.sim.network.bind(addr, partial(self._on_datagram, entry.nonce))
