@@ -500,8 +500,16 @@ class PairEntry:
         self._send_failures = 0
 
     def _mismatched(self, expiry: ExpiryReason, reason: DropReason, addr: tuple[str, int], now: float) -> None:
-        """Drop a frame of this pair that cannot be authenticated; remembered for the expiry reason."""
-        self._mismatch = (expiry, now)
+        """Drop a frame of this pair that cannot be authenticated; remembered for the expiry reason.
+
+        KEY_MISMATCH outranks FORMAT_MISMATCH since the last valid frame: a
+        keyed frame under another key is the more specific diagnosis (an
+        attacker at the peer's address may send both kinds).
+        """
+        m = self._mismatch
+        if (expiry is ExpiryReason.KEY_MISMATCH or m is None or m[0] is not ExpiryReason.KEY_MISMATCH
+                or m[1] < self.last_seen):
+            self._mismatch = (expiry, now)
         self._drop(reason, addr)
 
     def is_own_frame(self, data: bytes) -> bool:
