@@ -20,6 +20,7 @@ import struct
 
 import pytest
 
+import natpool
 from natpool.aio.pool import AsyncPairPool
 from natpool.config import PairConfig
 from natpool.core.entry import ExpiryReason, PairEntry
@@ -270,3 +271,50 @@ def test_raw_socket_spoofing_of_a_live_peer_counts_nothing_with_keys(key: bytes 
         aio_run(main(), 30.0)
     finally:
         raw.close()
+
+
+# --- a handed-over socket: only the pair's own MAC-valid keepalive is the pool's -------------
+
+
+def test_at_a_locked_entry_only_a_mac_valid_keepalive_is_kept_from_the_application() -> None:
+    """The driver's own-frame check (aio/pool.py) on a keyed pair: a forged keyed frame is application data."""
+    from tests.aio.test_lease import NINE, Collect, nodes
+
+    async def main() -> None:
+        nonce = 0x75
+        arrived = asyncio.Event()
+        stray = KeepaliveKey(KEY).pong(nonce, 1)  # a real late keepalive of this pair
+        forged = KeepaliveKey(b"guessed key, wrong").pong(nonce, 1)  # the right shape, and the public nonce
+
+        def observe(direction: str, n: int, data: bytes, addr: Addr, state: str) -> None:
+            if direction == "recv" and n == nonce and state == "Locked" and data == NINE:
+                arrived.set()
+
+        bob_leases: list[natpool.Lease] = []
+
+        def bob_got_lease(lease: natpool.Lease) -> None:
+            assert lease.transport is not None
+            for data in (stray, forged, NINE):
+                lease.transport.sendto(data, lease.remote_addr)
+            bob_leases.append(lease)
+
+        async with nodes(on_lease=bob_got_lease, wire_observer=observe) as (alice, bob, gate):
+            sa, sb = bound_socket(), bound_socket()
+            pair = EndpointPair(Endpoint("alice", *sa.getsockname()), Endpoint("bob", *sb.getsockname()), nonce)
+            ea = await alice.add(pair, is_pinger=True, sock=sa, key=KEY)
+            await bob.add(pair, is_pinger=False, sock=sb, key=KEY)
+            await wait_for(alice, lambda: ea.stats.received >= 2)
+            gate.clear()  # alice stays Locked while bob's lease talks
+            take = asyncio.ensure_future(alice.take(nonce))
+            await arrived.wait()
+            gate.set()
+            lease = await take
+            app = Collect()
+            lease.set_protocol(app)
+            assert app.got == [(forged, pair.b.addr), (NINE, pair.b.addr)]
+            assert lease.entry.stats.drops[DropReason.SILENT_STATE] == 1  # the real one, dropped by the pool
+            lease.close()
+            for other in bob_leases:
+                other.close()
+
+    aio_run(main(), 20.0)
