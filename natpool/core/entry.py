@@ -31,7 +31,7 @@ from natpool.machines import EntryMachine
 from natpool.machines.entry import EntryEvent, EntryState
 from natpool.machines.tables import ENTRY
 from natpool.wire.frame import FRAME_SIZE, is_ping_for, ping_bytes, pong_bytes
-from natpool.wire.keepalive import KeepaliveKey, looks_keyed
+from natpool.wire.keepalive import KeepaliveKey, PairKeepalive, looks_keyed
 
 _log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class PairEntry:
         check_key(key)
         #: The per-pair key (None: the unauthenticated legacy astrald frame). See ``check_key`` for who makes it.
         self.key = key
-        self._ka = KeepaliveKey(key) if key is not None else None
+        self._ka: PairKeepalive | None = KeepaliveKey(key).for_pair(pair.nonce) if key is not None else None
         # Keyed pinger: id of the newest ping in ``_pings``; keyed ponger: highest ping id accepted.
         self._seq = 0
         self._window = 0  # keyed ponger: bit i = ping id ``_seq - i`` was accepted (REPLAY_WINDOW)
@@ -416,7 +416,7 @@ class PairEntry:
         assert ka is not None
         nonce = self.nonce
         try:
-            is_ping, ping_id = ka.open(data, nonce)
+            is_ping, ping_id = ka.open(data)
         except RemoteProtocolError as exc:
             reason = exc.reason
             if reason is DropReason.BAD_MAC:
@@ -523,7 +523,7 @@ class PairEntry:
         ka = self._ka
         if ka is None:
             return len(data) == FRAME_SIZE and _legacy_nonce(data) == self.nonce
-        return looks_keyed(data, self.nonce) and ka.verify(data)
+        return ka.verify(data)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
         """Frames due now. Always empty in a silent state."""
@@ -541,10 +541,10 @@ class PairEntry:
             pong_ids = self._pong_ids
             if self._ping_queued:
                 self._ping_queued = False
-                out = [(ka.ping(self.nonce, self._seq), raddr)]
+                out = [(ka.ping(self._seq), raddr)]
             else:
                 assert pong_ids is not None
-                out = [(ka.pong(self.nonce, i), raddr) for i in pong_ids]
+                out = [(ka.pong(i), raddr) for i in pong_ids]
                 pong_ids.clear()
         elif self._ping_queued:
             self._ping_queued = False

@@ -75,6 +75,10 @@ class KeepaliveKey:
     def pong(self, nonce: int, ping_id: int) -> bytes:
         return self.seal(_PONG, nonce, ping_id)
 
+    def for_pair(self, nonce: int) -> PairKeepalive:
+        """The codec of one pair's frames (what an entry holds): the nonce's bytes are made once."""
+        return PairKeepalive(self, nonce)
+
     def verify(self, data: bytes) -> bool:
         """``data`` is a KEYED_FRAME_SIZE datagram whose MAC is valid under this key (nothing else checked)."""
         if len(data) != KEYED_FRAME_SIZE:
@@ -109,3 +113,53 @@ class KeepaliveKey:
         if ping_id == 0:  # sealed with our key, so our peer's bug, not an attacker's: still only dropped
             raise RemoteProtocolError(DropReason.MALFORMED, "ping id 0")
         return kind == _PING, ping_id
+
+
+class PairKeepalive:
+    """One pair's frames under one key: the entry's hot path (no struct, no field checks on valid frames).
+
+    A valid frame of this pair starts with one of two 10-byte prefixes
+    (version, kind, nonce), so recognising it is one slice comparison; only
+    the MAC costs more. Anything else goes to :meth:`KeepaliveKey.open` for the
+    exact reason.
+    """
+
+    __slots__ = ("_key", "_mac", "_ping_prefix", "_pong_prefix", "nonce")
+
+    def __init__(self, key: KeepaliveKey, nonce: int) -> None:
+        self._key = key
+        self._mac = key._mac
+        self.nonce = nonce
+        self._ping_prefix = bytes((VERSION, _PING)) + nonce.to_bytes(8, "big")
+        self._pong_prefix = bytes((VERSION, _PONG)) + nonce.to_bytes(8, "big")
+
+    def ping(self, ping_id: int) -> bytes:
+        head = self._ping_prefix + ping_id.to_bytes(8, "big")
+        h = self._mac.copy()
+        h.update(head)
+        return head + h.digest()
+
+    def pong(self, ping_id: int) -> bytes:
+        head = self._pong_prefix + ping_id.to_bytes(8, "big")
+        h = self._mac.copy()
+        h.update(head)
+        return head + h.digest()
+
+    def open(self, data: bytes) -> tuple[bool, int]:
+        """``KeepaliveKey.open(data, nonce)``, the same verdict on every input (tests/wire check they agree)."""
+        if len(data) == KEYED_FRAME_SIZE:
+            prefix = data[:10]
+            is_ping = prefix == self._ping_prefix
+            if is_ping or prefix == self._pong_prefix:
+                head = data[:HEADER_SIZE]
+                h = self._mac.copy()
+                h.update(head)
+                if _compare(h.digest(), data[HEADER_SIZE:]):
+                    ping_id = int.from_bytes(head[10:], "big")
+                    if ping_id:
+                        return is_ping, ping_id
+        return self._key.open(data, self.nonce)  # raises: the exact reason
+
+    def verify(self, data: bytes) -> bool:
+        """A MAC-valid frame of this pair (either kind)."""
+        return looks_keyed(data, self.nonce) and self._key.verify(data)
