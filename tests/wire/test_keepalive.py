@@ -140,3 +140,43 @@ def test_legacy_and_keyed_frames_are_told_apart_by_shape() -> None:
     legacy = encode(Frame(5, Kind.PING))
     assert len(legacy) == FRAME_SIZE and not looks_keyed(legacy, 5)
     assert looks_keyed(KeepaliveKey(b"k" * 16).ping(5, 1), 5)
+
+
+def _outcome(fn: object, *args: object) -> object:
+    assert callable(fn)
+    try:
+        return fn(*args)
+    except RemoteProtocolError as exc:
+        return exc.reason
+
+
+@st.composite
+def candidate_frames(draw: st.DrawFn, key: bytes, nonce: int) -> bytes:
+    """Valid frames of the pair (any id, 0 included), damaged ones, other pairs', and noise of every length."""
+    ka = KeepaliveKey(draw(st.sampled_from([key, b"another key, 16+"])))
+    frame = ka.seal(draw(st.sampled_from(Kind)), draw(st.sampled_from([nonce, nonce ^ 1])),
+                    draw(st.integers(min_value=0, max_value=2**64 - 1)))
+    how = draw(st.sampled_from(["as-is", "flip", "cut", "noise"]))
+    if how == "flip":
+        buf = bytearray(frame)
+        bit = draw(st.integers(min_value=0, max_value=8 * len(buf) - 1))
+        buf[bit // 8] ^= 1 << (bit % 8)
+        return bytes(buf)
+    if how == "cut":
+        return frame[:draw(st.integers(min_value=0, max_value=len(frame)))]
+    if how == "noise":
+        return draw(st.binary(max_size=40))
+    return frame
+
+
+@given(keys, nonces, st.data())
+def test_the_pair_codec_gives_the_generic_codecs_verdict_on_every_input(key: bytes, nonce: int,
+                                                                        data: st.DataObject) -> None:
+    """PairKeepalive (the entry's fast path) and KeepaliveKey.open agree: same result or same DropReason."""
+    generic = KeepaliveKey(key)
+    pair = generic.for_pair(nonce)
+    frame = data.draw(candidate_frames(key, nonce))
+    assert _outcome(pair.open, frame) == _outcome(generic.open, frame, nonce)
+    assert pair.verify(frame) == (looks_keyed(frame, nonce) and generic.verify(frame))
+    ping_id = data.draw(ids)
+    assert pair.ping(ping_id) == generic.ping(nonce, ping_id) and pair.pong(ping_id) == generic.pong(nonce, ping_id)
