@@ -544,7 +544,10 @@ class PairEntry:
                 out = [(ka.ping(self._seq), raddr)]
             else:
                 assert pong_ids is not None
-                out = [(ka.pong(i), raddr) for i in pong_ids]
+                if len(pong_ids) == 1:  # the common case; no comprehension frame
+                    out = [(ka.pong(pong_ids[0]), raddr)]
+                else:
+                    out = [(ka.pong(i), raddr) for i in pong_ids]
                 pong_ids.clear()
         elif self._ping_queued:
             self._ping_queued = False
