@@ -54,8 +54,9 @@ class PairConfig:
       (the model's assumption that timeouts are honest): 1 s is well above
       Internet RTTs, geostationary satellite included. Keep it <=
       ``ping_interval``: then every ping is answered or given up before the
-      next one leaves, so at most one is outstanding. Pongs carry no
-      sequence number, so with a longer lifespan a lost ping stays in the
+      next one leaves, so at most one is outstanding. Legacy pongs carry no
+      sequence number (keyed ones answer their own ping id, see
+      ``natpool.wire.keepalive``), so with a longer lifespan a lost ping stays in the
       outstanding list, every later pong retires the ping before its own,
       and the entry always shows one phantom outstanding ping and an RTT
       one interval too long: measured on the simulator (1 s pings, 10-80 ms

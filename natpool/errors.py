@@ -56,7 +56,10 @@ class BindFailed(LocalError, OSError):
 
 
 class InvalidKey(LocalError, ValueError):
-    """A per-pair key (``add(key=...)``) or a signalling secret that is not ``bytes`` of at least 16 bytes."""
+    """A per-pair key (``add(key=...)``) that is not ``bytes`` of 16 to 64 bytes, or a signalling secret under 16.
+
+    Shorter keys are too weak to authenticate anything; keyed BLAKE2b takes at most 64.
+    """
 
 
 class InvalidSocket(LocalError, ValueError):
@@ -84,7 +87,12 @@ class DropReason(enum.Enum):
     REPLAY = "replay"
     OVERSIZED = "oversized"
     UNEXPECTED_PEER = "unexpected_peer"  # an unverifiable identity, or a session from someone not the pair's peer
-    RATE_LIMITED = "rate_limited"  # refused: a connection/session cap or a pong rate limit was reached
+    # A connection/session cap reached, or a pong beyond the per-entry answer budget
+    # (natpool.core.entry.PONG_BUDGET): a ping flood is not reflected.
+    RATE_LIMITED = "rate_limited"
+    # This pair's keepalive frame in the other format (legacy 9-byte frame at a keyed entry, or keyed frame
+    # at a legacy one): the two ends were added one with a key and one without.
+    FORMAT_MISMATCH = "format_mismatch"
 
 
 class RemoteProtocolError(NatPoolError):

@@ -66,7 +66,7 @@ from typing import Any, cast
 
 from natpool.aio.handover import run_initiator, serve_responder
 from natpool.config import PairConfig
-from natpool.core.entry import Drained, PairEntry, StateChanged
+from natpool.core.entry import Drained, PairEntry, StateChanged, check_key
 from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import EndpointPair
@@ -79,14 +79,11 @@ from natpool.errors import (
     InvalidSocket,
     LocalError,
     PoolClosed,
-    RemoteProtocolError,
     UnknownPair,
 )
 from natpool.machines.entry import EntryState
 from natpool.machines.tables import ENTRY
 from natpool.signalling import SignalChannel, Signalling
-from natpool.wire.frame import FRAME_SIZE
-from natpool.wire.frame import decode as decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +431,7 @@ class AsyncPairPool:
         *,
         sock: socket.socket | None = None,
         bind: Addr | None = None,
+        key: bytes | None = None,
     ) -> PairEntry:
         """Open the entry's UDP socket and register it; the pair starts Idle and keeps itself alive.
 
@@ -448,11 +446,14 @@ class AsyncPairPool:
         closes, or handed on with a lease); on *any* error, checks before
         the socket is touched included, ``add`` closes it. So no socket
         stays open after a failed ``add`` and the caller never closes ``sock``.
+
+        ``key``: the per-pair secret for keyed keepalives (``PairPool.add``; InvalidKey if not 16..64 bytes).
         """
         try:
             self._check_open()
             loop = self._bind_loop()
             pair.validate()
+            check_key(key)
             local = pair.local(self.local_identity)
             nonce = pair.nonce
             if nonce in self._pending or nonce in self._transports:
@@ -481,7 +482,7 @@ class AsyncPairPool:
             self.stats.sockets_opened += 1
             try:
                 self._check_open()
-                entry = self.core.add(pair, is_pinger, self.now())
+                entry = self.core.add(pair, is_pinger, self.now(), key)
             except BaseException:
                 transport.close()
                 self.stats.sockets_closed += 1
@@ -582,7 +583,7 @@ class AsyncPairPool:
         observer = self.wire_observer
         if observer is not None:
             self._observe("recv", nonce, data, addr)
-        if entry.state in LEASE_STATES and not _is_own_keepalive(data, nonce):
+        if entry.state in LEASE_STATES and not entry.is_own_frame(data):  # a keyed frame only with a valid MAC
             early = self._early.get(nonce)
             if early is None:
                 early = self._early[nonce] = LeasedProtocol(self.stats)
@@ -964,16 +965,6 @@ class AsyncPairPool:
 def _unbound_clock() -> float:
     """The clock before ``_bind_loop``: no datagram can arrive then (no socket is open yet)."""
     raise LocalError("AsyncPairPool is not bound to an event loop yet")
-
-
-def _is_own_keepalive(data: bytes, nonce: int) -> bool:
-    """``data`` is a keepalive frame of pair ``nonce``: a late ping/pong, never application data."""
-    if len(data) != FRAME_SIZE:
-        return False
-    try:
-        return decode_frame(data).nonce == nonce
-    except RemoteProtocolError:
-        return False
 
 
 def _close_lease_transport(lease: Lease) -> None:

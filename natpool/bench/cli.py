@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hashlib
 import json
 import random
 import resource
@@ -36,6 +37,7 @@ KERNEL_SLAB_EST = 2700  # bytes of kernel slab per UDP socket on this machine ki
 
 TARGETS = {
     "keepalive_cpu_ratio": 1.3,
+    "keyed_keepalive_cpu_ratio": 1.5,  # issue 10: MAC-checked frames, against the same raw baseline
     "memory_ratio": 2.0,
     "handover_p50_ms": 0.5,  # issue 9: over the persistent reference signalling (goal 0.3)
     "handover_p99_ms": 2.0,
@@ -154,7 +156,13 @@ async def _keepalive_raw(n: int, interval: float, window: float) -> dict[str, fl
     return {"cpu": cpu, "exchanges_per_s": rate}
 
 
-async def _keepalive_natpool(n: int, interval: float, window: float) -> dict[str, float]:
+def _bench_key(i: int) -> bytes:
+    """A distinct 32-byte key per pair, as the traversal layer would export one per pair."""
+    return hashlib.blake2b(i.to_bytes(8, "big"), person=b"natpool-bench").digest()[:32]
+
+
+async def _keepalive_natpool(n: int, interval: float, window: float, keyed: bool = False) -> dict[str, float]:
+    """natpool's keepalive CPU; ``keyed``: every pair with its own key (34-byte MAC'd frames)."""
     cfg = PairConfig(ping_interval=interval, no_inbound_timeout=max(30.0, 10 * interval),
                      ping_lifespan=min(2.0, interval))
     async with AsyncPairPool("a", cfg) as a, AsyncPairPool("b", cfg) as b:
@@ -165,8 +173,9 @@ async def _keepalive_natpool(n: int, interval: float, window: float) -> dict[str
             sa, sb = open_udp(), open_udp()
             pair = EndpointPair(Endpoint("a", "127.0.0.1", sa.getsockname()[1]),
                                 Endpoint("b", "127.0.0.1", sb.getsockname()[1]), i + 1)
-            pingers.append(await a.add(pair, True, sock=sa))
-            await b.add(pair, False, sock=sb)
+            key = _bench_key(i) if keyed else None
+            pingers.append(await a.add(pair, True, sock=sa, key=key))
+            await b.add(pair, False, sock=sb, key=key)
         await asyncio.sleep(interval * 1.2)
         r0 = sum(e.stats.received for e in pingers)
         w0 = time.perf_counter()
@@ -176,15 +185,16 @@ async def _keepalive_natpool(n: int, interval: float, window: float) -> dict[str
     return {"cpu": cpu, "exchanges_per_s": rate, "alive": alive}
 
 
-def _core_us_per_exchange(n: int, rounds: int) -> float:
+def _core_us_per_exchange(n: int, rounds: int, keyed: bool = False) -> float:
     """CPU of the sans-IO core alone per ping/pong exchange (both pools, no sockets): the driver's floor."""
     cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=30.0, ping_lifespan=1.0)
     a, b = PairPool("a", cfg), PairPool("b", cfg)
     for i in range(n):
         pair = EndpointPair(Endpoint("a", "127.0.0.1", 1 + i % 60000), Endpoint("b", "127.0.0.2", 1 + i % 60000),
                             i + 1)
-        a.add(pair, True, 0.0)
-        b.add(pair, False, 0.0)
+        key = _bench_key(i) if keyed else None
+        a.add(pair, True, 0.0, key)
+        b.add(pair, False, 0.0, key)
 
     def one_round(now: float) -> None:
         a.handle_timer(now)
@@ -219,7 +229,10 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
         raw = _run(args, _keepalive_raw(n, interval, window))
         gc.collect()
         nat = _run(args, _keepalive_natpool(n, interval, window))
+        gc.collect()
+        keyed = _run(args, _keepalive_natpool(n, interval, window, keyed=True))
         core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20)
+        keyed_core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20, keyed=True)
         out[str(requested)] = {
             "pairs": n,
             "raw_us_per_exchange": round(1e6 * raw["cpu"] / max(1.0, raw["exchanges_per_s"]), 2),
@@ -234,6 +247,16 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
             "raw_exchanges_per_s": round(raw["exchanges_per_s"], 1),
             "natpool_exchanges_per_s": round(nat["exchanges_per_s"], 1),
             "natpool_alive": nat["alive"],
+            # Keyed keepalives (issue 10): the same run with a key per pair, against the same raw baseline.
+            "keyed_cpu_pct": round(100 * keyed["cpu"], 2),
+            "keyed_ratio": round(keyed["cpu"] / raw["cpu"], 2) if raw["cpu"] > 0 else None,
+            "keyed_ratio_per_exchange": (
+                round(keyed["cpu"] * raw["exchanges_per_s"] / (raw["cpu"] * keyed["exchanges_per_s"]), 2)
+                if raw["cpu"] > 0 and keyed["exchanges_per_s"] > 0 else None),
+            "keyed_us_per_exchange": round(1e6 * keyed["cpu"] / max(1.0, keyed["exchanges_per_s"]), 2),
+            "keyed_core_only_us_per_exchange": round(keyed_core_us, 2),
+            "keyed_exchanges_per_s": round(keyed["exchanges_per_s"], 1),
+            "keyed_alive": keyed["alive"],
         }
     report.put("keepalive", out)
 
@@ -466,6 +489,11 @@ def _targets(report: Report) -> dict[str, Any]:
         worst = max(ratios)
         out["keepalive_cpu_ratio"] = {"value": worst, "target": TARGETS["keepalive_cpu_ratio"],
                                       "met": worst <= TARGETS["keepalive_cpu_ratio"]}
+    keyed = [v["keyed_ratio"] for v in ka.values() if isinstance(v, dict) and v.get("keyed_ratio") is not None]
+    if keyed:
+        worst = max(keyed)
+        out["keyed_keepalive_cpu_ratio"] = {"value": worst, "target": TARGETS["keyed_keepalive_cpu_ratio"],
+                                            "met": worst <= TARGETS["keyed_keepalive_cpu_ratio"]}
     if "memory" in r:
         v = r["memory"]["rss"]["ratio_vs_socket"] or r["memory"]["heap"]["ratio_vs_socket"]
         out["memory_ratio_vs_socket"] = {"value": v, "target": TARGETS["memory_ratio"],
@@ -507,6 +535,14 @@ def _print_table(report: Report) -> None:
                       f"{v['core_only_us_per_exchange']:>11}")
         print("  (core alone = the sans-IO PairPools exchanging the same frames with no sockets: the part of "
               "natpool's cost the driver cannot remove)")
+        print(f"  keyed (a key per pair, 34-byte MAC'd frames), same raw baseline:\n"
+              f"  {'pairs':>8} {'keyed %':>8} {'ratio':>7} {'unkeyed':>8} {'keyed ex/s':>11} {'µs/ex':>8} "
+              f"{'core alone':>11}")
+        for v in ka.values():
+            if isinstance(v, dict) and "keyed_ratio" in v:
+                print(f"  {v['pairs']:>8} {v['keyed_cpu_pct']:>8.2f} {v['keyed_ratio']!s:>7} {v['ratio']!s:>8} "
+                      f"{v['keyed_exchanges_per_s']:>11.0f} {v['keyed_us_per_exchange']:>8} "
+                      f"{v['keyed_core_only_us_per_exchange']:>11}")
     if "memory" in r:
         m = r["memory"]
         print(f"\nmemory per endpoint ({m['pairs']} pairs, both ends)")

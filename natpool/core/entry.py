@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from natpool.fsm import Compiled
 from natpool.machines import EntryMachine
 from natpool.machines.entry import EntryEvent, EntryState
 from natpool.machines.tables import ENTRY
-from natpool.wire.frame import decode, is_ping_for, ping_bytes, pong_bytes
+from natpool.wire.frame import FRAME_SIZE, is_ping_for, ping_bytes, pong_bytes
+from natpool.wire.keepalive import KeepaliveKey, PairKeepalive, looks_keyed
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +46,25 @@ _PING_COMPACT: Final = 16
 #: Bound on pongs queued between two ``datagrams_to_send`` calls, so a ping
 #: flood from the remote address cannot grow memory; extra pings are dropped.
 MAX_QUEUED_PONGS: Final = 8
+
+#: Pong rate limit (GCRA, one float per entry): sustained at most PONGS_PER_INTERVAL answers per
+#: ``ping_interval`` of this entry's config, in bursts of at most PONG_BURST. An honest pinger with the same
+#: config sends one ping per interval, so this leaves 4x headroom (a faster-pinging peer, a burst after
+#: loss); a flood of pings (forged in legacy mode, where anyone can make them) is not reflected 1:1: the
+#: excess is dropped as ``DropReason.RATE_LIMITED``, neither answered nor counted as inbound.
+PONGS_PER_INTERVAL: Final = 4
+PONG_BURST: Final = 8
+
+#: Keyed ponger: ping ids accepted below the highest one seen (anti-replay window, IPsec style), so a
+#: reordered ping is still answered once while any replay is refused.
+REPLAY_WINDOW: Final = 64
+_WINDOW_MASK: Final = (1 << REPLAY_WINDOW) - 1
+#: A keyed pinger's slot of a ping answered out of order (``_pings``); never at ``_ping_head``.
+_ANSWERED: Final = math.inf
+
+#: Keys shorter than this cannot authenticate anything; BLAKE2b keys stop at 64 bytes.
+MIN_KEY_SIZE: Final = 16
+MAX_KEY_SIZE: Final = 64
 
 _TALKING: Final = ENTRY.sets["talking"]
 _PINGING: Final = ENTRY.sets["pinging"]
@@ -61,6 +82,35 @@ _TRANSITIONS: Final = ENTRY.transitions
 
 # The hand-written initial value must be the generated machine's initial state.
 assert EntryMachine.initial_state is not None and EntryMachine.initial_state.value == _IDLE
+
+
+def check_key(key: object) -> None:
+    """Raise :class:`InvalidKey` unless ``key`` is None or ``bytes`` of MIN_KEY_SIZE..MAX_KEY_SIZE.
+
+    Where the key comes from: natpool does not make it. The traversal layer
+    that punched the pair already runs an authenticated session with the peer
+    (a Noise/TLS handshake, a signed rendezvous, ...); it exports a secret from
+    that session bound to both endpoints and the nonce, e.g.
+    ``hashlib.blake2b(b"natpool pair" + local_id + remote_id + nonce.to_bytes(8, "big"),
+    key=session_secret).digest()`` with the identities in a fixed (sorted)
+    order, or ``HKDF(session_secret, info=...)`` over the same fields. Both ends
+    compute the same key without sending it, a key for one pair is useless for
+    another, and nobody outside that session can compute it. natpool derives its
+    own sub-keys from it (``natpool.wire.keys.derive``).
+    """
+    if key is None:
+        return
+    if not isinstance(key, bytes):
+        raise InvalidKey(f"the pair key must be bytes, got {type(key).__name__}")
+    if not MIN_KEY_SIZE <= len(key) <= MAX_KEY_SIZE:
+        raise InvalidKey(f"the pair key must be {MIN_KEY_SIZE} to {MAX_KEY_SIZE} bytes, got {len(key)}")
+
+
+def _legacy_nonce(data: bytes) -> int:
+    """The nonce of a 9-byte legacy frame with a valid flag byte, else 0 (never a pair's nonce)."""
+    if len(data) != FRAME_SIZE or data[8] > 1:
+        return 0
+    return int.from_bytes(data[:8], "big")
 
 
 def _same_host_port(addr: object, raddr: tuple[str, int]) -> bool:
@@ -81,6 +131,15 @@ class ExpiryReason(enum.Enum):
     #: NO_INBOUND on an entry that received its own keepalive frames from another address
     #: (``PairEntry.seen_from``): the path is not dead, the peer's address is not the expected one.
     ADDRESS_MISMATCH = "address_mismatch"
+    #: NO_INBOUND on a keyed entry that, since its last valid frame, got this pair's keyed frames from the
+    #: peer's address whose MAC did not verify (``DropReason.BAD_MAC``): the two ends hold different keys,
+    #: or someone forges at the peer's address. Either way nothing authentic arrived: the entry expires on
+    #: the same deadline as NO_INBOUND, only the reason says more.
+    KEY_MISMATCH = "key_mismatch"
+    #: NO_INBOUND on an entry that, since its last valid frame, got this pair's frames from the peer's
+    #: address in the other format (``DropReason.FORMAT_MISMATCH``): one end was added with a key, the
+    #: other without.
+    FORMAT_MISMATCH = "format_mismatch"
 
 
 class StateChanged(NamedTuple):
@@ -119,7 +178,7 @@ _new_event: Final = tuple.__new__  # StateChanged / Drained without the keyword-
 
 @dataclass(slots=True)
 class EntryStats:
-    """Per-entry traffic counters (frames, not bytes: every frame is 9 bytes)."""
+    """Per-entry traffic counters (frames, not bytes: a legacy frame is 9 bytes, a keyed one 34)."""
 
     sent: int = 0
     received: int = 0
@@ -153,19 +212,25 @@ class PairEntry:
     __slots__ = (
         "_events",
         "_failed_round",
+        "_ka",
         "_listeners",
         "_lock_started",
         "_machine_binding",
+        "_mismatch",
         "_next_ping",
         "_now",
         "_observer",
         "_ping_head",
         "_ping_queued",
         "_pings",
+        "_pong_ids",
+        "_pong_tat",
         "_pongs",
         "_raddr",
         "_send_failures",
+        "_seq",
         "_settle_start",
+        "_window",
         "config",
         "is_pinger",
         "key",
@@ -193,10 +258,17 @@ class PairEntry:
         observer: EntryObserver | None = None,
         key: bytes | None = None,
     ) -> None:
-        if key is not None and (not isinstance(key, bytes) or len(key) < 16):
-            raise InvalidKey("a pair key must be bytes of at least 16 bytes (or None: unauthenticated)")
-        #: The per-pair key (issue 10) or None: legacy, unauthenticated frames and signals.
+        check_key(key)
+        #: The per-pair key (None: the unauthenticated legacy astrald frame). See ``check_key`` for who makes it.
         self.key = key
+        self._ka: PairKeepalive | None = KeepaliveKey(key).for_pair(pair.nonce) if key is not None else None
+        # Keyed pinger: id of the newest ping in ``_pings``; keyed ponger: highest ping id accepted.
+        self._seq = 0
+        self._window = 0  # keyed ponger: bit i = ping id ``_seq - i`` was accepted (REPLAY_WINDOW)
+        self._pong_ids: list[int] | None = [] if key is not None and not is_pinger else None
+        self._pong_tat = now  # GCRA's theoretical arrival time of the next allowed pong
+        # (KEY_MISMATCH or FORMAT_MISMATCH, when) of the last such drop from the peer's address.
+        self._mismatch: tuple[ExpiryReason, float] | None = None
         self.pair = pair
         self.nonce = pair.nonce
         self.local: Endpoint = pair.local(local_identity)
@@ -237,7 +309,11 @@ class PairEntry:
     @property
     def outstanding(self) -> int:
         """Pings sent and neither answered nor timed out."""
-        return len(self._pings) - self._ping_head if self._pings is not None else 0
+        pings = self._pings
+        if pings is None:
+            return 0
+        n = len(pings) - self._ping_head
+        return n if n <= 1 else n - pings.count(_ANSWERED)
 
     @property
     def drained(self) -> bool:
@@ -272,10 +348,16 @@ class PairEntry:
         if addr != raddr and not _same_host_port(addr, raddr):
             self._foreign(data, addr)
             return
+        if self._ka is not None:
+            self._receive_keyed(data, addr, now)
+            return
         try:
             is_ping = is_ping_for(data, self.nonce)  # natpool.wire.frame's fast path for one entry's frames
         except RemoteProtocolError as exc:
-            self._drop(exc.reason, addr)
+            if looks_keyed(data, self.nonce):  # our peer was added with a key, we without
+                self._mismatched(ExpiryReason.FORMAT_MISMATCH, DropReason.FORMAT_MISMATCH, addr, now)
+            else:
+                self._drop(exc.reason, addr)
             return
         state = self.state
         if state not in _TALKING:
@@ -286,6 +368,14 @@ class PairEntry:
             if self.is_pinger or self._pongs >= MAX_QUEUED_PONGS:
                 self._drop(DropReason.UNEXPECTED, addr)
                 return
+            tat = self._pong_tat  # GCRA (see PONGS_PER_INTERVAL), inlined
+            if tat < now:
+                tat = now
+            step = self.config.ping_interval / PONGS_PER_INTERVAL
+            if tat - now > (PONG_BURST - 1) * step:
+                self._drop(DropReason.RATE_LIMITED, addr)
+                return
+            self._pong_tat = tat + step
             self._pongs += 1
         else:
             pings = self._pings
@@ -312,6 +402,129 @@ class PairEntry:
         self.stats.received += 1
         self._send_failures = 0
 
+    def _receive_keyed(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+        """``receive_datagram`` of a keyed entry (from the remote address): only MAC-valid, fresh frames count.
+
+        Anything else is dropped before it touches liveness, the drain or the
+        pong queue: BAD_MAC (forged, corrupted, other key: remembered as a
+        KEY_MISMATCH), FORMAT_MISMATCH (a legacy frame of this pair: the peer
+        has no key), REPLAY (a pong whose ping is not outstanding, i.e. already
+        answered or given up; a ping id already accepted or older than the
+        replay window), RATE_LIMITED (pong budget spent).
+        """
+        ka = self._ka
+        assert ka is not None
+        nonce = self.nonce
+        try:
+            is_ping, ping_id = ka.open(data)
+        except RemoteProtocolError as exc:
+            reason = exc.reason
+            if reason is DropReason.BAD_MAC:
+                self._mismatched(ExpiryReason.KEY_MISMATCH, reason, addr, now)
+            elif len(data) == FRAME_SIZE and reason is DropReason.MALFORMED and _legacy_nonce(data) == nonce:
+                self._mismatched(ExpiryReason.FORMAT_MISMATCH, DropReason.FORMAT_MISMATCH, addr, now)
+            else:
+                self._drop(reason, addr)
+            return
+        state = self.state
+        if state not in _TALKING:
+            self._drop(DropReason.SILENT_STATE, addr)
+            return
+        self._now = now
+        pings = self._pings
+        if is_ping:
+            pong_ids = self._pong_ids
+            if pong_ids is None or len(pong_ids) >= MAX_QUEUED_PONGS:  # the pinger never expects a ping
+                self._drop(DropReason.UNEXPECTED, addr)
+                return
+            seq = self._seq
+            if ping_id > seq:
+                shift = ping_id - seq
+                window = ((self._window << shift) | 1) & _WINDOW_MASK if shift < REPLAY_WINDOW else 1
+            else:
+                off = seq - ping_id
+                if off >= REPLAY_WINDOW or (self._window >> off) & 1:
+                    self._drop(DropReason.REPLAY, addr)
+                    return
+                window = self._window | (1 << off)
+            tat = self._pong_tat
+            if tat < now:
+                tat = now
+            step = self.config.ping_interval / PONGS_PER_INTERVAL
+            if tat - now > (PONG_BURST - 1) * step:  # authentic but too many: not answered, id not used up
+                self._drop(DropReason.RATE_LIMITED, addr)
+                return
+            self._pong_tat = tat + step
+            if ping_id > seq:
+                self._seq = ping_id
+            self._window = window
+            pong_ids.append(ping_id)
+            self._pongs += 1
+        else:
+            if not pings:  # the ponger never expects a pong; the pinger only with one outstanding
+                self._drop(DropReason.UNEXPECTED if pings is None else DropReason.REPLAY, addr)
+                return
+            head = self._ping_head
+            n = len(pings)
+            newest = self._seq - 1 if self._ping_queued else self._seq  # the id of the newest ping sent
+            first = self._seq - (n - 1 - head)  # the id of pings[head]
+            if ping_id > newest:  # sealed with our key, yet never sent: our peer's bug; refuse it all the same
+                self._drop(DropReason.UNEXPECTED, addr)
+                return
+            i = head + (ping_id - first)
+            if ping_id < first or pings[i] == _ANSWERED:
+                self._drop(DropReason.REPLAY, addr)
+                return
+            sample = now - pings[i]
+            if i == head:
+                head += 1
+                while head < n and pings[head] == _ANSWERED:  # answered out of order earlier
+                    head += 1
+                if head == n:
+                    pings.clear()
+                    head = 0
+                elif head >= _PING_COMPACT:
+                    del pings[:head]
+                    head = 0
+                self._ping_head = head
+            else:
+                pings[i] = _ANSWERED
+            if sample < 0.0:
+                sample = 0.0
+            srtt = self.srtt
+            self.srtt = sample if srtt is None else 0.875 * srtt + 0.125 * sample
+            if state == _IN_LOCKING and not pings:
+                self._emit(_new_event(Drained, (nonce, now)))
+        self.last_seen = now
+        self.stats.received += 1
+        self._send_failures = 0
+
+    def _mismatched(self, expiry: ExpiryReason, reason: DropReason, addr: tuple[str, int], now: float) -> None:
+        """Drop a frame of this pair that cannot be authenticated; remembered for the expiry reason.
+
+        KEY_MISMATCH outranks FORMAT_MISMATCH since the last valid frame: a
+        keyed frame under another key is the more specific diagnosis (an
+        attacker at the peer's address may send both kinds).
+        """
+        m = self._mismatch
+        if (expiry is ExpiryReason.KEY_MISMATCH or m is None or m[0] is not ExpiryReason.KEY_MISMATCH
+                or m[1] < self.last_seen):
+            self._mismatch = (expiry, now)
+        self._drop(reason, addr)
+
+    def is_own_frame(self, data: bytes) -> bool:
+        """``data`` is this pair's own keepalive frame: legacy frame with its nonce, or keyed with a valid MAC.
+
+        The driver asks this of a datagram at a silent (handed-over) entry's
+        socket: a late keepalive is the pool's to drop, anything else is the
+        application's. Keyed, a frame forged with the (public) nonce is not
+        ours and goes to the application like any other unauthenticated datagram.
+        """
+        ka = self._ka
+        if ka is None:
+            return len(data) == FRAME_SIZE and _legacy_nonce(data) == self.nonce
+        return ka.verify(data)
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, tuple[str, int]]]:
         """Frames due now. Always empty in a silent state."""
         if not (self._ping_queued or self._pongs):
@@ -319,9 +532,24 @@ class PairEntry:
         if self.state not in _TALKING:  # defensive: leaving the talking states clears the queue
             self._ping_queued = False
             self._pongs = 0
+            if self._pong_ids:
+                self._pong_ids.clear()
             return []
         raddr = self._raddr
-        if self._ping_queued:
+        ka = self._ka
+        if ka is not None:
+            pong_ids = self._pong_ids
+            if self._ping_queued:
+                self._ping_queued = False
+                out = [(ka.ping(self._seq), raddr)]
+            else:
+                assert pong_ids is not None
+                if len(pong_ids) == 1:  # the common case; no comprehension frame
+                    out = [(ka.pong(pong_ids[0]), raddr)]
+                else:
+                    out = [(ka.pong(i), raddr) for i in pong_ids]
+                pong_ids.clear()
+        elif self._ping_queued:
             self._ping_queued = False
             out = [(ping_bytes(self.nonce), raddr)]
             if self._pongs:  # pragma: no cover - an entry is either the pinger or the ponger
@@ -394,10 +622,16 @@ class PairEntry:
         if pings:
             life = cfg.ping_lifespan if state != _IN_LOCKING else self._ping_life(state)
             head = start = self._ping_head
-            while head < len(pings) and pings[head] + life <= due:
+            timeouts = 0
+            while head < len(pings):
+                t = pings[head]
+                if t + life <= due:
+                    timeouts += 1
+                elif t != _ANSWERED:  # a keyed ping answered out of order is skipped, not timed out
+                    break
                 head += 1
             if head > start:
-                self.stats.ping_timeouts += head - start
+                self.stats.ping_timeouts += timeouts
                 if head == len(pings) or head >= _PING_COMPACT:
                     del pings[:head]
                     head = 0
@@ -422,6 +656,7 @@ class PairEntry:
         if not self._ping_queued:  # two due intervals before a send still make one ping
             self._ping_queued = True
             self._pings.append(now)
+            self._seq += 1  # its id (keyed frames carry it; legacy ones do not)
         self._next_ping = now + self.config.ping_interval
 
     # --- events ---------------------------------------------------------------
@@ -452,11 +687,7 @@ class PairEntry:
         yields one line per entry, never one per datagram. Anything else from a
         foreign address is FOREIGN_ADDRESS, logged at DEBUG like every drop.
         """
-        try:
-            ours = decode(data).nonce == self.nonce
-        except RemoteProtocolError:
-            ours = False
-        if not (ours and isinstance(addr, tuple) and len(addr) >= 2
+        if not (self.is_own_frame(data) and isinstance(addr, tuple) and len(addr) >= 2
                 and isinstance(addr[0], str) and isinstance(addr[1], int)):
             self._drop(DropReason.FOREIGN_ADDRESS, addr)
             return
@@ -498,8 +729,12 @@ class PairEntry:
         NO_INBOUND becomes ADDRESS_MISMATCH once ``seen_from`` is set: the peer
         was heard, from the wrong address, so the path is not simply dead.
         """
-        if reason is ExpiryReason.NO_INBOUND and self.seen_from is not None:
-            reason = ExpiryReason.ADDRESS_MISMATCH
+        if reason is ExpiryReason.NO_INBOUND:
+            mismatch = self._mismatch
+            if self.seen_from is not None:
+                reason = ExpiryReason.ADDRESS_MISMATCH
+            elif mismatch is not None and mismatch[1] >= self.last_seen:
+                reason = mismatch[0]
         if self.state in _LIVE:
             self._fire("expire", now, reason)
 
@@ -558,6 +793,7 @@ class PairEntry:
             if self._ping_queued and pings:  # not sent yet: InLocking starts no new ping
                 self._ping_queued = False
                 pings.pop()
+                self._seq -= 1  # its id never went out: the next ping reuses it
                 if len(pings) == self._ping_head:
                     pings.clear()
                     self._ping_head = 0
@@ -569,6 +805,8 @@ class PairEntry:
         if target in _SILENT:
             self._ping_queued = False
             self._pongs = 0
+            if self._pong_ids:
+                self._pong_ids.clear()
             if target == _EXPIRED and self._pings:
                 self._pings.clear()
                 self._ping_head = 0

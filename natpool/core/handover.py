@@ -51,7 +51,7 @@ from natpool.fsm import Compiled
 from natpool.machines import InitiatorMachine, ResponderMachine
 from natpool.machines.tables import INITIATOR, RESPONDER
 from natpool.wire import signal as wire
-from natpool.wire.keys import derive
+from natpool.wire.keys import SIGNAL, derive
 from natpool.wire.signal import NO_RAND, AbortReason, Signal, SignalType
 
 logger = logging.getLogger(__name__)
@@ -513,7 +513,7 @@ class InitiatorSession(Session):
         self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
         self.deadline = now + entry.config.lock_timeout
         if entry.key is not None:
-            self._key = derive(entry.key, "sig")
+            self._key = derive(entry.key, SIGNAL)
             self._ri = _session_random()
         self.state = INITIATOR.initial  # the machine's initial state; transitions go through it
         registry.bind(self.nonce, self)
@@ -650,7 +650,7 @@ class ResponderSession(Session):
             return RemoteProtocolError(DropReason.BAD_MAC, "signed LOCK for a pair without a key")
         if not sig.signed:
             return RemoteProtocolError(DropReason.BAD_MAC, "unsigned (legacy) LOCK for a keyed pair")
-        key = derive(entry.key, "sig")
+        key = derive(entry.key, SIGNAL)
         if not wire.verify(sig, key, by_responder=False):
             return RemoteProtocolError(DropReason.BAD_MAC, "LOCK: MAC does not verify")
         if sig.rr != NO_RAND:

@@ -133,8 +133,13 @@ class PairPool:
 
     # --- registry ---------------------------------------------------------------
 
-    def add(self, pair: EndpointPair, is_pinger: bool, now: float, *, key: bytes | None = None) -> PairEntry:
-        """Register a freshly punched pair as Idle; raises InvalidPair/DuplicateNonce, changing nothing."""
+    def add(self, pair: EndpointPair, is_pinger: bool, now: float, key: bytes | None = None) -> PairEntry:
+        """Register a freshly punched pair as Idle; raises InvalidPair/DuplicateNonce/InvalidKey, changing nothing.
+
+        ``key``: the per-pair secret (16..64 bytes) both ends got from the traversal layer's authenticated
+        session (see ``natpool.core.entry.check_key``): keepalives are then keyed frames that only the peer
+        can make (natpool.wire.keepalive). None: the legacy astrald frame, unauthenticated.
+        """
         pair.validate()
         pair.local(self.local_identity)
         with self.lock:

@@ -177,8 +177,8 @@ class SimNode:
 
     # --- pool operations (each followed by a pump, as a driver would) ------------
 
-    def add(self, pair: EndpointPair, is_pinger: bool, *, key: bytes | None = None) -> PairEntry:
-        """Add ``pair`` to the pool and bind its local endpoint on the network (``key``: see PairEntry)."""
+    def add(self, pair: EndpointPair, is_pinger: bool, key: bytes | None = None) -> PairEntry:
+        """Add ``pair`` to the pool (``key``: keyed keepalives) and bind its local endpoint on the network."""
         addr = pair.local(self.identity).addr
         if self.sim.network.is_bound(addr):
             raise SimulationError(f"{addr} is already bound on the simulated network")

@@ -11,6 +11,7 @@ from typing import Literal
 
 from natpool.errors import RemoteProtocolError
 from natpool.wire.frame import Kind, decode
+from natpool.wire.keepalive import KEYED_FRAME_SIZE, VERSION
 
 Addr = tuple[str, int]
 FrameKind = Literal["ping", "pong", "garbage"]
@@ -26,18 +27,24 @@ _KIND_CACHE_MAX = 1 << 16
 def frame_kind(data: bytes) -> FrameKind:
     """Classify a datagram as the codec would: anything it rejects is garbage.
 
+    A keyed frame (natpool.wire.keepalive) is classified by its shape alone
+    (the log has no keys): a forged one counts as a ping/pong too, which is
+    what CleanHandover's "no keepalive frame reaches a handed-over pair" needs.
     Memoised: a pair sends the same two 9-byte frames over and over, and the
     log classifies every one of them.
     """
     kind = _KIND_CACHE.get(data)
     if kind is not None:
         return kind
-    try:
-        frame = decode(data)
-    except RemoteProtocolError:
-        kind = "garbage"
+    if len(data) == KEYED_FRAME_SIZE and data[0] == VERSION and data[1] <= 1:
+        kind = "ping" if data[1] == Kind.PING else "pong"
     else:
-        kind = "ping" if frame.kind is Kind.PING else "pong"
+        try:
+            frame = decode(data)
+        except RemoteProtocolError:
+            kind = "garbage"
+        else:
+            kind = "ping" if frame.kind is Kind.PING else "pong"
     if len(_KIND_CACHE) >= _KIND_CACHE_MAX:
         _KIND_CACHE.clear()
     _KIND_CACHE[bytes(data)] = kind

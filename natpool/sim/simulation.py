@@ -97,8 +97,12 @@ class Simulation:
             if any(sid):
                 return sid
 
-    def punch(self, a: SimNode, b: SimNode, nonce: int | None = None, pinger: SimNode | None = None) -> EndpointPair:
-        """Simulate a successful hole punch: the same pair is added on both nodes (``pinger`` defaults to ``a``)."""
+    def punch(self, a: SimNode, b: SimNode, nonce: int | None = None, pinger: SimNode | None = None,
+              key: bytes | None = None) -> EndpointPair:
+        """Simulate a successful hole punch: the same pair is added on both nodes (``pinger`` defaults to ``a``).
+
+        ``key``: the per-pair key both nodes get (keyed keepalives); None for the legacy frame.
+        """
         if pinger is None:
             pinger = a
         if pinger is not a and pinger is not b:
@@ -108,8 +112,8 @@ class Simulation:
         else:
             self._nonces.add(nonce)
         pair = EndpointPair(a.endpoint(), b.endpoint(), nonce)
-        a.add(pair, is_pinger=pinger is a)
-        b.add(pair, is_pinger=pinger is b)
+        a.add(pair, is_pinger=pinger is a, key=key)
+        b.add(pair, is_pinger=pinger is b, key=key)
         return pair
 
     # --- traffic from outside any pool -------------------------------------------------

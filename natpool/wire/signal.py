@@ -24,7 +24,7 @@ appends two session randoms and a MAC to the same header::
     38  8 bytes  responder's random (zero in LOCK and in an ABORT the initiator
                  sent before any answer; non-zero in everything else)
     46  1 byte   ABORT only: reason
-    46/47 16 bytes  MAC: keyed BLAKE2b-128 under ``derive(key, "sig")`` over a
+    46/47 16 bytes  MAC: keyed BLAKE2b-128 under ``derive(key, SIGNAL)`` over a
                  direction byte (who sent it) and every byte before the MAC
 
 62 bytes, ABORT 63: still within :data:`MAX_SIGNAL_SIZE`. The MAC binds the
@@ -156,7 +156,7 @@ def _mac(key: bytes, by_responder: bool, body: bytes) -> bytes:
 
 
 def sign(sig: Signal, key: bytes, by_responder: bool) -> Signal:
-    """``sig`` (version 2) with its MAC under ``key`` (the pair's ``derive(key, "sig")``)."""
+    """``sig`` (version 2) with its MAC under ``key`` (the pair's ``derive(key, SIGNAL)``)."""
     if sig.ri is None:
         raise ValueError("only a version-2 signal (ri/rr set) can be signed")
     return replace(sig, mac=_mac(key, by_responder, _signed_body(sig)))

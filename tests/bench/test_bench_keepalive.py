@@ -31,3 +31,5 @@ def test_both_sides_exchange_keepalives_on_loopback() -> None:
     nat = asyncio.run(_keepalive_natpool(3, 0.25, 0.3))  # ping_lifespan >= min_drain_grace
     assert raw["exchanges_per_s"] > 0 and raw["cpu"] >= 0
     assert nat["exchanges_per_s"] > 0 and nat["alive"] == 3
+    keyed = asyncio.run(_keepalive_natpool(3, 0.25, 0.3, keyed=True))  # the keyed run of issue 10
+    assert keyed["exchanges_per_s"] > 0 and keyed["alive"] == 3

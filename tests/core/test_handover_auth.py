@@ -19,7 +19,7 @@ from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, HandoverError, InvalidKey, PairBusy, PeerRefused
 from natpool.wire import signal as wire
-from natpool.wire.keys import derive
+from natpool.wire.keys import SIGNAL, derive
 from natpool.wire.signal import NO_RAND, AbortReason, Signal, SignalType
 
 A, B, M = "alice", "bob", "mallory"
@@ -227,10 +227,10 @@ def test_a_busy_session_replayed_later_yields_no_lease() -> None:
         old_take,  # the earlier session's TAKE (another sid)
         wire.encode(replace(old, sid=lock_sig.sid, ri=lock_sig.ri, rr=locked.rr)),  # re-bound, MAC copied
         wire.encode(wire.sign(Signal(SignalType.TAKE, NONCE, lock_sig.sid, 2, None, locked.ri, locked.rr, b""),
-                              derive(b"not the key, but 16+ bytes", "sig"), by_responder=False)),
+                              derive(b"not the key, but 16+ bytes", SIGNAL), by_responder=False)),
         wire.encode(Signal(SignalType.TAKE, NONCE, lock_sig.sid, 2)),  # legacy, unsigned
         wire.encode(wire.sign(Signal(SignalType.TAKE, NONCE, lock_sig.sid, 2, None, locked.ri, locked.rr, b""),
-                              derive(KEY, "sig"), by_responder=True)),  # right key, wrong direction
+                              derive(KEY, SIGNAL), by_responder=True)),  # right key, wrong direction
     ]
     for data in attempts:
         replay.receive_signal(data, net.now)
@@ -265,7 +265,7 @@ def test_forged_and_replayed_signals_are_dropped_and_the_take_still_succeeds() -
     forged_to_ini = [
         wire.encode(Signal(SignalType.LOCKED, NONCE, ini.sid, 1)),  # unsigned
         locked[:-1] + bytes([locked[-1] ^ 1]),  # MAC bit flip
-        wire.encode(wire.sign(replace(lsig, rr=b"\x01" * 8, mac=b""), derive(KEY[::-1], "sig"), True)),  # other key
+        wire.encode(wire.sign(replace(lsig, rr=b"\x01" * 8, mac=b""), derive(KEY[::-1], SIGNAL), True)),  # other key
         wire.encode(Signal(SignalType.ABORT, NONCE, ini.sid, 1, AbortReason.UNKNOWN_PAIR)),  # unsigned "gone"
         lock,  # reflected: its own LOCK (direction)
         b"\x92" + b"\x00" * 20,  # malformed

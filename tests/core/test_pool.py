@@ -328,7 +328,8 @@ def test_handle_timer_only_touches_due_entries(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_scheduler_heap_stays_bounded_under_re_arming() -> None:
-    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=2.0))
+    # ping_interval 2 ms: the pong rate limit (PONGS_PER_INTERVAL per interval) admits this ping flood.
+    pool = PairPool("alice", PairConfig(ping_interval=0.002, no_inbound_timeout=3.0, lock_timeout=2.0))
     pool.add(pair(1), False, 0.0)
     ping = encode(Frame(1, Kind.PING))
     remote = pair(1).b.addr
@@ -396,7 +397,8 @@ def test_indexes_follow_every_transition(ops: list[tuple[str, int, str, float]])
 
 
 def test_a_deadline_moving_later_costs_no_heap_push_and_stays_exact() -> None:
-    pool = PairPool("alice", PairConfig(ping_interval=1.0, no_inbound_timeout=3.0, lock_timeout=2.0))
+    # ping_interval 2 ms: the pong rate limit (PONGS_PER_INTERVAL per interval) admits this ping flood.
+    pool = PairPool("alice", PairConfig(ping_interval=0.002, no_inbound_timeout=3.0, lock_timeout=2.0))
     pool.add(pair(1), False, 0.0)
     ping = encode(Frame(1, Kind.PING))
     remote = pair(1).b.addr

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natpool.errors import DropReason, RemoteProtocolError
-from natpool.wire.keys import derive
+from natpool.wire.keys import KEEPALIVE, SIGNAL, derive
 from natpool.wire.signal import (
     ABORT_SIZE,
     BASE_SIZE,
@@ -147,7 +147,7 @@ def test_non_bytes_input_is_malformed_not_a_type_error(data: object) -> None:
 
 # --- version 2: signed signals (issue 10) ---------------------------------------------------
 
-SIG_KEY = derive(bytes(range(16)), "sig")
+SIG_KEY = derive(bytes(range(16)), SIGNAL)
 rands = st.binary(min_size=RAND_SIZE, max_size=RAND_SIZE)
 nonzero_rands = rands.filter(any)
 
@@ -171,7 +171,7 @@ def test_signed_round_trip_and_verify(case: tuple[Signal, bool]) -> None:
     assert back == sig and back.signed
     assert verify(back, SIG_KEY, by_responder)
     assert not verify(back, SIG_KEY, not by_responder)  # direction is bound: no reflection
-    assert not verify(back, derive(bytes(range(1, 17)), "sig"), by_responder)
+    assert not verify(back, derive(bytes(range(1, 17)), SIGNAL), by_responder)
     assert not verify(Signal(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason), SIG_KEY, by_responder)
 
 
@@ -237,9 +237,9 @@ def test_unsigned_v2_cannot_be_encoded_and_v1_cannot_be_signed() -> None:
 
 def test_derive_gives_distinct_sub_keys() -> None:
     key = bytes(range(32))
-    assert derive(key, "sig") == hashlib.blake2b(key=key, person=b"natpool-sig", digest_size=32).digest()
-    assert derive(key, "ka") == hashlib.blake2b(key=key, person=b"natpool-ka", digest_size=32).digest()
-    assert derive(key, "sig") != derive(key, "ka") != derive(key[::-1], "ka")
+    assert derive(key, SIGNAL) == hashlib.blake2b(key=key, person=b"natpool-sig", digest_size=32).digest()
+    assert derive(key, KEEPALIVE) == hashlib.blake2b(key=key, person=b"natpool-ka", digest_size=32).digest()
+    assert derive(key, SIGNAL) != derive(key, KEEPALIVE) != derive(key[::-1], KEEPALIVE)
 
 
 @given(signed_signals())
