@@ -160,6 +160,8 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         muted = True  # the reply is sent right here: the session's waker need not wake the loop below
         try:
             session.receive_signal(data, clock())
+            if on_progress is not None:  # the driver sees the entry events before the reply leaves
+                on_progress()
             sent = flush_now()  # the reply leaves in this very loop step
         finally:
             muted = False
@@ -172,8 +174,6 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         if session.done:
             wake_local()
             return
-        if on_progress is not None:
-            on_progress()
         # The loop below only has a timer to re-arm or run (a new deadline); otherwise it sleeps on.
         if session.get_timer() != alarm_at:
             wake_local()
@@ -198,6 +198,8 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     try:
         while True:
             dirty = False  # before flushing: anything queued from here on skips the sleep below
+            if on_progress is not None:  # entry events first (a lease's receive buffer widens), then signals
+                on_progress()
             if not (flush_now() if sync_send else await _flush(session, channel, clock)):
                 if push:
                     assert isinstance(channel, MuxChannel)
@@ -207,8 +209,6 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
                     reader_task.cancel()
                     reader_task = None
                 continue
-            if on_progress is not None:
-                on_progress()
             if session.done:
                 break
             timer = session.get_timer()

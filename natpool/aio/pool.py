@@ -304,15 +304,7 @@ class AsyncPairPool:
         # Entries that went silent (Locked/InUse): the datagrams on their socket are the application's
         # (the peer went InUse first), kept here for the lease instead of dropped.
         self._early: dict[int, LeasedProtocol] = {}
-        self._events_pending = False
-        chained = self.core.on_entry_event
-
-        def on_entry_event(entry: PairEntry, event: Event) -> None:
-            self._note_event(entry, event)
-            if chained is not None:
-                chained(entry, event)
-
-        self.core.on_entry_event = on_entry_event
+        self._core_events = self.core._events  # the core's queue: non-empty when events wait (hot path peek)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -604,7 +596,7 @@ class AsyncPairPool:
                     self._report_send_error(nonce, exc, now)
             else:
                 self._send(nonce, transport, replies, now)
-        if not self._events_pending and not core._outbox:  # has_pending_output(), inlined (hot)
+        if not self._core_events and not core._outbox:  # has_pending_output(), inlined (hot)
             # Fast path (a ping or a pong): no event, nothing else queued. Only this entry changed, and a
             # datagram alone never brings a deadline forward (it refreshes liveness or clears a ping).
             if self._waiting:
@@ -669,7 +661,7 @@ class AsyncPairPool:
         if now is None:
             now = self.now()
         self._flush(now)
-        if self._events_pending and self._drain_events():
+        if self._core_events and self._drain_events():
             rearm = True
         if self._waiting:
             assert self._changed is not None
@@ -700,23 +692,8 @@ class AsyncPairPool:
         log.debug("send on %#x failed: %s", nonce, exc)
         self.core.send_failed(nonce, now)
 
-    def _note_event(self, entry: PairEntry, event: Event) -> None:
-        """Core hook (under the core's lock): flags that events wait, so idle inputs skip the queue.
-
-        Also widens the receive buffer of an entry that just went silent, here
-        and not when the event is drained: the pump sends the signal that lets
-        the peer go InUse (and talk) before it drains, and a datagram read
-        with the 2 KiB keepalive buffer in between would be cut silently.
-        """
-        self._events_pending = True
-        if type(event) is StateChanged and event.target in LEASE_STATES:
-            transport = self._transports.get(entry.nonce)
-            if transport is not None and hasattr(transport, "max_size"):  # private, see the module docstring
-                transport.max_size = LEASE_RECV_BUFFER
-
     def _drain_events(self) -> bool:
         """Fan out every pending core event; True if there was any."""
-        self._events_pending = False
         any_event = False
         debug = log.isEnabledFor(logging.DEBUG)
         while (event := self.core.next_event()) is not None:
@@ -726,6 +703,12 @@ class AsyncPairPool:
                 if debug:
                     log.debug("entry %#x %s -> %s on %s (%s)", event.nonce, event.source, event.target,
                               event.event, event.reason)
+                if event.target in LEASE_STATES:
+                    # Widen the receive buffer of an entry that just went silent before any signal that
+                    # lets the peer go InUse (and talk) leaves: the handover pump drains events first.
+                    transport = self._transports.get(event.nonce)
+                    if transport is not None and hasattr(transport, "max_size"):  # private, see above
+                        transport.max_size = LEASE_RECV_BUFFER
                 if event.target in ENTRY.final:
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
                     self._early.pop(event.nonce, None)
@@ -768,7 +751,7 @@ class AsyncPairPool:
         """
         if self._closed:
             return
-        if self._events_pending or self._handle is None or self.core.has_pending_output():
+        if self._core_events or self._handle is None or self.core.has_pending_output():
             self._after_input()
         elif self._waiting:
             assert self._changed is not None

@@ -79,6 +79,10 @@ class _Claims:
     def claim_any(self, peer: str, now: float) -> PairEntry:
         return self._pool._claim_any_locked(peer, now)
 
+    def dispatch(self) -> None:
+        if self._pool._route:
+            self._pool._dispatch()
+
 
 class PairPool:
     """All pairs this node holds, indexed by nonce and by peer identity.
@@ -124,12 +128,12 @@ class PairPool:
         self._armed: dict[int, float] = {}
         self._pushes = _REBUILD_EVERY  # pushes left until the next stale-item check
         self._seq = itertools.count()
-        #: Extension point (a driver's hook): called with every entry event after
-        #: the indexes are updated and before the owning handover session sees it, under :attr:`lock`.
-        self.on_entry_event: Callable[[PairEntry, EntryOutput], None] | None = None
-        #: The handover sessions of this pool: it routes each entry event to the owning session.
+        #: The handover sessions of this pool: each event of an entry a session owns waits here until
+        #: the end of the public call that raised it (:meth:`_dispatch`), so an entry's method always
+        #: returns before its owner reacts: nothing re-enters an entry from inside its own transition.
         self._handovers = HandoverRegistry(self.lock, self.drops, self.listeners, claims=_Claims(self))
         self._session_owners = self._handovers.owners
+        self._route: deque[EntryOutput] = deque()
 
     # --- registry ---------------------------------------------------------------
 
@@ -178,6 +182,8 @@ class PairPool:
         with self.lock:
             entry = self._get(nonce)
             entry.expire(ExpiryReason.CLOSED, now)
+            if self._route:
+                self._dispatch()
             return entry
 
     def _get(self, nonce: int) -> PairEntry:
@@ -235,6 +241,8 @@ class PairPool:
             entry.receive_datagram(data, addr, now)
             if entries.get(nonce) is entry:  # else expired and gone meanwhile
                 self._rearm(entry)
+            if self._route:
+                self._dispatch()
 
     def receive_and_reply(self, nonce: int, data: bytes, addr: tuple[str, int],
                           now: float) -> list[tuple[bytes, tuple[str, int]]]:
@@ -257,6 +265,8 @@ class PairPool:
             out = entry.datagrams_to_send(now) if entry.has_output else []
             if entries.get(nonce) is entry:  # else expired and gone meanwhile
                 self._rearm(entry)
+            if self._route:
+                self._dispatch()
             return out
 
     def has_pending_output(self) -> bool:
@@ -283,6 +293,8 @@ class PairPool:
             if entry is not None:
                 entry.send_failed(now)
                 self._touched(entry)
+                if self._route:
+                    self._dispatch()
 
     def get_timer(self) -> float | None:
         """Earliest deadline of any entry."""
@@ -329,6 +341,8 @@ class PairPool:
                     entry.handle_timer(now)
                     if entries.get(nonce) is entry:  # ``_touched`` inlined: else it expired and left
                         rearm(entry)
+            if self._route:
+                self._dispatch()
 
     def next_event(self) -> EntryOutput | None:
         """Oldest undelivered event of any entry (including the final one of removed entries)."""
@@ -465,11 +479,24 @@ class PairPool:
                 if target == _IDLE:
                     self._idle.setdefault(entry.remote.identity, OrderedDict())[entry.nonce] = None
                 self._rearm(entry)
-        # Then the driver's hook, then the owning session.
-        if self.on_entry_event is not None:
-            self.on_entry_event(entry, event)
-        if self._session_owners:  # no session, no routing (the claim of a take comes before its session)
-            self._handovers.route(entry.nonce, event, event.at)
+        # The owning session sees it later, from the dispatch loop that ends the public call.
+        if self._session_owners and entry.nonce in self._session_owners:
+            self._route.append(event)
+
+    def _dispatch(self) -> None:
+        """Hand the queued events of owned entries to their sessions, oldest first (lock held).
+
+        The one place a session reacts to its entry: the entry call that
+        raised the event has returned, so a session may drive the entry again
+        here (``finish_lock`` after the last pong), and what that raises is
+        queued behind and delivered by this same loop, never nested.
+        """
+        route, owners = self._route, self._session_owners
+        while route:
+            event = route.popleft()
+            session = owners.get(event.nonce)
+            if session is not None:
+                session.on_entry_event(event, event.at)
 
     def _forget(self, entry: PairEntry, peer: str) -> None:
         nonce = entry.nonce
