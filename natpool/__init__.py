@@ -3,7 +3,8 @@
 The public API, in layers:
 
 * values — :class:`Endpoint`, :class:`EndpointPair`, :class:`PairConfig`;
-* the sans-IO core — :class:`PairPool`, :class:`PairEntry`, :class:`Lease`
+* the sans-IO core — :class:`Node` (one per node: pairs, handover sessions,
+  one timer, one event queue), :class:`PairPool`, :class:`PairEntry`, :class:`Lease`
   (time is an argument; datagrams, signals and timers are values);
 * the asyncio driver — :class:`AsyncPairPool` (real UDP sockets, one scheduler)
   and what it hands out: :class:`Lease` (``set_protocol``, ``remote_addr``,
@@ -22,6 +23,7 @@ from natpool.core import (
     EntryOutput,
     EntryStats,
     ExpiryReason,
+    Node,
     PairEntry,
     PairPool,
     StateChanged,
@@ -90,6 +92,7 @@ __all__ = [
     "Mux",
     "MuxChannel",
     "NatPoolError",
+    "Node",
     "PairBusy",
     "PairConfig",
     "PairEntry",
