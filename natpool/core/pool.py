@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from natpool.config import PairConfig
 from natpool.core.entry import (
     TIMER_SLACK,
+    Drained,
     EntryOutput,
     ExpiryReason,
     PairEntry,
@@ -46,12 +47,13 @@ _REBUILD_EVERY = 1024
 class _Observer:
     """The pool's side of :class:`EntryObserver`, kept off the public API."""
 
-    __slots__ = ("_pool", "entry_event")
+    __slots__ = ("_pool", "entry_claimed", "entry_event")
 
     def __init__(self, pool: PairPool) -> None:
         self._pool = pool
-        # The pool's handler itself (one call less per event than a method forwarding to it).
+        # The pool's handlers themselves (one call less per event than a method forwarding to them).
         self.entry_event: Callable[[PairEntry, EntryOutput], None] = pool._on_event
+        self.entry_claimed: Callable[[PairEntry, StateChanged, Drained], None] = pool._on_claimed
 
     def entry_drop(self, entry: PairEntry, reason: DropReason) -> None:
         self._pool.drops[reason] += 1
@@ -115,12 +117,14 @@ class PairPool:
         self._events: deque[EntryOutput] = deque()
         self.max_pending_events = max_pending_events
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
-        # Deadlines live in two containers: a FIFO for the (common) pushes that are no earlier than
-        # its tail — every deadline is "now + a constant", so a run of adds, claims or expiries
-        # arrives in order and costs an O(1) append/popleft — and a heap for the rest. Both are
-        # lazily invalidated against ``_armed`` the same way; the earliest item of either is the timer.
+        # Deadlines live in three containers: two FIFOs for the (common) pushes that are no earlier
+        # than one's tail — every deadline is "now + a constant", so a run of adds or expiries arrives
+        # in order, and so does a run of claims (now + lock_timeout, earlier than the Idle deadlines
+        # in the first: hence the second) at an O(1) append/popleft each — and a heap for the rest.
+        # All are lazily invalidated against ``_armed`` the same way; the earliest item is the timer.
         self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce)
         self._fifo: deque[tuple[float, int]] = deque()  # (deadline, nonce), deadlines non-decreasing
+        self._fifo2: deque[tuple[float, int]] = deque()  # the same, for the runs that fit no tail of _fifo
         # nonce -> the entry's deadline. Its heap slot may carry an earlier time: a deadline
         # that moved later (the ponger's no-inbound deadline on every ping) is not pushed again
         # but re-pushed when the old slot reaches the top, so most datagrams cost no heap push.
@@ -215,14 +219,37 @@ class PairPool:
         return entry
 
     def _claim_any_locked(self, peer: str, now: float) -> PairEntry:
-        """``claim_any`` body; the caller holds :attr:`lock`."""
+        """``claim_any`` body; the caller holds :attr:`lock`.
+
+        take_any's hot path: the claim of a drained entry (every ponger, a
+        pinger between pings) is stepped by the entry (``claim_drained``) and
+        indexed here, with the peer's idle index and the nonce at hand.
+        """
         idle = self._idle.get(peer)
         if not idle:
             raise PairBusy(f"no Idle pair with peer {peer!r}")
         nonce = next(iter(idle))
         entry = self._entries[nonce]
-        if not entry.begin_lock(now):  # pragma: no cover - the index follows every transition
-            raise AssertionError(f"idle index lists pair {nonce:#x} in state {entry.state}")
+        claimed = entry.claim_drained(now)
+        if claimed is None:  # pings outstanding, listeners or strict mode: the general transition
+            if not entry.begin_lock(now):  # pragma: no cover - the index follows every transition
+                raise AssertionError(f"idle index lists pair {nonce:#x} in state {entry.state}")
+            return entry
+        # _on_claimed inlined.
+        del idle[nonce]
+        events = self._events
+        events.append(claimed[0])
+        events.append(claimed[1])
+        if entry._pongs:  # has_output: a drained claim has no ping queued, only pongs may wait
+            self._outbox[nonce] = None
+        deadline = now + self.config.lock_timeout
+        armed = self._armed
+        current = armed.get(nonce)
+        if current != deadline:
+            armed[nonce] = deadline
+            if current is None or current > deadline:
+                self._push(deadline, nonce)
+        # No routing: an Idle entry has no session (a take's session binds after its claim).
         return entry
 
     # --- aggregate sans-IO driving -------------------------------------------------
@@ -311,20 +338,28 @@ class PairPool:
         """
         with self.lock:
             self._check_backlog()
-            heap, fifo, armed, push = self._heap, self._fifo, self._armed, self._push
+            heap, fifo, fifo2, armed, push = self._heap, self._fifo, self._fifo2, self._armed, self._push
             limit = now + TIMER_SLACK
             budget = -1 if max_entries is None else max_entries
             due: dict[int, None] = {}
             while budget:
-                # The earlier of the two tops (the heap's on a tie), if due.
-                if heap and (not fifo or heap[0][0] <= fifo[0][0]):
-                    if heap[0][0] > limit:
-                        break
+                # The earliest of the three tops (heap, then _fifo, on a tie), if due.
+                top = heap[0][0] if heap else None
+                src = 0
+                if fifo and (top is None or fifo[0][0] < top):
+                    top = fifo[0][0]
+                    src = 1
+                if fifo2 and (top is None or fifo2[0][0] < top):
+                    top = fifo2[0][0]
+                    src = 2
+                if top is None or top > limit:
+                    break
+                if src == 0:
                     _, _, nonce = heapq.heappop(heap)
-                elif fifo and fifo[0][0] <= limit:
+                elif src == 1:
                     _, nonce = fifo.popleft()
                 else:
-                    break
+                    _, nonce = fifo2.popleft()
                 real = armed.get(nonce)
                 if real is None:
                     continue
@@ -421,7 +456,11 @@ class PairPool:
         if not fifo or fifo[-1][0] <= deadline:
             fifo.append((deadline, nonce))
         else:
-            heapq.heappush(self._heap, (deadline, next(self._seq), nonce))
+            fifo2 = self._fifo2
+            if not fifo2 or fifo2[-1][0] <= deadline:
+                fifo2.append((deadline, nonce))
+            else:
+                heapq.heappush(self._heap, (deadline, next(self._seq), nonce))
         self._pushes -= 1
         if self._pushes > 0:
             return
@@ -429,14 +468,15 @@ class PairPool:
         # in place (callers hold references to both containers).
         self._pushes = _REBUILD_EVERY
         heap = self._heap
-        if len(heap) + len(fifo) > 2 * len(self._armed) + _REBUILD_EVERY:
+        if len(heap) + len(fifo) + len(self._fifo2) > 2 * len(self._armed) + _REBUILD_EVERY:
             heap[:] = [(d, next(self._seq), n) for n, d in self._armed.items()]
             heapq.heapify(heap)
             fifo.clear()
+            self._fifo2.clear()
 
     def _earliest(self) -> float | None:
         """Drop stale tops (re-slotting the ones that moved later); the earliest live deadline."""
-        heap, fifo, armed = self._heap, self._fifo, self._armed
+        heap, fifo, fifo2, armed = self._heap, self._fifo, self._fifo2, self._armed
         while True:
             while heap:
                 deadline, _, nonce = heap[0]
@@ -455,14 +495,25 @@ class PairPool:
                 fifo.popleft()
                 if real is not None and real > deadline:
                     self._push(real, nonce)
-            # A re-slot from the FIFO may have gone onto the heap in front of its checked top: look again.
-            if not heap or armed.get(heap[0][2]) == heap[0][0]:
+            while fifo2:
+                deadline, nonce = fifo2[0]
+                real = armed.get(nonce)
+                if real == deadline:
+                    break
+                fifo2.popleft()
+                if real is not None and real > deadline:
+                    self._push(real, nonce)
+            # A re-slot (or a rebuild) may have changed a checked top: look again until all three hold.
+            if ((not heap or armed.get(heap[0][2]) == heap[0][0])
+                    and (not fifo or armed.get(fifo[0][1]) == fifo[0][0])
+                    and (not fifo2 or armed.get(fifo2[0][1]) == fifo2[0][0])):
                 break
-        if heap and fifo:
-            return min(heap[0][0], fifo[0][0])
-        if heap:
-            return heap[0][0]
-        return fifo[0][0] if fifo else None
+        t = heap[0][0] if heap else None
+        if fifo and (t is None or fifo[0][0] < t):
+            t = fifo[0][0]
+        if fifo2 and (t is None or fifo2[0][0] < t):
+            t = fifo2[0][0]
+        return t
 
     def _on_event(self, entry: PairEntry, event: EntryOutput) -> None:
         """Keep the indexes and the scheduler in step with every transition (hot: two calls per claim)."""
@@ -482,6 +533,30 @@ class PairPool:
         # The owning session sees it later, from the dispatch loop that ends the public call.
         if self._session_owners and entry.nonce in self._session_owners:
             self._route.append(event)
+
+    def _on_claimed(self, entry: PairEntry, changed: StateChanged, drained: Drained) -> None:
+        """``_on_event`` for a claim's two events (Idle -> InLocking, then Drained), fused: take_any's hot path."""
+        events = self._events
+        events.append(changed)
+        events.append(drained)
+        nonce = entry.nonce
+        idle = self._idle.get(entry.remote.identity)
+        if idle is not None:
+            idle.pop(nonce, None)
+        # _rearm inlined; an InLocking entry with no ping outstanding has one deadline: the lock timeout.
+        if entry.has_output:
+            self._outbox[nonce] = None
+        deadline = changed.at + entry.config.lock_timeout
+        armed = self._armed
+        current = armed.get(nonce)
+        if current != deadline:
+            armed[nonce] = deadline
+            if current is None or current > deadline:
+                self._push(deadline, nonce)
+        owners = self._session_owners
+        if owners and nonce in owners:  # pragma: no cover - a session claims before it binds
+            self._route.append(changed)
+            self._route.append(drained)
 
     def _dispatch(self) -> None:
         """Hand the queued events of owned entries to their sessions, oldest first (lock held).
