@@ -22,7 +22,7 @@ from typing import Final, NamedTuple, Protocol, cast
 
 from statemachine.exceptions import TransitionNotAllowed
 
-from natpool import fsm
+import natpool.fsm as fsm
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, InvalidState, RemoteProtocolError
