@@ -30,6 +30,15 @@ from natpool.core import (
 )
 from natpool.core.handover import EntryClaims, HandoverRegistry, InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease, LeaseBuffer, LeaseOwner, Role
+from natpool.core.node import (
+    ApplicationData,
+    CloseChannel,
+    LeaseReady,
+    NodeEvent,
+    OpenChannel,
+    SessionEnded,
+    SessionStarted,
+)
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import (
     BindFailed,
@@ -59,9 +68,11 @@ from natpool.signalling import SignalChannel, Signalling
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplicationData",
     "AsyncPairPool",
     "BindFailed",
     "ChannelBroken",
+    "CloseChannel",
     "Drained",
     "DriverStats",
     "DropReason",
@@ -87,12 +98,15 @@ __all__ = [
     "Lease",
     "LeaseBuffer",
     "LeaseOwner",
+    "LeaseReady",
     "LeasedProtocol",
     "LocalError",
     "Mux",
     "MuxChannel",
     "NatPoolError",
     "Node",
+    "NodeEvent",
+    "OpenChannel",
     "PairBusy",
     "PairConfig",
     "PairEntry",
@@ -103,7 +117,9 @@ __all__ = [
     "ResponderSession",
     "Role",
     "Session",
+    "SessionEnded",
     "SessionLimit",
+    "SessionStarted",
     "SignalChannel",
     "SignalProtocolError",
     "Signalling",
