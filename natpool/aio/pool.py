@@ -64,11 +64,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from natpool.aio.handover import run_initiator, serve_responder
+from natpool.aio.handover import CANCEL_SEND_TIMEOUT, NodeChannels, first_signal
 from natpool.config import PairConfig
 from natpool.core.entry import Drained, PairEntry, StateChanged
 from natpool.core.lease import Lease
-from natpool.core.pool import PairPool
+from natpool.core.node import ApplicationData, CloseChannel, Node, SessionEnded
 from natpool.endpoints import EndpointPair
 from natpool.errors import (
     BindFailed,
@@ -79,14 +79,12 @@ from natpool.errors import (
     InvalidSocket,
     LocalError,
     PoolClosed,
-    RemoteProtocolError,
     UnknownPair,
 )
 from natpool.machines.entry import EntryState
 from natpool.machines.tables import ENTRY
+from natpool.mux import MuxChannel
 from natpool.signalling import SignalChannel, Signalling
-from natpool.wire.frame import FRAME_SIZE
-from natpool.wire.frame import decode as decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +273,10 @@ class AsyncPairPool:
     ) -> None:
         self.local_identity = local_identity
         self.config = config if config is not None else PairConfig()
-        self.core = PairPool(local_identity, self.config, listeners)
+        #: The sans-IO node this driver runs: pairs, handover sessions, one timer, one event queue.
+        self.node = Node(local_identity, self.config, tuple(listeners))
+        self.core = self.node.pool  # the registry (read-only use; drive the node)
+        self._channels = NodeChannels(self.node, self.now, self._after_input)
         self.signalling = signalling
         self.stats = DriverStats()
         self.wire_observer = wire_observer
@@ -361,7 +362,8 @@ class AsyncPairPool:
             # Fail every running session now (ABORT(CANCELLED) queued), under the core's lock, so none can
             # go on to claim or lock an entry even if its task's cancellation below is swallowed somewhere.
             now = self.now()
-            for session in self.core.handovers.sessions():
+            self.node.cancel_all(now)
+            for session in self.core.handovers.sessions():  # abandoned ones (a take cancelled while Settling)
                 session.cancel(now)
             self._after_input(now)
         current = asyncio.current_task()
@@ -574,7 +576,12 @@ class AsyncPairPool:
         observer = self.wire_observer
         if observer is not None:
             self._observe("recv", nonce, data, addr)
-        if entry.state in LEASE_STATES and not _is_own_keepalive(data, nonce):
+        # The core decides: on a silent entry (Locked/InUse) anything but its own keepalive is the
+        # application's (ApplicationData), kept for the lease. Unknown nonces (a datagram racing
+        # registration/removal) are dropped and counted by the core. Otherwise the entry's answer (a
+        # pong) comes back in the same call and goes out on its socket at once.
+        replies = self.node.receive_and_reply(nonce, data, addr, now)
+        if type(replies) is ApplicationData:
             early = self._early.get(nonce)
             if early is None:
                 early = self._early[nonce] = LeasedProtocol(self.stats)
@@ -583,10 +590,8 @@ class AsyncPairPool:
                 assert self._changed is not None
                 self._changed.set()
             return
-        # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
-        # The entry's answer (a pong) comes back in the same call and goes out on its socket at once.
+        assert not isinstance(replies, ApplicationData)
         core = self.core
-        replies = core.receive_and_reply(nonce, data, addr, now)
         if replies and (transport := self._transports.get(nonce)) is not None:
             if observer is None and len(replies) == 1:  # the common pong, inline
                 try:
@@ -652,7 +657,7 @@ class AsyncPairPool:
         # wake-up for a deadline that has since moved later costs one heap peek (no get_timer round trip).
         # Bounded batch (TIMER_BATCH): entries still due stay first in the core's scheduler, so the re-arm
         # below schedules the next batch for the next loop iteration, after the I/O that arrived meanwhile.
-        self.core.handle_timer(max(now, when) if when is not None and when <= now + TIMER_SLACK else now,
+        self.node.handle_timer(max(now, when) if when is not None and when <= now + TIMER_SLACK else now,
                                max_entries=TIMER_BATCH)
         self._after_input(now)
 
@@ -661,8 +666,17 @@ class AsyncPairPool:
         if now is None:
             now = self.now()
         self._flush(now)
-        if self._core_events and self._drain_events():
-            rearm = True
+        node = self.node
+        if self._core_events:
+            closes = self._drain_events()
+            if closes is not None:
+                rearm = True
+                # The round's signals first (a session's last ABORT/TAKEN), then the channels it closed.
+                self._channels.ship(node.signals_to_send())
+                for channel_id in closes:
+                    self._channels.close(channel_id)
+        if node._signals:
+            self._channels.ship(node.signals_to_send())
         if self._waiting:
             assert self._changed is not None
             self._changed.set()
@@ -692,12 +706,31 @@ class AsyncPairPool:
         log.debug("send on %#x failed: %s", nonce, exc)
         self.core.send_failed(nonce, now)
 
-    def _drain_events(self) -> bool:
-        """Fan out every pending core event; True if there was any."""
-        any_event = False
+    def _drain_events(self) -> list[int] | None:
+        """Act on every pending node event (entry events fanned out); the channels to close, None if no event.
+
+        Entry events come first in each round, before any signal is sent: a
+        lease's receive buffer widens before the signal that lets the peer
+        talk on it leaves.
+        """
+        closes: list[int] | None = None
         debug = log.isEnabledFor(logging.DEBUG)
-        while (event := self.core.next_event()) is not None:
-            any_event = True
+        node, channels = self.node, self._channels
+        while (event := node.next_event()) is not None:
+            if closes is None:
+                closes = []
+            kind = type(event)
+            if kind is SessionEnded:
+                assert isinstance(event, SessionEnded)
+                channels.ended(event.channel, event.outcome)
+                continue
+            if kind is CloseChannel:
+                assert isinstance(event, CloseChannel)
+                closes.append(event.channel)
+                continue
+            if kind is not StateChanged and kind is not Drained:
+                continue  # OpenChannel (take opens it), SessionStarted, LeaseReady (SessionEnded carries it)
+            assert isinstance(event, (StateChanged, Drained))
             self.stats.events += 1
             if type(event) is StateChanged:
                 if debug:
@@ -723,10 +756,10 @@ class AsyncPairPool:
                 for sub in list(self._subscriptions):
                     if not sub._put(event):
                         self.stats.events_lost += 1
-        return any_event
+        return closes
 
     def _rearm(self) -> None:
-        deadline = self.core.get_timer()
+        deadline = self.node.get_timer()  # entries and sessions: the driver's one timer
         if deadline is None:
             if self._handle is not None:
                 self._handle.cancel()
@@ -751,7 +784,7 @@ class AsyncPairPool:
         """
         if self._closed:
             return
-        if self._core_events or self._handle is None or self.core.has_pending_output():
+        if self._core_events or self._handle is None or self.node.has_pending_output():
             self._after_input()
         elif self._waiting:
             assert self._changed is not None
@@ -798,9 +831,13 @@ class AsyncPairPool:
         self._bind_loop()
         if self.signalling is None:
             raise LocalError("take needs a signalling (AsyncPairPool(signalling=...))")
-        session = self.core.start_take(nonce, peer, self.now())  # the CAS: losers fail here, nothing sent
+        node, channels = self.node, self._channels
+        # The CAS: losers fail here, nothing sent. The LOCK waits for the channel (held by NodeChannels).
+        channel_id = node.start_take(nonce, peer, now=self.now())
+        ended = channels.expect(channel_id)
+        session = node.session(channel_id)
+        assert session is not None and session.entry is not None
         self.kick()
-        assert session.entry is not None
         remote = session.entry.pair.remote(self.local_identity).identity
         task = self._enter_handover()  # no await since _check_open: close() cannot have begun in between
         try:
@@ -808,17 +845,20 @@ class AsyncPairPool:
                 channel = await self.signalling.open(remote)
             except BaseException as exc:
                 # The session never got to send LOCK: end it so the entry returns to Idle (rule 4).
+                channels.forget(channel_id)
                 if isinstance(exc, asyncio.CancelledError):
-                    session.cancel(self.now())
+                    node.cancel(channel_id, self.now())
                 else:
-                    session.channel_closed(self.now())
-                self.kick()
+                    node.channel_closed(channel_id, self.now())
+                self._after_input()
                 if isinstance(exc, (HandoverError, LocalError, asyncio.CancelledError)):
                     raise
                 raise ChannelBroken(f"cannot open signalling to {remote!r}: {exc!r}") from exc
-            # If close() began while the channel opened, the session is already cancelled: the pump
-            # only sends its ABORT and closes the channel.
-            lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
+            # If close() began while the channel opened, the session is already cancelled: its ABORT
+            # (held with the LOCK) goes out and the channel closes.
+            channels.attach(channel_id, channel)
+            self._after_input()
+            lease = await self._outcome(channel_id, ended)
         except asyncio.CancelledError:
             self.handover_outcomes["HandoverCancelled"] += 1
             log.debug("take of %#x cancelled", session.nonce)
@@ -834,6 +874,31 @@ class AsyncPairPool:
             self._leave_handover(task)
         self.handover_outcomes["lease"] += 1
         return self._detach(lease)
+
+    async def _outcome(self, channel_id: int, ended: asyncio.Future[Lease | HandoverError]) -> Lease:
+        """Wait for the session on ``channel_id`` to end and its channel to close; its lease, or raise its error.
+
+        Cancelled: the session is cancelled (ABORT(CANCELLED) where the
+        handshake still allows it, sent within ``CANCEL_SEND_TIMEOUT``); one
+        past the point of no return (Settling) is abandoned, its entry left
+        Locked until its lock times out (spec/runtime-api.md).
+        """
+        node, channels = self.node, self._channels
+        try:
+            outcome = await asyncio.shield(ended)
+        except asyncio.CancelledError:
+            now = self.now()
+            channels.interrupt(channel_id)
+            node.cancel(channel_id, now)
+            if node.session(channel_id) is not None:
+                node.abandon(channel_id)
+            self._after_input()
+            await channels.closed(channel_id)
+            raise
+        await channels.closed(channel_id)
+        if isinstance(outcome, Lease):
+            return outcome
+        raise outcome
 
     async def serve_handover(self, channel: SignalChannel) -> Lease | None:
         """Responder entry point for one incoming channel (e.g. a ``TcpSignallingServer`` handler).
@@ -855,8 +920,22 @@ class AsyncPairPool:
         self._bind_loop()
         task = self._enter_handover()
         try:
-            lease = await serve_responder(self.core, channel, self.now, on_progress=self.kick,
-                                          may_start=lambda: not self._closed)
+            # A multiplexed session's first signal usually came in with its OPEN: no timeout to arm and cancel.
+            first = channel.recv_nowait() if isinstance(channel, MuxChannel) else None
+            if first is None:
+                first = await first_signal(channel, self.config.lock_timeout)
+            if self._closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
+                        await channel.close()
+                raise HandoverCancelled("the pool began closing before this session could claim an entry")
+            node, channels = self.node, self._channels
+            channel_id = node.new_channel_id()
+            ended = channels.expect(channel_id)
+            node.receive_signal(channel_id, first, self.now())  # the responder session opens (or refuses)
+            channels.attach(channel_id, channel)
+            self._after_input()
+            lease = await self._outcome(channel_id, ended)
         except HandoverError as exc:
             self.handover_outcomes[type(exc).__name__] += 1
             return None
@@ -947,16 +1026,6 @@ class AsyncPairPool:
 def _unbound_clock() -> float:
     """The clock before ``_bind_loop``: no datagram can arrive then (no socket is open yet)."""
     raise LocalError("AsyncPairPool is not bound to an event loop yet")
-
-
-def _is_own_keepalive(data: bytes, nonce: int) -> bool:
-    """``data`` is a keepalive frame of pair ``nonce``: a late ping/pong, never application data."""
-    if len(data) != FRAME_SIZE:
-        return False
-    try:
-        return decode_frame(data).nonce == nonce
-    except RemoteProtocolError:
-        return False
 
 
 def _close_lease_transport(lease: Lease) -> None:

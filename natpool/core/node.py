@@ -276,6 +276,22 @@ class Node:
             session.cancel(now)
         self._collect()
 
+    def abandon(self, channel: int) -> None:
+        """Stop driving the session on ``channel`` (its driver gave up on it, e.g. a take cancelled while Settling).
+
+        The session stays the owner of its entry but gets no timer here any
+        more: a Locked entry then waits for its own lock timeout, as
+        spec/runtime-api.md's cancellation table says. A :class:`CloseChannel` follows.
+        """
+        session = self._sessions.pop(channel, None)
+        if session is None:
+            return
+        session.waker = None
+        self._dirty.pop(channel, None)
+        for data in session.signals_to_send():
+            self._signals.append((channel, data))
+        self._events.append(CloseChannel(channel))
+
     def session(self, channel: int) -> Session | None:
         """The running session on ``channel`` (None once it ended)."""
         return self._sessions.get(channel)
