@@ -1,15 +1,18 @@
-"""The async pump: shuttles signals between a :class:`SignalChannel` and a sans-IO session.
+"""Signalling channels for the asyncio driver, and the legacy per-session pump.
 
-Generic on purpose: it needs only the sans-IO :class:`PairPool`, a channel
-and a ``clock`` (``loop.time`` in the asyncio driver), so ``AsyncPairPool``
-and tests call the same code. The pump never polls: it sleeps until a
-message arrives, the session's own timer is due, or the session's
-``waker`` fires (the pool routed an entry event — e.g. the last pong
-drained the pinger — and the session queued a signal or ended).
+:class:`NodeChannels` is what :class:`~natpool.aio.pool.AsyncPairPool` uses:
+the sans-IO :class:`~natpool.core.node.Node` decides everything (sessions,
+their timers — on the driver's one timer — which signal goes out, when a
+channel closes); this maps the node's channel ids to :class:`SignalChannel`
+objects, feeds each incoming message to ``node.receive_signal``, sends the
+node's signals in order (synchronously on a multiplexed link that can,
+else through one writer task per channel) and closes a channel when the
+node asks, after that round's signals.
 
-``on_progress`` is called after every step that may have changed an entry
-(the asyncio driver passes its ``kick``, which re-arms its single timer and
-flushes datagrams of an entry that went back to Idle).
+:func:`run_initiator` / :func:`serve_responder` are the older generic pump
+for code that drives a bare :class:`PairPool` and its sessions itself (one
+coroutine per session, its own timer, a ``waker``). Kept for those users
+and their tests; no driver of natpool uses it any more.
 """
 
 from __future__ import annotations
