@@ -503,8 +503,7 @@ class PairEntry:
         if self.state != _IDLE or self._pings or self._listeners or fsm._strict:
             return None
         self.state = _IN_LOCKING
-        self._now = now
-        self._lock_started = now  # all of _entered for this row: nothing queued to drop (no ping outstanding)
+        self._now = self._lock_started = now  # all of _entered for this row: no ping outstanding, none queued
         nonce = self.nonce
         return (_new_event(StateChanged, (nonce, _IDLE, _IN_LOCKING, "begin_lock", None, now)),
                 _new_event(Drained, (nonce, now)))

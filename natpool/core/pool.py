@@ -219,11 +219,13 @@ class PairPool:
         return entry
 
     def _claim_any_locked(self, peer: str, now: float) -> PairEntry:
-        """``claim_any`` body; the caller holds :attr:`lock`.
+        """``claim_any`` body (also a session's ``take_any`` claim); the caller holds :attr:`lock`.
 
         take_any's hot path: the claim of a drained entry (every ponger, a
-        pinger between pings) is stepped by the entry (``claim_drained``) and
-        indexed here, with the peer's idle index and the nonce at hand.
+        pinger between pings) is stepped by the entry itself
+        (``claim_drained``, the table's row) and indexed here as
+        :meth:`_on_claimed` would, with the peer's idle index and the nonce at
+        hand. Anything else goes through ``begin_lock``.
         """
         idle = self._idle.get(peer)
         if not idle:
@@ -235,11 +237,8 @@ class PairPool:
             if not entry.begin_lock(now):  # pragma: no cover - the index follows every transition
                 raise AssertionError(f"idle index lists pair {nonce:#x} in state {entry.state}")
             return entry
-        # _on_claimed inlined.
         del idle[nonce]
-        events = self._events
-        events.append(claimed[0])
-        events.append(claimed[1])
+        self._events.extend(claimed)
         if entry._pongs:  # has_output: a drained claim has no ping queued, only pongs may wait
             self._outbox[nonce] = None
         deadline = now + self.config.lock_timeout
@@ -248,7 +247,14 @@ class PairPool:
         if current != deadline:
             armed[nonce] = deadline
             if current is None or current > deadline:
-                self._push(deadline, nonce)
+                # _push inlined for the claims' own FIFO (their deadlines arrive in order; any
+                # container whose order it keeps will do).
+                fifo2 = self._fifo2
+                if (not fifo2 or fifo2[-1][0] <= deadline) and self._pushes > 1:
+                    fifo2.append((deadline, nonce))
+                    self._pushes -= 1
+                else:
+                    self._push(deadline, nonce)
         # No routing: an Idle entry has no session (a take's session binds after its claim).
         return entry
 
@@ -536,9 +542,7 @@ class PairPool:
 
     def _on_claimed(self, entry: PairEntry, changed: StateChanged, drained: Drained) -> None:
         """``_on_event`` for a claim's two events (Idle -> InLocking, then Drained), fused: take_any's hot path."""
-        events = self._events
-        events.append(changed)
-        events.append(drained)
+        self._events.extend((changed, drained))
         nonce = entry.nonce
         idle = self._idle.get(entry.remote.identity)
         if idle is not None:
