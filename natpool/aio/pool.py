@@ -1,4 +1,9 @@
-"""``AsyncPairPool``: the sans-IO :class:`~natpool.core.pool.PairPool` on a running asyncio loop.
+"""``AsyncPairPool``: the sans-IO :class:`~natpool.core.node.Node` on a running asyncio loop.
+
+A thin driver: it feeds the node its inputs (datagrams, signals, the timer),
+transmits its outputs, re-arms ONE timer (entries and handover sessions
+alike) and maps sockets and signalling channels to the node's nonces and
+channel ids; every protocol decision is the node's.
 
 What the driver adds to the core, and why it is shaped this way
 (figures: shared/notes/measured-facts.md):
@@ -10,7 +15,7 @@ What the driver adds to the core, and why it is shaped this way
   pool unchanged. Callers that already own a bound socket (the hole punch's)
   pass it as ``sock=``.
 * **One scheduler for every entry**: a single ``loop.call_at`` handle re-armed
-  to ``pool.get_timer()``. A task or timer per entry costs ~1.7 KB and ~6 µs
+  to ``node.get_timer()`` (which covers the handover sessions too). A task or timer per entry costs ~1.7 KB and ~6 µs
   more per ping. Everything due within 1 ms is taken in the same wake-up
   (uvloop fires up to 1 ms early; without this a heap scheduler spins), up
   to :data:`TIMER_BATCH` entries: when more are due at once (a peer vanished
@@ -28,10 +33,12 @@ What the driver adds to the core, and why it is shaped this way
 * After every input (datagram or timer) the core's outgoing datagrams are
   written to the right transports; a send error is reported to the entry
   (``send_failed``) so repeated failures expire it.
-* Events (``StateChanged`` / ``Drained``) are drained after every input that
-  produced one (the core flags them through ``PairPool.on_entry_event``, so
-  the common pong costs no queue round trip) and fanned out to callbacks and
-  subscribers; an expired entry's socket is closed at once.
+* Events are drained after every input that produced one (the common pong
+  produces none: it costs one peek at the queue) — entry events
+  (``StateChanged`` / ``Drained``) are fanned out to callbacks and
+  subscribers and an expired entry's socket is closed at once; session
+  events resolve the waiting ``take`` / ``serve_handover`` and close
+  channels. Events go first in each round, signals after them.
 * Once an entry is silent (Locked/InUse, from the generated ``silent`` and
   ``live`` sets) every datagram on its socket is the application's — the
   peer may be handed over first and start talking while this side still
@@ -40,14 +47,17 @@ What the driver adds to the core, and why it is shaped this way
   replayed by :meth:`Lease.set_protocol`. The one exception is a datagram
   that decodes as this pair's own keepalive: a ping still in flight when the
   ponger went silent, which must not leak into the application's stream;
-  the core drops it (``silent_state``) as before.
+  the core drops it (``silent_state``) as before. The node decides which
+  (``ApplicationData`` from ``Node.receive_and_reply``), from the entry's state.
 * The receive buffer is widened to :data:`LEASE_RECV_BUFFER` (every UDP
-  payload fits) the moment the entry goes silent, synchronously with the
-  transition, so an application datagram above 2 KiB is never cut to
+  payload fits) when the entry's transition to silent is drained, which is
+  before any signal of the same round goes out (the one that lets the peer
+  go InUse and talk), so an application datagram above 2 KiB is never cut to
   ``max_size``: on a datagram socket the kernel discards the excess silently.
-* Handover: :meth:`take` / :meth:`take_any` / :meth:`serve_handover` run the
-  sessions through :mod:`natpool.aio.handover` over a user-supplied
-  :class:`~natpool.signalling.Signalling`. The lease hands the still-bound
+* Handover: :meth:`take` / :meth:`take_any` / :meth:`serve_handover` start
+  sessions in the node and map their channels (a user-supplied
+  :class:`~natpool.signalling.Signalling`) through
+  :class:`natpool.aio.handover.NodeChannels`. The lease hands the still-bound
   socket over *open*; from then on it belongs to the caller.
 """
 
