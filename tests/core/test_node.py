@@ -191,6 +191,10 @@ def test_application_data_on_a_silent_entry_is_classified_by_the_core() -> None:
     assert w.a.receive_datagram(NONCE, pong_bytes(NONCE), B_ADDR, 0.3) is None
     assert w.a.get(NONCE).stats.drops[DropReason.SILENT_STATE] == 1
     assert w.a.receive_and_reply(NONCE, b"more", B_ADDR, 0.3) == ApplicationData(NONCE, b"more", B_ADDR)
+    # Not by size: a frame-sized payload that is not this pair's keepalive is the application's too.
+    other = pong_bytes(NONCE + 1)
+    assert len(other) == len(pong_bytes(NONCE))
+    assert w.a.receive_datagram(NONCE, other, B_ADDR, 0.3) == ApplicationData(NONCE, other, B_ADDR)
 
 
 def test_a_session_the_peer_closed_gets_no_close_request() -> None:
