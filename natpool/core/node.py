@@ -24,7 +24,8 @@ signals and ends to the node's outputs — so no call ever re-enters an entry.
 Channels are the driver's, named by an ``int`` id: the node picks the id of
 a take's channel (:class:`OpenChannel` asks the driver to open it to the
 peer) and of an incoming one (:meth:`new_channel_id`; the first
-:meth:`receive_signal` on it opens the responder session). A
+:meth:`receive_signal` on it opens the responder session; a message on any
+other channel without a running session is dropped and counted). A
 :class:`CloseChannel` follows a session's end; the driver closes the channel
 after sending the signals of the same round (the session's last ones, e.g.
 ABORT). Ids are never reused.
@@ -144,6 +145,7 @@ class Node:
         self._dirty: dict[int, None] = {}  # channels whose session queued signals or ended (ordered set)
         self._signals: list[tuple[int, bytes]] = []
         self._peer_closed: set[int] = set()  # channels the peer closed: no CloseChannel for them
+        self._fresh: set[int] = set()  # ids from new_channel_id() whose first signal has not come yet
         self._ids = itertools.count(1)
 
     # --- the registry (pass-through, each ending with the node's dispatch) ------------------------
@@ -222,7 +224,9 @@ class Node:
 
     def new_channel_id(self) -> int:
         """A fresh id for an incoming channel; its first :meth:`receive_signal` opens a responder session."""
-        return next(self._ids)
+        channel = next(self._ids)
+        self._fresh.add(channel)
+        return channel
 
     def start_take(self, nonce: int | None = None, peer: str | None = None, *, now: float,
                    sid: bytes | None = None) -> int:
@@ -245,10 +249,11 @@ class Node:
         """One message from ``channel``; the first on a new channel opens a responder. Never raises on bad input."""
         session = self._sessions.get(channel)
         if session is None:
-            if channel in self._peer_closed or channel in self._dirty:  # pragma: no cover - defensive
+            if channel not in self._fresh:  # a late message on a channel whose session ended: dropped
                 self.pool.drops[DropReason.UNEXPECTED] += 1
                 return
             self.pool._check_backlog()
+            self._fresh.discard(channel)
             self._start(channel, self.pool.accept_session(data, now))
         else:
             session.receive_signal(data, now)
@@ -256,6 +261,7 @@ class Node:
 
     def channel_closed(self, channel: int, now: float) -> None:
         """``channel`` broke or the peer closed it; a channel without a running session is ignored."""
+        self._fresh.discard(channel)
         session = self._sessions.get(channel)
         if session is None:
             return

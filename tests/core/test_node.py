@@ -205,3 +205,16 @@ def test_a_session_the_peer_closed_gets_no_close_request() -> None:
     kinds = [type(ev) for ev in events(w.a)]
     assert SessionEnded in kinds and CloseChannel not in kinds
     assert SessionStarted not in kinds  # already drained above
+
+
+def test_a_late_signal_on_an_ended_channel_opens_nothing() -> None:
+    """Only a channel from new_channel_id() opens a responder; a message after a session's end is dropped."""
+    w = Wire()
+    channel = w.a.start_take(NONCE, now=0.1)
+    w.drain()
+    (_, lock), = w.a.signals_to_send()
+    w.a.channel_closed(channel, 0.2)  # the take fails: the channel is over
+    w.a.receive_signal(channel, lock, 0.3)
+    assert w.a.sessions() == {} and w.a.drops[DropReason.UNEXPECTED] == 1
+    w.a.receive_signal(12345, lock, 0.3)  # a channel id the node never gave out
+    assert w.a.sessions() == {} and w.a.drops[DropReason.UNEXPECTED] == 2
