@@ -3,7 +3,8 @@
 The public API, in layers:
 
 * values — :class:`Endpoint`, :class:`EndpointPair`, :class:`PairConfig`;
-* the sans-IO core — :class:`PairPool`, :class:`PairEntry`, :class:`Lease`
+* the sans-IO core — :class:`Node` (one per node: pairs, handover sessions,
+  one timer, one event queue), :class:`PairPool`, :class:`PairEntry`, :class:`Lease`
   (time is an argument; datagrams, signals and timers are values);
 * the asyncio driver — :class:`AsyncPairPool` (real UDP sockets, one scheduler)
   and what it hands out: :class:`Lease` (``set_protocol``, ``remote_addr``,
@@ -22,12 +23,22 @@ from natpool.core import (
     EntryOutput,
     EntryStats,
     ExpiryReason,
+    Node,
     PairEntry,
     PairPool,
     StateChanged,
 )
 from natpool.core.handover import EntryClaims, HandoverRegistry, InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease, LeaseBuffer, LeaseOwner, Role
+from natpool.core.node import (
+    ApplicationData,
+    CloseChannel,
+    LeaseReady,
+    NodeEvent,
+    OpenChannel,
+    SessionEnded,
+    SessionStarted,
+)
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import (
     BindFailed,
@@ -58,9 +69,11 @@ from natpool.signalling import SignalChannel, Signalling
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplicationData",
     "AsyncPairPool",
     "BindFailed",
     "ChannelBroken",
+    "CloseChannel",
     "Drained",
     "DriverStats",
     "DropReason",
@@ -87,11 +100,15 @@ __all__ = [
     "Lease",
     "LeaseBuffer",
     "LeaseOwner",
+    "LeaseReady",
     "LeasedProtocol",
     "LocalError",
     "Mux",
     "MuxChannel",
     "NatPoolError",
+    "Node",
+    "NodeEvent",
+    "OpenChannel",
     "PairBusy",
     "PairConfig",
     "PairEntry",
@@ -102,7 +119,9 @@ __all__ = [
     "ResponderSession",
     "Role",
     "Session",
+    "SessionEnded",
     "SessionLimit",
+    "SessionStarted",
     "SignalChannel",
     "SignalProtocolError",
     "Signalling",

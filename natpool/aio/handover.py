@@ -1,15 +1,18 @@
-"""The async pump: shuttles signals between a :class:`SignalChannel` and a sans-IO session.
+"""Signalling channels for the asyncio driver, and the legacy per-session pump.
 
-Generic on purpose: it needs only the sans-IO :class:`PairPool`, a channel
-and a ``clock`` (``loop.time`` in the asyncio driver), so ``AsyncPairPool``
-and tests call the same code. The pump never polls: it sleeps until a
-message arrives, the session's own timer is due, or the session's
-``waker`` fires (the pool routed an entry event — e.g. the last pong
-drained the pinger — and the session queued a signal or ended).
+:class:`NodeChannels` is what :class:`~natpool.aio.pool.AsyncPairPool` uses:
+the sans-IO :class:`~natpool.core.node.Node` decides everything (sessions,
+their timers — on the driver's one timer — which signal goes out, when a
+channel closes); this maps the node's channel ids to :class:`SignalChannel`
+objects, feeds each incoming message to ``node.receive_signal``, sends the
+node's signals in order (synchronously on a multiplexed link that can,
+else through one writer task per channel) and closes a channel when the
+node asks, after that round's signals.
 
-``on_progress`` is called after every step that may have changed an entry
-(the asyncio driver passes its ``kick``, which re-arms its single timer and
-flushes datagrams of an entry that went back to Idle).
+:func:`run_initiator` / :func:`serve_responder` are the older generic pump
+for code that drives a bare :class:`PairPool` and its sessions itself (one
+coroutine per session, its own timer, a ``waker``). Kept for those users
+and their tests; no driver of natpool uses it any more.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 
 from natpool.core.handover import InitiatorSession, ResponderSession, Session
 from natpool.core.lease import Lease
+from natpool.core.node import Node
 from natpool.core.pool import PairPool
 from natpool.errors import ChannelBroken, HandoverCancelled, HandoverError, HandoverTimeout
 from natpool.mux import MuxChannel
@@ -62,7 +66,7 @@ async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
     # A multiplexed session's first signal usually came in with its OPEN: no timeout to arm and cancel.
     first = channel.recv_nowait() if isinstance(channel, MuxChannel) else None
     if first is None:
-        first = await _first_signal(pool, channel)
+        first = await first_signal(channel, pool.config.lock_timeout)
     if may_start is not None and not may_start():
         await _close(channel)
         raise HandoverCancelled("the pool began closing before this session could claim an entry")
@@ -74,12 +78,12 @@ async def serve_responder(pool: PairPool, channel: SignalChannel, clock: Clock,
     return await _pump(session, channel, clock, on_progress)
 
 
-async def _first_signal(pool: PairPool, channel: SignalChannel) -> bytes:
+async def first_signal(channel: SignalChannel, lock_timeout: float) -> bytes:
     """Wait at most ``lock_timeout`` for an incoming channel's first signal; the channel is closed on failure."""
     try:
         # asyncio.timeout, not wait_for: 3.11's wait_for returns the result of a read that completed
         # as the task was cancelled, swallowing the cancellation (and a closing pool then took a LOCK).
-        async with asyncio.timeout(pool.config.lock_timeout):
+        async with asyncio.timeout(lock_timeout):
             first = await channel.recv()
     except TimeoutError:
         await _close(channel)
@@ -162,6 +166,8 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         muted = True  # the reply is sent right here: the session's waker need not wake the loop below
         try:
             session.receive_signal(data, clock())
+            if on_progress is not None:  # the driver sees the entry events before the reply leaves
+                on_progress()
             sent = flush_now()  # the reply leaves in this very loop step
         finally:
             muted = False
@@ -174,8 +180,6 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
         if session.done:
             wake_local()
             return
-        if on_progress is not None:
-            on_progress()
         # The loop below only has a timer to re-arm or run (a new deadline); otherwise it sleeps on.
         if session.get_timer() != alarm_at:
             wake_local()
@@ -200,6 +204,8 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
     try:
         while True:
             dirty = False  # before flushing: anything queued from here on skips the sleep below
+            if on_progress is not None:  # entry events first (a lease's receive buffer widens), then signals
+                on_progress()
             if not (flush_now() if sync_send else await _flush(session, channel, clock)):
                 if push:
                     assert isinstance(channel, MuxChannel)
@@ -209,8 +215,6 @@ async def _pump(session: Session, channel: SignalChannel, clock: Clock, on_progr
                     reader_task.cancel()
                     reader_task = None
                 continue
-            if on_progress is not None:
-                on_progress()
             if session.done:
                 break
             timer = session.get_timer()
@@ -297,3 +301,238 @@ async def _close(channel: SignalChannel) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
             await channel.close()
+
+
+# --- the node-driven glue (AsyncPairPool) ------------------------------------------------------
+
+
+class _Link:
+    """One attached channel: its reader feeds the node, its sends keep the node's order, then it closes."""
+
+    __slots__ = ("channel", "channel_id", "closed", "closing", "gen", "owner", "queue", "reader", "sync", "wake",
+                 "writer")
+
+    def __init__(self, owner: NodeChannels, channel_id: int, channel: SignalChannel) -> None:
+        self.owner = owner
+        self.channel_id = channel_id
+        self.channel = channel
+        # A multiplexed channel on a link that writes synchronously: every send leaves in the calling loop
+        # step (a reply made in the push callback can never overtake one still queued).
+        self.sync = isinstance(channel, MuxChannel) and channel.can_send_nowait
+        self.queue: list[bytes] = []
+        self.closing = False
+        self.wake: asyncio.Future[None] | None = None
+        self.writer: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.gen = 0  # the current writer's generation (interrupt() starts a new one)
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def start(self) -> None:
+        channel = self.channel
+        if isinstance(channel, MuxChannel):  # its link's reader pushes each signal: no task of ours
+            channel.listen(self._pushed, self._ended)
+        else:
+            self.reader = asyncio.ensure_future(self._read())
+        if not self.sync:
+            self.writer = asyncio.ensure_future(self._write(self.gen, False))
+
+    def interrupt(self) -> None:
+        """The take was cancelled: give up a send still in flight (it never went out), then send what is
+        queued after it (the ABORT) within ``CANCEL_SEND_TIMEOUT``."""
+        if self.sync or self.writer is None or self.writer.done():
+            return
+        self.gen += 1
+        self.writer.cancel()
+        self.writer = asyncio.ensure_future(self._write(self.gen, True))
+
+    def _pushed(self, data: bytes) -> None:
+        self.owner._signal(self.channel_id, data)
+
+    def _ended(self, why: str) -> None:
+        log.debug("channel %d: signalling channel ended: %s", self.channel_id, why)
+        self.owner._broken(self.channel_id)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                data = await self.channel.recv()
+            except Exception as exc:
+                log.debug("channel %d: signalling channel ended: %r", self.channel_id, exc)
+                self.owner._broken(self.channel_id)
+                return
+            self.owner._signal(self.channel_id, data)
+
+    def send(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.sync:
+            assert isinstance(self.channel, MuxChannel)
+            try:
+                self.channel.send_nowait(data)
+            except Exception as exc:
+                log.debug("channel %d: send failed: %r", self.channel_id, exc)
+                self._failed()
+            return
+        self.queue.append(data)
+        self._kick()
+
+    def close(self) -> None:
+        """Graceful: everything queued goes out first; then the channel closes (bounded)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._stop_reading()
+        if self.writer is None:
+            self.writer = asyncio.ensure_future(self._write(self.gen, False))
+        self._kick()
+
+    def _kick(self) -> None:
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+
+    def _failed(self) -> None:
+        self._stop_reading()
+        # Not from inside the driver's output round that is sending: the node hears it on the next step.
+        asyncio.get_running_loop().call_soon(self.owner._broken, self.channel_id)
+
+    def _stop_reading(self) -> None:
+        if isinstance(self.channel, MuxChannel):
+            self.channel.listen(None)
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
+
+    async def _write(self, gen: int, bounded: bool) -> None:
+        try:
+            if bounded:
+                async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
+                    await self._drain()
+            else:
+                await self._drain()
+        except asyncio.CancelledError:
+            if gen != self.gen:  # interrupted: the next writer carries on (and closes)
+                return
+            raise
+        except TimeoutError:
+            log.debug("channel %d: the final signals did not go out within %s s", self.channel_id,
+                      CANCEL_SEND_TIMEOUT)
+        finally:
+            if gen == self.gen:
+                await _close(self.channel)
+                if not self.closed.done():
+                    self.closed.set_result(None)
+
+    async def _drain(self) -> None:
+        """Send the queue in order; once closing and empty, return (the caller closes)."""
+        while True:
+            while self.queue:
+                data = self.queue.pop(0)
+                try:
+                    await self.channel.send(data)
+                except Exception as exc:
+                    log.debug("channel %d: send failed: %r", self.channel_id, exc)
+                    self.queue.clear()
+                    if not self.closing:
+                        self._failed()
+                    return
+            if self.closing:
+                return
+            self.wake = asyncio.get_running_loop().create_future()
+            try:
+                await self.wake
+            finally:
+                self.wake = None
+
+
+class NodeChannels:
+    """The asyncio driver's share of the handover: the node's channel ids mapped to :class:`SignalChannel` s.
+
+    Everything the sessions decide happens in the :class:`~natpool.core.node.Node`;
+    this only feeds each channel's messages in (``receive_signal``, then the
+    driver's ``after_input``), sends the node's signals in order, closes a
+    channel when the node asks (after the signals of that round) and resolves
+    the future of each ended session. No per-session loop, no session timer:
+    the driver's one timer covers them.
+    """
+
+    def __init__(self, node: Node, clock: Clock, after_input: Callable[[], None]) -> None:
+        self._node = node
+        self._clock = clock
+        self._after_input = after_input
+        self._links: dict[int, _Link] = {}
+        self._held: dict[int, list[bytes]] = {}  # a take's signals while its channel opens
+        self._close_held: set[int] = set()  # ... and the close the node asked for meanwhile
+        self._ended: dict[int, asyncio.Future[Lease | HandoverError]] = {}
+        self._closing: dict[int, asyncio.Future[None]] = {}
+
+    def expect(self, channel_id: int) -> asyncio.Future[Lease | HandoverError]:
+        """The future of the session on ``channel_id`` (resolved by :meth:`ended`); held signals wait for attach."""
+        fut: asyncio.Future[Lease | HandoverError] = asyncio.get_running_loop().create_future()
+        self._ended[channel_id] = fut
+        self._held.setdefault(channel_id, [])
+        return fut
+
+    def attach(self, channel_id: int, channel: SignalChannel) -> None:
+        link = _Link(self, channel_id, channel)
+        self._links[channel_id] = link
+        self._closing[channel_id] = link.closed
+        link.start()
+        for data in self._held.pop(channel_id, ()):
+            link.send(data)
+        if channel_id in self._close_held:
+            self._close_held.discard(channel_id)
+            self.close(channel_id)
+
+    def interrupt(self, channel_id: int) -> None:
+        """A cancelled take: its channel's send in flight is given up (see :meth:`_Link.interrupt`)."""
+        link = self._links.get(channel_id)
+        if link is not None:
+            link.interrupt()
+
+    def forget(self, channel_id: int) -> None:
+        """The channel never opened: drop what waited for it."""
+        self._held.pop(channel_id, None)
+        self._close_held.discard(channel_id)
+
+    def ship(self, signals: list[tuple[int, bytes]]) -> None:
+        links, held = self._links, self._held
+        for channel_id, data in signals:
+            link = links.get(channel_id)
+            if link is not None:
+                link.send(data)
+            elif channel_id in held:
+                held[channel_id].append(data)
+
+    def close(self, channel_id: int) -> None:
+        link = self._links.pop(channel_id, None)
+        if link is not None:
+            link.close()
+        elif channel_id in self._held:
+            self._close_held.add(channel_id)
+
+    def ended(self, channel_id: int, outcome: Lease | HandoverError) -> None:
+        fut = self._ended.pop(channel_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
+
+    async def closed(self, channel_id: int) -> None:
+        """Wait until ``channel_id`` is closed (its writer sends what the session queued, then closes, bounded)."""
+        fut = self._closing.pop(channel_id, None)
+        if fut is not None and not fut.done():
+            await fut
+
+    def _signal(self, channel_id: int, data: bytes) -> None:
+        self._node.receive_signal(channel_id, data, self._clock())
+        self._after_input()
+
+    def _broken(self, channel_id: int) -> None:
+        link = self._links.pop(channel_id, None)
+        if link is not None:
+            link.closing = True
+            link.queue.clear()
+            link._stop_reading()
+            if link.writer is None:  # sync: nothing to flush; close (bounded) in the background
+                link.writer = asyncio.ensure_future(link._write(link.gen, False))
+            link._kick()
+        self._node.channel_closed(channel_id, self._clock())
+        self._after_input()

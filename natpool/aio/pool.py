@@ -1,4 +1,9 @@
-"""``AsyncPairPool``: the sans-IO :class:`~natpool.core.pool.PairPool` on a running asyncio loop.
+"""``AsyncPairPool``: the sans-IO :class:`~natpool.core.node.Node` on a running asyncio loop.
+
+A thin driver: it feeds the node its inputs (datagrams, signals, the timer),
+transmits its outputs, re-arms ONE timer (entries and handover sessions
+alike) and maps sockets and signalling channels to the node's nonces and
+channel ids; every protocol decision is the node's.
 
 What the driver adds to the core, and why it is shaped this way
 (figures: shared/notes/measured-facts.md):
@@ -10,7 +15,7 @@ What the driver adds to the core, and why it is shaped this way
   pool unchanged. Callers that already own a bound socket (the hole punch's)
   pass it as ``sock=``.
 * **One scheduler for every entry**: a single ``loop.call_at`` handle re-armed
-  to ``pool.get_timer()``. A task or timer per entry costs ~1.7 KB and ~6 µs
+  to ``node.get_timer()`` (which covers the handover sessions too). A task or timer per entry costs ~1.7 KB and ~6 µs
   more per ping. Everything due within 1 ms is taken in the same wake-up
   (uvloop fires up to 1 ms early; without this a heap scheduler spins), up
   to :data:`TIMER_BATCH` entries: when more are due at once (a peer vanished
@@ -28,10 +33,12 @@ What the driver adds to the core, and why it is shaped this way
 * After every input (datagram or timer) the core's outgoing datagrams are
   written to the right transports; a send error is reported to the entry
   (``send_failed``) so repeated failures expire it.
-* Events (``StateChanged`` / ``Drained``) are drained after every input that
-  produced one (the core flags them through ``PairPool.on_entry_event``, so
-  the common pong costs no queue round trip) and fanned out to callbacks and
-  subscribers; an expired entry's socket is closed at once.
+* Events are drained after every input that produced one (the common pong
+  produces none: it costs one peek at the queue) — entry events
+  (``StateChanged`` / ``Drained``) are fanned out to callbacks and
+  subscribers and an expired entry's socket is closed at once; session
+  events resolve the waiting ``take`` / ``serve_handover`` and close
+  channels. Events go first in each round, signals after them.
 * Once an entry is silent (Locked/InUse, from the generated ``silent`` and
   ``live`` sets) every datagram on its socket is the application's — the
   peer may be handed over first and start talking while this side still
@@ -40,14 +47,17 @@ What the driver adds to the core, and why it is shaped this way
   replayed by :meth:`Lease.set_protocol`. The one exception is a datagram
   that decodes as this pair's own keepalive: a ping still in flight when the
   ponger went silent, which must not leak into the application's stream;
-  the core drops it (``silent_state``) as before.
+  the core drops it (``silent_state``) as before. The node decides which
+  (``ApplicationData`` from ``Node.receive_and_reply``), from the entry's state.
 * The receive buffer is widened to :data:`LEASE_RECV_BUFFER` (every UDP
-  payload fits) the moment the entry goes silent, synchronously with the
-  transition, so an application datagram above 2 KiB is never cut to
+  payload fits) when the entry's transition to silent is drained, which is
+  before any signal of the same round goes out (the one that lets the peer
+  go InUse and talk), so an application datagram above 2 KiB is never cut to
   ``max_size``: on a datagram socket the kernel discards the excess silently.
-* Handover: :meth:`take` / :meth:`take_any` / :meth:`serve_handover` run the
-  sessions through :mod:`natpool.aio.handover` over a user-supplied
-  :class:`~natpool.signalling.Signalling`. The lease hands the still-bound
+* Handover: :meth:`take` / :meth:`take_any` / :meth:`serve_handover` start
+  sessions in the node and map their channels (a user-supplied
+  :class:`~natpool.signalling.Signalling`) through
+  :class:`natpool.aio.handover.NodeChannels`. The lease hands the still-bound
   socket over *open*; from then on it belongs to the caller.
 """
 
@@ -64,11 +74,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from natpool.aio.handover import run_initiator, serve_responder
+from natpool.aio.handover import CANCEL_SEND_TIMEOUT, NodeChannels, first_signal
 from natpool.config import PairConfig
 from natpool.core.entry import Drained, PairEntry, StateChanged, check_key
 from natpool.core.lease import Lease
-from natpool.core.pool import PairPool
+from natpool.core.node import ApplicationData, CloseChannel, Node, SessionEnded
 from natpool.endpoints import EndpointPair
 from natpool.errors import (
     BindFailed,
@@ -83,6 +93,7 @@ from natpool.errors import (
 )
 from natpool.machines.entry import EntryState
 from natpool.machines.tables import ENTRY
+from natpool.mux import MuxChannel
 from natpool.signalling import SignalChannel, Signalling
 
 log = logging.getLogger(__name__)
@@ -272,7 +283,10 @@ class AsyncPairPool:
     ) -> None:
         self.local_identity = local_identity
         self.config = config if config is not None else PairConfig()
-        self.core = PairPool(local_identity, self.config, listeners)
+        #: The sans-IO node this driver runs: pairs, handover sessions, one timer, one event queue.
+        self.node = Node(local_identity, self.config, tuple(listeners))
+        self.core = self.node.pool  # the registry (read-only use; drive the node)
+        self._channels = NodeChannels(self.node, self.now, self._after_input)
         self.signalling = signalling
         self.stats = DriverStats()
         self.wire_observer = wire_observer
@@ -301,15 +315,7 @@ class AsyncPairPool:
         # Entries that went silent (Locked/InUse): the datagrams on their socket are the application's
         # (the peer went InUse first), kept here for the lease instead of dropped.
         self._early: dict[int, LeasedProtocol] = {}
-        self._events_pending = False
-        chained = self.core.on_entry_event
-
-        def on_entry_event(entry: PairEntry, event: Event) -> None:
-            self._note_event(entry, event)
-            if chained is not None:
-                chained(entry, event)
-
-        self.core.on_entry_event = on_entry_event
+        self._core_events = self.core._events  # the core's queue: non-empty when events wait (hot path peek)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -366,7 +372,8 @@ class AsyncPairPool:
             # Fail every running session now (ABORT(CANCELLED) queued), under the core's lock, so none can
             # go on to claim or lock an entry even if its task's cancellation below is swallowed somewhere.
             now = self.now()
-            for session in self.core.handovers.sessions():
+            self.node.cancel_all(now)
+            for session in self.core.handovers.sessions():  # abandoned ones (a take cancelled while Settling)
                 session.cancel(now)
             self._after_input(now)
         current = asyncio.current_task()
@@ -583,7 +590,12 @@ class AsyncPairPool:
         observer = self.wire_observer
         if observer is not None:
             self._observe("recv", nonce, data, addr)
-        if entry.state in LEASE_STATES and not entry.is_own_frame(data):  # a keyed frame only with a valid MAC
+        # The core decides: on a silent entry (Locked/InUse) anything but its own keepalive is the
+        # application's (ApplicationData), kept for the lease. Unknown nonces (a datagram racing
+        # registration/removal) are dropped and counted by the core. Otherwise the entry's answer (a
+        # pong) comes back in the same call and goes out on its socket at once.
+        replies = self.node.receive_and_reply(nonce, data, addr, now)
+        if type(replies) is ApplicationData:
             early = self._early.get(nonce)
             if early is None:
                 early = self._early[nonce] = LeasedProtocol(self.stats)
@@ -592,10 +604,8 @@ class AsyncPairPool:
                 assert self._changed is not None
                 self._changed.set()
             return
-        # Unknown nonces (a datagram racing registration/removal) are dropped and counted by the core.
-        # The entry's answer (a pong) comes back in the same call and goes out on its socket at once.
+        assert not isinstance(replies, ApplicationData)
         core = self.core
-        replies = core.receive_and_reply(nonce, data, addr, now)
         if replies and (transport := self._transports.get(nonce)) is not None:
             if observer is None and len(replies) == 1:  # the common pong, inline
                 try:
@@ -605,7 +615,7 @@ class AsyncPairPool:
                     self._report_send_error(nonce, exc, now)
             else:
                 self._send(nonce, transport, replies, now)
-        if not self._events_pending and not core._outbox:  # has_pending_output(), inlined (hot)
+        if not self._core_events and not core._outbox:  # has_pending_output(), inlined (hot)
             # Fast path (a ping or a pong): no event, nothing else queued. Only this entry changed, and a
             # datagram alone never brings a deadline forward (it refreshes liveness or clears a ping).
             if self._waiting:
@@ -661,7 +671,7 @@ class AsyncPairPool:
         # wake-up for a deadline that has since moved later costs one heap peek (no get_timer round trip).
         # Bounded batch (TIMER_BATCH): entries still due stay first in the core's scheduler, so the re-arm
         # below schedules the next batch for the next loop iteration, after the I/O that arrived meanwhile.
-        self.core.handle_timer(max(now, when) if when is not None and when <= now + TIMER_SLACK else now,
+        self.node.handle_timer(max(now, when) if when is not None and when <= now + TIMER_SLACK else now,
                                max_entries=TIMER_BATCH)
         self._after_input(now)
 
@@ -670,8 +680,17 @@ class AsyncPairPool:
         if now is None:
             now = self.now()
         self._flush(now)
-        if self._events_pending and self._drain_events():
-            rearm = True
+        node = self.node
+        if self._core_events:
+            closes = self._drain_events()
+            if closes is not None:
+                rearm = True
+                # The round's signals first (a session's last ABORT/TAKEN), then the channels it closed.
+                self._channels.ship(node.signals_to_send())
+                for channel_id in closes:
+                    self._channels.close(channel_id)
+        if node._signals:
+            self._channels.ship(node.signals_to_send())
         if self._waiting:
             assert self._changed is not None
             self._changed.set()
@@ -701,32 +720,42 @@ class AsyncPairPool:
         log.debug("send on %#x failed: %s", nonce, exc)
         self.core.send_failed(nonce, now)
 
-    def _note_event(self, entry: PairEntry, event: Event) -> None:
-        """Core hook (under the core's lock): flags that events wait, so idle inputs skip the queue.
+    def _drain_events(self) -> list[int] | None:
+        """Act on every pending node event (entry events fanned out); the channels to close, None if no event.
 
-        Also widens the receive buffer of an entry that just went silent, here
-        and not when the event is drained: the pump sends the signal that lets
-        the peer go InUse (and talk) before it drains, and a datagram read
-        with the 2 KiB keepalive buffer in between would be cut silently.
+        Entry events come first in each round, before any signal is sent: a
+        lease's receive buffer widens before the signal that lets the peer
+        talk on it leaves.
         """
-        self._events_pending = True
-        if type(event) is StateChanged and event.target in LEASE_STATES:
-            transport = self._transports.get(entry.nonce)
-            if transport is not None and hasattr(transport, "max_size"):  # private, see the module docstring
-                transport.max_size = LEASE_RECV_BUFFER
-
-    def _drain_events(self) -> bool:
-        """Fan out every pending core event; True if there was any."""
-        self._events_pending = False
-        any_event = False
+        closes: list[int] | None = None
         debug = log.isEnabledFor(logging.DEBUG)
-        while (event := self.core.next_event()) is not None:
-            any_event = True
+        node, channels = self.node, self._channels
+        while (event := node.next_event()) is not None:
+            if closes is None:
+                closes = []
+            kind = type(event)
+            if kind is SessionEnded:
+                assert isinstance(event, SessionEnded)
+                channels.ended(event.channel, event.outcome)
+                continue
+            if kind is CloseChannel:
+                assert isinstance(event, CloseChannel)
+                closes.append(event.channel)
+                continue
+            if kind is not StateChanged and kind is not Drained:
+                continue  # OpenChannel (take opens it), SessionStarted, LeaseReady (SessionEnded carries it)
+            assert isinstance(event, (StateChanged, Drained))
             self.stats.events += 1
             if type(event) is StateChanged:
                 if debug:
                     log.debug("entry %#x %s -> %s on %s (%s)", event.nonce, event.source, event.target,
                               event.event, event.reason)
+                if event.target in LEASE_STATES:
+                    # Widen the receive buffer of an entry that just went silent before any signal that
+                    # lets the peer go InUse (and talk) leaves: the handover pump drains events first.
+                    transport = self._transports.get(event.nonce)
+                    if transport is not None and hasattr(transport, "max_size"):  # private, see above
+                        transport.max_size = LEASE_RECV_BUFFER
                 if event.target in ENTRY.final:
                     # Expired entries leave the pool; their socket goes with them (unless handed over).
                     self._early.pop(event.nonce, None)
@@ -741,10 +770,10 @@ class AsyncPairPool:
                 for sub in list(self._subscriptions):
                     if not sub._put(event):
                         self.stats.events_lost += 1
-        return any_event
+        return closes
 
     def _rearm(self) -> None:
-        deadline = self.core.get_timer()
+        deadline = self.node.get_timer()  # entries and sessions: the driver's one timer
         if deadline is None:
             if self._handle is not None:
                 self._handle.cancel()
@@ -769,7 +798,7 @@ class AsyncPairPool:
         """
         if self._closed:
             return
-        if self._events_pending or self._handle is None or self.core.has_pending_output():
+        if self._core_events or self._handle is None or self.node.has_pending_output():
             self._after_input()
         elif self._waiting:
             assert self._changed is not None
@@ -816,9 +845,13 @@ class AsyncPairPool:
         self._bind_loop()
         if self.signalling is None:
             raise LocalError("take needs a signalling (AsyncPairPool(signalling=...))")
-        session = self.core.start_take(nonce, peer, self.now())  # the CAS: losers fail here, nothing sent
+        node, channels = self.node, self._channels
+        # The CAS: losers fail here, nothing sent. The LOCK waits for the channel (held by NodeChannels).
+        channel_id = node.start_take(nonce, peer, now=self.now())
+        ended = channels.expect(channel_id)
+        session = node.session(channel_id)
+        assert session is not None and session.entry is not None
         self.kick()
-        assert session.entry is not None
         remote = session.entry.pair.remote(self.local_identity).identity
         task = self._enter_handover()  # no await since _check_open: close() cannot have begun in between
         try:
@@ -826,17 +859,20 @@ class AsyncPairPool:
                 channel = await self.signalling.open(remote)
             except BaseException as exc:
                 # The session never got to send LOCK: end it so the entry returns to Idle (rule 4).
+                channels.forget(channel_id)
                 if isinstance(exc, asyncio.CancelledError):
-                    session.cancel(self.now())
+                    node.cancel(channel_id, self.now())
                 else:
-                    session.channel_closed(self.now())
-                self.kick()
+                    node.channel_closed(channel_id, self.now())
+                self._after_input()
                 if isinstance(exc, (HandoverError, LocalError, asyncio.CancelledError)):
                     raise
                 raise ChannelBroken(f"cannot open signalling to {remote!r}: {exc!r}") from exc
-            # If close() began while the channel opened, the session is already cancelled: the pump
-            # only sends its ABORT and closes the channel.
-            lease = await run_initiator(self.core, session, channel, self.now, on_progress=self.kick)
+            # If close() began while the channel opened, the session is already cancelled: its ABORT
+            # (held with the LOCK) goes out and the channel closes.
+            channels.attach(channel_id, channel)
+            self._after_input()
+            lease = await self._outcome(channel_id, ended)
         except asyncio.CancelledError:
             self.handover_outcomes["HandoverCancelled"] += 1
             log.debug("take of %#x cancelled", session.nonce)
@@ -852,6 +888,31 @@ class AsyncPairPool:
             self._leave_handover(task)
         self.handover_outcomes["lease"] += 1
         return self._detach(lease)
+
+    async def _outcome(self, channel_id: int, ended: asyncio.Future[Lease | HandoverError]) -> Lease:
+        """Wait for the session on ``channel_id`` to end and its channel to close; its lease, or raise its error.
+
+        Cancelled: the session is cancelled (ABORT(CANCELLED) where the
+        handshake still allows it, sent within ``CANCEL_SEND_TIMEOUT``); one
+        past the point of no return (Settling) is abandoned, its entry left
+        Locked until its lock times out (spec/runtime-api.md).
+        """
+        node, channels = self.node, self._channels
+        try:
+            outcome = await asyncio.shield(ended)
+        except asyncio.CancelledError:
+            now = self.now()
+            channels.interrupt(channel_id)
+            node.cancel(channel_id, now)
+            if node.session(channel_id) is not None:
+                node.abandon(channel_id)
+            self._after_input()
+            await channels.closed(channel_id)
+            raise
+        await channels.closed(channel_id)
+        if isinstance(outcome, Lease):
+            return outcome
+        raise outcome
 
     async def serve_handover(self, channel: SignalChannel) -> Lease | None:
         """Responder entry point for one incoming channel (e.g. a ``TcpSignallingServer`` handler).
@@ -873,8 +934,23 @@ class AsyncPairPool:
         self._bind_loop()
         task = self._enter_handover()
         try:
-            lease = await serve_responder(self.core, channel, self.now, on_progress=self.kick,
-                                          may_start=lambda: not self._closed)
+            # A multiplexed session's first signal usually came in with its OPEN: no timeout to arm and cancel.
+            first = channel.recv_nowait() if isinstance(channel, MuxChannel) else None
+            if first is None:
+                first = await first_signal(channel, self.config.lock_timeout)
+            if self._closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
+                        await channel.close()
+                raise HandoverCancelled("the pool began closing before this session could claim an entry")
+            node, channels = self.node, self._channels
+            peer = getattr(channel, "peer_identity", None)  # authenticated by the transport, or None
+            channel_id = node.new_channel_id(peer if isinstance(peer, str) else None)
+            ended = channels.expect(channel_id)
+            node.receive_signal(channel_id, first, self.now())  # the responder session opens (or refuses)
+            channels.attach(channel_id, channel)
+            self._after_input()
+            lease = await self._outcome(channel_id, ended)
         except HandoverError as exc:
             self.handover_outcomes[type(exc).__name__] += 1
             return None

@@ -400,9 +400,10 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "take_any_without_machine_us": round(max(0.0, t_take_any - t_machine) * 1e6, 3),
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
-    report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + begin_lock stepping the compiled "
-                        "Entry table, its events and timer re-arm); its ratio is against a dict lookup, and one "
-                        "lifecycle transition's share is shown separately")
+    report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + the claim stepping the compiled "
+                        "Entry table's row inline (claim_drained), its two events and the lock deadline's FIFO "
+                        "slot); its ratio is against a dict lookup, and one lifecycle transition's share (the "
+                        "general begin_lock/abort_lock path) is shown separately")
 
 
 # --- handover latency --------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Sans-IO core: pair entries and the pool that drives them. No sockets, clocks or loops here."""
+"""Sans-IO core: pair entries, the pool that registers them, the node that runs them with their handovers.
+
+No sockets, clocks or loops here.
+"""
 
 from natpool.core.entry import (
     Drained,
@@ -9,6 +12,7 @@ from natpool.core.entry import (
     PairEntry,
     StateChanged,
 )
+from natpool.core.node import Node
 from natpool.core.pool import PairPool
 
 __all__ = [
@@ -17,6 +21,7 @@ __all__ = [
     "EntryOutput",
     "EntryStats",
     "ExpiryReason",
+    "Node",
     "PairEntry",
     "PairPool",
     "StateChanged",

@@ -23,6 +23,7 @@ from typing import Final, NamedTuple, Protocol, cast
 
 from statemachine.exceptions import TransitionNotAllowed
 
+import natpool.fsm as fsm
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, InvalidKey, InvalidState, RemoteProtocolError
@@ -79,6 +80,8 @@ _EXPIRED: Final[EntryState] = "Expired"
 
 _MACHINE: Final = Compiled(EntryMachine, ENTRY)
 _TRANSITIONS: Final = ENTRY.transitions
+# The claim's row, stepped inline by ``begin_lock`` (the hot path of take_any): unguarded Idle -> InLocking.
+assert _TRANSITIONS[(cast(EntryState, ENTRY.initial), "begin_lock")] == ("InLocking", "")
 
 # The hand-written initial value must be the generated machine's initial state.
 assert EntryMachine.initial_state is not None and EntryMachine.initial_state.value == _IDLE
@@ -197,6 +200,9 @@ class EntryObserver(Protocol):
     def entry_event(self, entry: PairEntry, event: EntryOutput) -> None: ...
 
     def entry_drop(self, entry: PairEntry, reason: DropReason) -> None: ...
+
+    def entry_claimed(self, entry: PairEntry, changed: StateChanged, drained: Drained) -> None:
+        """The claim (Idle -> InLocking) of a drained entry: its two events in one call (take_any's hot path)."""
 
 
 class PairEntry:
@@ -707,8 +713,37 @@ class PairEntry:
     # --- lifecycle ------------------------------------------------------------
 
     def begin_lock(self, now: float) -> bool:
-        """Claim (CAS Idle -> InLocking); False if not Idle. Atomic only under the pool lock."""
-        return self._fire("begin_lock", now)
+        """Claim (CAS Idle -> InLocking); False if not Idle. Atomic only under the pool lock.
+
+        The hot path of take_any steps the table's (Idle, begin_lock) row
+        inline (checked at import: unguarded, to InLocking) for an entry with
+        no ping outstanding, an observer, no listeners and strict mode off;
+        everything else goes through :meth:`_fire`. Same state, same events.
+        """
+        observer = self._observer
+        if observer is None:
+            return self._fire("begin_lock", now)
+        claimed = self.claim_drained(now)
+        if claimed is None:
+            return self._fire("begin_lock", now)
+        observer.entry_claimed(self, claimed[0], claimed[1])
+        return True
+
+    def claim_drained(self, now: float) -> tuple[StateChanged, Drained] | None:
+        """The inline claim of :meth:`begin_lock`, for the pool only: its two events returned, not emitted.
+
+        None, changing nothing, unless the entry is Idle with no ping
+        outstanding, no listeners are bound and strict mode is off; then the
+        caller (the pool, lock held) must index the events as ``entry_claimed``
+        does, or call :meth:`begin_lock` instead.
+        """
+        if self.state != _IDLE or self._pings or self._listeners or fsm._strict:
+            return None
+        self.state = _IN_LOCKING
+        self._now = self._lock_started = now  # all of _entered for this row: no ping outstanding, none queued
+        nonce = self.nonce
+        return (_new_event(StateChanged, (nonce, _IDLE, _IN_LOCKING, "begin_lock", None, now)),
+                _new_event(Drained, (nonce, now)))
 
     def finish_lock(self, now: float) -> bool:
         """Go silent (InLocking -> Locked); False unless InLocking and ``drained``."""

@@ -10,10 +10,12 @@ event costs ~120 µs and a take fires nine on the sessions alone); the class
 itself runs the transition when listeners are bound or in strict mode.
 
 The session drives its entry's lifecycle (``finish_lock``, ``abort_lock``,
-``use``, ``expire``); the pool performs the initial claim (CAS) and routes
-the entry's events (``Drained``, ``StateChanged``) to the owning session
-through :class:`HandoverRegistry`, so a draining session advances the moment
-the last pong arrives instead of polling.
+``use``, ``expire``); the pool performs the initial claim (CAS) and queues
+the entry's events (``Drained``, ``StateChanged``) for the owning session;
+the dispatch loop that ends every public call (the pool's, a session's,
+:class:`natpool.core.node.Node`'s) delivers them, so a draining session
+advances in the same call as the last pong instead of polling, and never
+from inside the entry's own method (no re-entrance, no guard flags).
 
 Failure rule (rule 4): an InLocking entry aborts to Idle, a Locked entry
 expires; ABORT(UNKNOWN_PAIR) expires even an InLocking entry (the pair is
@@ -78,6 +80,9 @@ class EntryClaims(Protocol):
 
     def claim_any(self, peer: str, now: float) -> PairEntry: ...
 
+    def dispatch(self) -> None:
+        """Deliver the queued events of owned entries to their sessions (the end of every public call)."""
+
 
 # --- registry: owner of each claimed entry + event routing -------------------
 
@@ -120,14 +125,10 @@ class HandoverRegistry:
         if self._owners.get(nonce) is session:
             del self._owners[nonce]
 
-    def route(self, nonce: int, event: object, now: float) -> None:
-        """Deliver an entry event (``Drained`` / ``StateChanged``) to the session owning ``nonce``.
-
-        Called with :attr:`lock` held, after the pool has indexed the event.
-        """
-        session = self._owners.get(nonce)
-        if session is not None:
-            session.on_entry_event(event, now)
+    def dispatch(self) -> None:
+        """Run the pool's dispatch loop (lock held): the events the ending call raised reach their sessions."""
+        if self._claims is not None:
+            self._claims.dispatch()
 
     def start_take(self, nonce: int | None, peer: str | None, now: float,
                    sid: bytes | None = None) -> InitiatorSession:
@@ -141,7 +142,9 @@ class HandoverRegistry:
         claims = self._need_claims()
         with self.lock:
             entry = claims.claim(nonce, now) if nonce is not None else claims.claim_any(str(peer), now)
-            return InitiatorSession(self, entry, now, sid=sid)
+            session = InitiatorSession(self, entry, now, sid=sid)
+            claims.dispatch()
+            return session
 
     def accept(self, data: bytes, now: float, peer: str | None = None) -> ResponderSession:
         """Open a responder session from the first signal of an incoming channel; never raises on bad input.
@@ -152,7 +155,9 @@ class HandoverRegistry:
         """
         claims = self._need_claims()
         with self.lock:
-            return ResponderSession(self, claims.lookup, claims.claim, data, now, peer=peer)
+            session = ResponderSession(self, claims.lookup, claims.claim, data, now, peer=peer)
+            claims.dispatch()
+            return session
 
     def _need_claims(self) -> EntryClaims:
         if self._claims is None:
@@ -194,7 +199,6 @@ class Session:
         self._settle_start: float | None = None  # when this role entered Settling (spec: settle_start)
         self._now = now  # last time seen, for the property guards the generated machine evaluates
         self._entry_reason: ExpiryReason | None = None  # ExpiryReason of the last foreign entry transition
-        self._busy = False  # re-entrance guard: entry events raised by our own calls
         self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
         # Keyed pairs (issue 10): the signal sub-key, and the two session randoms (wire/signal.py, version 2).
         self._key: bytes | None = None
@@ -225,31 +229,37 @@ class Session:
 
     def handle_timer(self, now: float) -> None:
         with self._registry.lock:
-            if self.done or self._timed_out(now):
-                return
-            self._advance(now)
+            if not (self.done or self._timed_out(now)):
+                self._advance(now)
+            self._registry.dispatch()
 
     def receive_signal(self, data: bytes, now: float) -> None:
         """Feed one message from the channel. Never raises on bad input."""
         with self._registry.lock:
             try:
-                sig = wire.decode(data)
-                if not self._authentic(sig):
-                    return  # forged or from another session: dropped (counted), this session goes on
-                self._check_binding(sig)
-            except RemoteProtocolError as exc:
-                if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
-                                                            DropReason.REPLAY):
-                    # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end the session.
-                    self._drop(exc.reason, exc.detail)
-                    return
-                self._protocol_failure(exc, now)  # after the end: only counted
+                self._receive(data, now)
+            finally:
+                self._registry.dispatch()  # whatever the message caused, delivered once it is fully handled
+
+    def _receive(self, data: bytes, now: float) -> None:
+        try:
+            sig = wire.decode(data)
+            if not self._authentic(sig):
+                return  # forged or from another session: dropped (counted), this session goes on
+            self._check_binding(sig)
+        except RemoteProtocolError as exc:
+            if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
+                                                        DropReason.REPLAY):
+                # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end the session.
+                self._drop(exc.reason, exc.detail)
                 return
-            if self.done or self._timed_out(now):  # a late driver must not carry us past lock_timeout
-                self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
-                return
-            self.received.append(sig)
-            self._on_signal(sig, now)
+            self._protocol_failure(exc, now)  # after the end: only counted
+            return
+        if self.done or self._timed_out(now):  # a late driver must not carry us past lock_timeout
+            self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
+            return
+        self.received.append(sig)
+        self._on_signal(sig, now)
 
     def channel_closed(self, now: float) -> None:
         """The channel broke or the peer closed it: fail unless past the point of no return."""
@@ -257,16 +267,23 @@ class Session:
             if not self.done and self._can_fail():
                 self._fail(ChannelBroken(f"signalling channel closed during handover of {self.nonce:#x}"), now)
             # Settling: both sides are past the take; settle still completes on its timer.
+            self._registry.dispatch()
 
     def cancel(self, now: float) -> None:
         """Local shutdown (pool close): fail with ABORT(CANCELLED) if still possible."""
         with self._registry.lock:
             if not self.done and self._can_fail():
                 self._fail(HandoverCancelled("handover cancelled locally"), now, abort=AbortReason.CANCELLED)
+            self._registry.dispatch()
 
     def on_entry_event(self, event: object, now: float) -> None:
-        """Called by the pool (lock held) for each event of the owned entry: re-evaluate the guards."""
-        if self.done or self._busy:
+        """Called by the pool's dispatch loop (lock held) for each event of the owned entry: re-evaluate the guards.
+
+        Never from inside an entry's method: the events of our own calls into
+        the entry arrive here after those calls returned, and re-evaluating
+        the guards then is harmless (every step is guarded by the state).
+        """
+        if self.done:
             return
         if isinstance(event, StateChanged):
             self._entry_reason = event.reason
@@ -380,11 +397,7 @@ class Session:
         """InLocking -> Locked if the entry's own guard (drained) allows it."""
         entry = self.entry
         if entry is not None and entry.state == "InLocking" and entry.drained:
-            self._busy = True
-            try:
-                entry.finish_lock(now)
-            finally:
-                self._busy = False
+            entry.finish_lock(now)
 
     def _release_entry(self, now: float, gone: bool) -> None:
         """Rule 4: InLocking -> Idle (or Expired if the pair is gone remotely); Locked -> Expired.
@@ -395,14 +408,10 @@ class Session:
         entry = self.entry
         if entry is None or self._registry.owner(self.nonce) is not self:
             return
-        self._busy = True
-        try:
-            if entry.state == "InLocking" and not gone:
-                entry.abort_lock(now)
-            elif entry.state in ("InLocking", "Locked"):
-                entry.expire(ExpiryReason.PEER_GONE if gone else ExpiryReason.LOCK_TIMEOUT, now)
-        finally:
-            self._busy = False
+        if entry.state == "InLocking" and not gone:
+            entry.abort_lock(now)
+        elif entry.state in ("InLocking", "Locked"):
+            entry.expire(ExpiryReason.PEER_GONE if gone else ExpiryReason.LOCK_TIMEOUT, now)
 
     def _enter_settling(self, event: str, now: float) -> None:
         """Enter Settling and start the settle: the role's timer and the entry's ``settled`` count from here."""
@@ -417,11 +426,7 @@ class Session:
         if entry is None or self.state != "Settling" or not self.settled:
             return
         self._machine_fire("settle")  # guard `settled` is evaluated while the entry is still Locked
-        self._busy = True
-        try:
-            ok = entry.use(now)  # same guard as the machine's: cannot refuse now
-        finally:
-            self._busy = False
+        ok = entry.use(now)  # same guard as the machine's: cannot refuse now
         assert ok, f"entry {entry!r} refused use although settled"
         self._finish(Lease(entry.pair, entry, self.role, sid=self.sid, lock=self._registry.lock), now)
 

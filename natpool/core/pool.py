@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from natpool.config import PairConfig
 from natpool.core.entry import (
     TIMER_SLACK,
+    Drained,
     EntryOutput,
     ExpiryReason,
     PairEntry,
@@ -46,12 +47,13 @@ _REBUILD_EVERY = 1024
 class _Observer:
     """The pool's side of :class:`EntryObserver`, kept off the public API."""
 
-    __slots__ = ("_pool", "entry_event")
+    __slots__ = ("_pool", "entry_claimed", "entry_event")
 
     def __init__(self, pool: PairPool) -> None:
         self._pool = pool
-        # The pool's handler itself (one call less per event than a method forwarding to it).
+        # The pool's handlers themselves (one call less per event than a method forwarding to them).
         self.entry_event: Callable[[PairEntry, EntryOutput], None] = pool._on_event
+        self.entry_claimed: Callable[[PairEntry, StateChanged, Drained], None] = pool._on_claimed
 
     def entry_drop(self, entry: PairEntry, reason: DropReason) -> None:
         self._pool.drops[reason] += 1
@@ -78,6 +80,10 @@ class _Claims:
 
     def claim_any(self, peer: str, now: float) -> PairEntry:
         return self._pool._claim_any_locked(peer, now)
+
+    def dispatch(self) -> None:
+        if self._pool._route:
+            self._pool._dispatch()
 
 
 class PairPool:
@@ -111,12 +117,14 @@ class PairPool:
         self._events: deque[EntryOutput] = deque()
         self.max_pending_events = max_pending_events
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
-        # Deadlines live in two containers: a FIFO for the (common) pushes that are no earlier than
-        # its tail — every deadline is "now + a constant", so a run of adds, claims or expiries
-        # arrives in order and costs an O(1) append/popleft — and a heap for the rest. Both are
-        # lazily invalidated against ``_armed`` the same way; the earliest item of either is the timer.
+        # Deadlines live in three containers: two FIFOs for the (common) pushes that are no earlier
+        # than one's tail — every deadline is "now + a constant", so a run of adds or expiries arrives
+        # in order, and so does a run of claims (now + lock_timeout, earlier than the Idle deadlines
+        # in the first: hence the second) at an O(1) append/popleft each — and a heap for the rest.
+        # All are lazily invalidated against ``_armed`` the same way; the earliest item is the timer.
         self._heap: list[tuple[float, int, int]] = []  # (deadline, seq, nonce)
         self._fifo: deque[tuple[float, int]] = deque()  # (deadline, nonce), deadlines non-decreasing
+        self._fifo2: deque[tuple[float, int]] = deque()  # the same, for the runs that fit no tail of _fifo
         # nonce -> the entry's deadline. Its heap slot may carry an earlier time: a deadline
         # that moved later (the ponger's no-inbound deadline on every ping) is not pushed again
         # but re-pushed when the old slot reaches the top, so most datagrams cost no heap push.
@@ -124,12 +132,12 @@ class PairPool:
         self._armed: dict[int, float] = {}
         self._pushes = _REBUILD_EVERY  # pushes left until the next stale-item check
         self._seq = itertools.count()
-        #: Extension point (a driver's hook): called with every entry event after
-        #: the indexes are updated and before the owning handover session sees it, under :attr:`lock`.
-        self.on_entry_event: Callable[[PairEntry, EntryOutput], None] | None = None
-        #: The handover sessions of this pool: it routes each entry event to the owning session.
+        #: The handover sessions of this pool: each event of an entry a session owns waits here until
+        #: the end of the public call that raised it (:meth:`_dispatch`), so an entry's method always
+        #: returns before its owner reacts: nothing re-enters an entry from inside its own transition.
         self._handovers = HandoverRegistry(self.lock, self.drops, self.listeners, claims=_Claims(self))
         self._session_owners = self._handovers.owners
+        self._route: deque[EntryOutput] = deque()
 
     # --- registry ---------------------------------------------------------------
 
@@ -184,6 +192,8 @@ class PairPool:
         with self.lock:
             entry = self._get(nonce)
             entry.expire(ExpiryReason.CLOSED, now)
+            if self._route:
+                self._dispatch()
             return entry
 
     def _get(self, nonce: int) -> PairEntry:
@@ -215,14 +225,43 @@ class PairPool:
         return entry
 
     def _claim_any_locked(self, peer: str, now: float) -> PairEntry:
-        """``claim_any`` body; the caller holds :attr:`lock`."""
+        """``claim_any`` body (also a session's ``take_any`` claim); the caller holds :attr:`lock`.
+
+        take_any's hot path: the claim of a drained entry (every ponger, a
+        pinger between pings) is stepped by the entry itself
+        (``claim_drained``, the table's row) and indexed here as
+        :meth:`_on_claimed` would, with the peer's idle index and the nonce at
+        hand. Anything else goes through ``begin_lock``.
+        """
         idle = self._idle.get(peer)
         if not idle:
             raise PairBusy(f"no Idle pair with peer {peer!r}")
         nonce = next(iter(idle))
         entry = self._entries[nonce]
-        if not entry.begin_lock(now):  # pragma: no cover - the index follows every transition
-            raise AssertionError(f"idle index lists pair {nonce:#x} in state {entry.state}")
+        claimed = entry.claim_drained(now)
+        if claimed is None:  # pings outstanding, listeners or strict mode: the general transition
+            if not entry.begin_lock(now):  # pragma: no cover - the index follows every transition
+                raise AssertionError(f"idle index lists pair {nonce:#x} in state {entry.state}")
+            return entry
+        del idle[nonce]
+        self._events.extend(claimed)
+        if entry._pongs:  # has_output: a drained claim has no ping queued, only pongs may wait
+            self._outbox[nonce] = None
+        deadline = now + self.config.lock_timeout
+        armed = self._armed
+        current = armed.get(nonce)
+        if current != deadline:
+            armed[nonce] = deadline
+            if current is None or current > deadline:
+                # _push inlined for the claims' own FIFO (their deadlines arrive in order; any
+                # container whose order it keeps will do).
+                fifo2 = self._fifo2
+                if (not fifo2 or fifo2[-1][0] <= deadline) and self._pushes > 1:
+                    fifo2.append((deadline, nonce))
+                    self._pushes -= 1
+                else:
+                    self._push(deadline, nonce)
+        # No routing: an Idle entry has no session (a take's session binds after its claim).
         return entry
 
     # --- aggregate sans-IO driving -------------------------------------------------
@@ -241,6 +280,8 @@ class PairPool:
             entry.receive_datagram(data, addr, now)
             if entries.get(nonce) is entry:  # else expired and gone meanwhile
                 self._rearm(entry)
+            if self._route:
+                self._dispatch()
 
     def receive_and_reply(self, nonce: int, data: bytes, addr: tuple[str, int],
                           now: float) -> list[tuple[bytes, tuple[str, int]]]:
@@ -263,6 +304,8 @@ class PairPool:
             out = entry.datagrams_to_send(now) if entry.has_output else []
             if entries.get(nonce) is entry:  # else expired and gone meanwhile
                 self._rearm(entry)
+            if self._route:
+                self._dispatch()
             return out
 
     def has_pending_output(self) -> bool:
@@ -289,6 +332,8 @@ class PairPool:
             if entry is not None:
                 entry.send_failed(now)
                 self._touched(entry)
+                if self._route:
+                    self._dispatch()
 
     def get_timer(self) -> float | None:
         """Earliest deadline of any entry."""
@@ -305,20 +350,28 @@ class PairPool:
         """
         with self.lock:
             self._check_backlog()
-            heap, fifo, armed, push = self._heap, self._fifo, self._armed, self._push
+            heap, fifo, fifo2, armed, push = self._heap, self._fifo, self._fifo2, self._armed, self._push
             limit = now + TIMER_SLACK
             budget = -1 if max_entries is None else max_entries
             due: dict[int, None] = {}
             while budget:
-                # The earlier of the two tops (the heap's on a tie), if due.
-                if heap and (not fifo or heap[0][0] <= fifo[0][0]):
-                    if heap[0][0] > limit:
-                        break
+                # The earliest of the three tops (heap, then _fifo, on a tie), if due.
+                top = heap[0][0] if heap else None
+                src = 0
+                if fifo and (top is None or fifo[0][0] < top):
+                    top = fifo[0][0]
+                    src = 1
+                if fifo2 and (top is None or fifo2[0][0] < top):
+                    top = fifo2[0][0]
+                    src = 2
+                if top is None or top > limit:
+                    break
+                if src == 0:
                     _, _, nonce = heapq.heappop(heap)
-                elif fifo and fifo[0][0] <= limit:
+                elif src == 1:
                     _, nonce = fifo.popleft()
                 else:
-                    break
+                    _, nonce = fifo2.popleft()
                 real = armed.get(nonce)
                 if real is None:
                     continue
@@ -335,6 +388,8 @@ class PairPool:
                     entry.handle_timer(now)
                     if entries.get(nonce) is entry:  # ``_touched`` inlined: else it expired and left
                         rearm(entry)
+            if self._route:
+                self._dispatch()
 
     def next_event(self) -> EntryOutput | None:
         """Oldest undelivered event of any entry (including the final one of removed entries)."""
@@ -418,7 +473,11 @@ class PairPool:
         if not fifo or fifo[-1][0] <= deadline:
             fifo.append((deadline, nonce))
         else:
-            heapq.heappush(self._heap, (deadline, next(self._seq), nonce))
+            fifo2 = self._fifo2
+            if not fifo2 or fifo2[-1][0] <= deadline:
+                fifo2.append((deadline, nonce))
+            else:
+                heapq.heappush(self._heap, (deadline, next(self._seq), nonce))
         self._pushes -= 1
         if self._pushes > 0:
             return
@@ -426,14 +485,15 @@ class PairPool:
         # in place (callers hold references to both containers).
         self._pushes = _REBUILD_EVERY
         heap = self._heap
-        if len(heap) + len(fifo) > 2 * len(self._armed) + _REBUILD_EVERY:
+        if len(heap) + len(fifo) + len(self._fifo2) > 2 * len(self._armed) + _REBUILD_EVERY:
             heap[:] = [(d, next(self._seq), n) for n, d in self._armed.items()]
             heapq.heapify(heap)
             fifo.clear()
+            self._fifo2.clear()
 
     def _earliest(self) -> float | None:
         """Drop stale tops (re-slotting the ones that moved later); the earliest live deadline."""
-        heap, fifo, armed = self._heap, self._fifo, self._armed
+        heap, fifo, fifo2, armed = self._heap, self._fifo, self._fifo2, self._armed
         while True:
             while heap:
                 deadline, _, nonce = heap[0]
@@ -452,14 +512,25 @@ class PairPool:
                 fifo.popleft()
                 if real is not None and real > deadline:
                     self._push(real, nonce)
-            # A re-slot from the FIFO may have gone onto the heap in front of its checked top: look again.
-            if not heap or armed.get(heap[0][2]) == heap[0][0]:
+            while fifo2:
+                deadline, nonce = fifo2[0]
+                real = armed.get(nonce)
+                if real == deadline:
+                    break
+                fifo2.popleft()
+                if real is not None and real > deadline:
+                    self._push(real, nonce)
+            # A re-slot (or a rebuild) may have changed a checked top: look again until all three hold.
+            if ((not heap or armed.get(heap[0][2]) == heap[0][0])
+                    and (not fifo or armed.get(fifo[0][1]) == fifo[0][0])
+                    and (not fifo2 or armed.get(fifo2[0][1]) == fifo2[0][0])):
                 break
-        if heap and fifo:
-            return min(heap[0][0], fifo[0][0])
-        if heap:
-            return heap[0][0]
-        return fifo[0][0] if fifo else None
+        t = heap[0][0] if heap else None
+        if fifo and (t is None or fifo[0][0] < t):
+            t = fifo[0][0]
+        if fifo2 and (t is None or fifo2[0][0] < t):
+            t = fifo2[0][0]
+        return t
 
     def _on_event(self, entry: PairEntry, event: EntryOutput) -> None:
         """Keep the indexes and the scheduler in step with every transition (hot: two calls per claim)."""
@@ -476,11 +547,46 @@ class PairPool:
                 if target == _IDLE:
                     self._idle.setdefault(entry.remote.identity, OrderedDict())[entry.nonce] = None
                 self._rearm(entry)
-        # Then the driver's hook, then the owning session.
-        if self.on_entry_event is not None:
-            self.on_entry_event(entry, event)
-        if self._session_owners:  # no session, no routing (the claim of a take comes before its session)
-            self._handovers.route(entry.nonce, event, event.at)
+        # The owning session sees it later, from the dispatch loop that ends the public call.
+        if self._session_owners and entry.nonce in self._session_owners:
+            self._route.append(event)
+
+    def _on_claimed(self, entry: PairEntry, changed: StateChanged, drained: Drained) -> None:
+        """``_on_event`` for a claim's two events (Idle -> InLocking, then Drained), fused: take_any's hot path."""
+        self._events.extend((changed, drained))
+        nonce = entry.nonce
+        idle = self._idle.get(entry.remote.identity)
+        if idle is not None:
+            idle.pop(nonce, None)
+        # _rearm inlined; an InLocking entry with no ping outstanding has one deadline: the lock timeout.
+        if entry.has_output:
+            self._outbox[nonce] = None
+        deadline = changed.at + entry.config.lock_timeout
+        armed = self._armed
+        current = armed.get(nonce)
+        if current != deadline:
+            armed[nonce] = deadline
+            if current is None or current > deadline:
+                self._push(deadline, nonce)
+        owners = self._session_owners
+        if owners and nonce in owners:  # pragma: no cover - a session claims before it binds
+            self._route.append(changed)
+            self._route.append(drained)
+
+    def _dispatch(self) -> None:
+        """Hand the queued events of owned entries to their sessions, oldest first (lock held).
+
+        The one place a session reacts to its entry: the entry call that
+        raised the event has returned, so a session may drive the entry again
+        here (``finish_lock`` after the last pong), and what that raises is
+        queued behind and delivered by this same loop, never nested.
+        """
+        route, owners = self._route, self._session_owners
+        while route:
+            event = route.popleft()
+            session = owners.get(event.nonce)
+            if session is not None:
+                session.on_entry_event(event, event.at)
 
     def _forget(self, entry: PairEntry, peer: str) -> None:
         nonce = entry.nonce

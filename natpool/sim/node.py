@@ -1,11 +1,13 @@
-"""A simulated node: one ``PairPool`` driven sans-IO over the in-memory network.
+"""A simulated node: one sans-IO :class:`~natpool.core.node.Node` driven over the in-memory network.
 
-The node is the simulator's equivalent of the asyncio driver: it gives each
-pair entry a UDP address (the pair's local endpoint), and after *every*
-input — a delivered datagram, a timer, a local call such as ``claim`` — it
-drains ``pool.datagrams_to_send(now)`` into the network (recording each one
-in the simulation's log together with the sender entry's state) and re-arms
-a single timer at ``pool.get_timer()``. Tests that touch ``node.pool``
+The simulator's equivalent of the asyncio driver, and as thin: it gives each
+pair entry a UDP address (the pair's local endpoint) and maps signalling
+channel ends to the node's channel ids. After *every* input — a delivered
+datagram or signal, a timer, a local call such as ``claim`` — it transmits
+the node's outputs (datagrams into the network, recorded in the simulation's
+log with the sender entry's state; signals onto their channels), acts on its
+events (open/close a channel, close the socket of an entry that left) and
+re-arms its one timer at ``node.get_timer()``. Tests that touch ``node.pool``
 directly must call :meth:`SimNode.pump` afterwards, as a driver would.
 """
 
@@ -16,10 +18,10 @@ from functools import partial
 from typing import Protocol
 
 from natpool.config import PairConfig
-from natpool.core.entry import EntryOutput, ExpiryReason, PairEntry, StateChanged
+from natpool.core.entry import Drained, EntryOutput, ExpiryReason, PairEntry, StateChanged
 from natpool.core.handover import InitiatorSession, Session
 from natpool.core.lease import Lease
-from natpool.core.pool import PairPool
+from natpool.core.node import CloseChannel, Node, OpenChannel, SessionStarted
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import HandoverError, PairBusy, UnknownPair
 from natpool.machines.tables import ENTRY
@@ -133,7 +135,7 @@ class TakeHandle:
 
 
 class SimNode:
-    """One peer: identity, host address, a :class:`PairPool` and the glue that drives it."""
+    """One peer: identity, host address, a sans-IO :class:`Node` and the glue that drives it."""
 
     def __init__(
         self,
@@ -146,10 +148,11 @@ class SimNode:
         self.sim = sim
         self.identity = identity
         self.host = host
-        self.pool = PairPool(identity, config if config is not None else PairConfig(), listeners)
-        self.events: list[EntryOutput] = []  # every pool event, in order
+        self.node = Node(identity, config if config is not None else PairConfig(), tuple(listeners))
+        self.pool = self.node.pool  # the registry, for tests that read (or drive, then pump) it directly
+        self.events: list[EntryOutput] = []  # every entry event, in order
         self.unowned = 0  # datagrams that reached a still-bound port whose entry had left the pool
-        self.fail_sends = False  # when set, every send errors locally (reported via pool.send_failed)
+        self.fail_sends = False  # when set, every send errors locally (reported via node.send_failed)
         self.send_failures = 0
         self._local: dict[int, Addr] = {}  # nonce -> local address of its entry
         self._entries: dict[int, PairEntry] = {}  # nonce -> entry, while its socket is bound
@@ -157,7 +160,8 @@ class SimNode:
         self._timer: TimerHandle | None = None
         self._timer_at: float | None = None
         self.links: list[SessionLink] = []  # every handover session this node ran, in start order
-        self._active: list[SessionLink] = []  # those not yet done (or with output still to flush)
+        self._ends: dict[int, ChannelEnd] = {}  # the node's channel id -> our end, while open
+        self._unreachable: set[int] = set()  # take channels to a node that does not exist
 
     # --- addresses -------------------------------------------------------------
 
@@ -182,7 +186,7 @@ class SimNode:
         addr = pair.local(self.identity).addr
         if self.sim.network.is_bound(addr):
             raise SimulationError(f"{addr} is already bound on the simulated network")
-        entry = self.pool.add(pair, is_pinger, self.sim.now(), key=key)
+        entry = self.node.add(pair, is_pinger, self.sim.now(), key=key)
         self._local[entry.nonce] = addr
         self._entries[entry.nonce] = entry
         self.sim.network.bind(addr, partial(self._on_datagram, entry.nonce))
@@ -190,18 +194,18 @@ class SimNode:
         return entry
 
     def remove(self, nonce: int) -> PairEntry:
-        entry = self.pool.remove(nonce, self.sim.now())
+        entry = self.node.remove(nonce, self.sim.now())
         self.pump()
         return entry
 
     def claim(self, nonce: int) -> PairEntry:
         """Local CAS claim (Idle -> InLocking), without any handover."""
-        entry = self.pool.claim(nonce, self.sim.now())
+        entry = self.node.claim(nonce, self.sim.now())
         self.pump()
         return entry
 
     def claim_any(self, peer: str) -> PairEntry:
-        entry = self.pool.claim_any(peer, self.sim.now())
+        entry = self.node.claim_any(peer, self.sim.now())
         self.pump()
         return entry
 
@@ -211,26 +215,25 @@ class SimNode:
         """Start a handover as initiator (by ``nonce``, or any Idle pair with ``peer``).
 
         A lost local claim ends at once (``outcome`` is :class:`PairBusy`,
-        nothing sent); otherwise a signalling channel to the pair's remote
-        node is opened, whose :class:`SimNode` answers as responder through
-        ``pool.accept_session``. Local misuse (UnknownPair...) raises.
+        nothing sent); otherwise the node asks for a signalling channel to the
+        pair's remote node (:class:`OpenChannel`), whose :class:`SimNode`
+        answers as responder. Local misuse (UnknownPair...) raises.
         """
         sim = self.sim
         now = sim.now()
         try:
-            session = self.pool.start_take(nonce, peer, now, sid=sim.new_sid())
+            channel = self.node.start_take(nonce, peer, now=now, sid=sim.new_sid())
         except PairBusy as exc:
             return TakeHandle(self, now, error=exc)
-        assert session.entry is not None  # an initiator always owns its entry
-        remote = sim.nodes.get(session.entry.remote.identity)
-        if remote is None:
-            session.cancel(now)
+        session = self.node.session(channel)
+        assert isinstance(session, InitiatorSession) and session.entry is not None
+        self.pump()
+        if channel in self._unreachable:
+            self._unreachable.discard(channel)
+            self.node.cancel(channel, now)
             self.pump()
             raise SimulationError(f"pair {session.nonce:#x}: no node {session.entry.remote.identity!r} to signal")
-        end, far = sim.signalling.open(self, remote)
-        far.on_receive = partial(remote._accept, far)
-        self._attach(session, end)
-        self.pump()
+        end = next(link.end for link in reversed(self.links) if link.session is session)
         return TakeHandle(self, now, session, end)
 
     def release(self, lease: Lease) -> None:
@@ -242,25 +245,36 @@ class SimNode:
         """Every lease a session of this node produced (either role)."""
         return [link.session.outcome for link in self.links if isinstance(link.session.outcome, Lease)]
 
-    def _attach(self, session: Session, end: ChannelEnd) -> None:
-        link = SessionLink(session, end)
-        end.on_receive = partial(self._on_signal, link)
-        end.on_closed = partial(self._on_channel_closed, link)
-        self.links.append(link)
-        self._active.append(link)
+    def _open(self, channel: int, peer: str) -> None:
+        """The node asked for a channel to ``peer`` (a take): open one; the far end accepts on its first signal."""
+        remote = self.sim.nodes.get(peer)
+        if remote is None:
+            self._unreachable.add(channel)
+            return
+        end, far = self.sim.signalling.open(self, remote)
+        far.on_receive = partial(remote._accept, far)
+        self._bind_end(channel, end)
+
+    def _bind_end(self, channel: int, end: ChannelEnd) -> None:
+        self._ends[channel] = end
+        end.on_receive = partial(self._on_signal, channel)
+        end.on_closed = partial(self._on_channel_closed, channel)
 
     def _accept(self, end: ChannelEnd, data: bytes) -> None:
-        """First signal on an incoming channel: open a responder session."""
+        """First signal on an incoming channel: give it a channel id; the node opens a responder session."""
         # The simulated channel knows its true sender: the node that opened it.
-        self._attach(self.pool.accept_session(data, self.sim.now(), peer=end.peer.owner), end)
+        channel = self.node.new_channel_id(end.peer.owner)
+        self._bind_end(channel, end)
+        self.node.receive_signal(channel, data, self.sim.now())
         self.pump()
 
-    def _on_signal(self, link: SessionLink, data: bytes) -> None:
-        link.session.receive_signal(data, self.sim.now())
+    def _on_signal(self, channel: int, data: bytes) -> None:
+        self.node.receive_signal(channel, data, self.sim.now())
         self.pump()
 
-    def _on_channel_closed(self, link: SessionLink) -> None:
-        link.session.channel_closed(self.sim.now())
+    def _on_channel_closed(self, channel: int) -> None:
+        self._ends.pop(channel, None)
+        self.node.channel_closed(channel, self.sim.now())
         self.pump()
 
     def entry(self, nonce: int) -> PairEntry:
@@ -294,61 +308,63 @@ class SimNode:
             self.unowned += 1
             self._release(nonce)
             return
-        self.pool.receive_datagram(nonce, data, src, now)
+        # Application data on a silent entry (returned by the node) has no application here: it is dropped.
+        self.node.receive_datagram(nonce, data, src, now)
         self.pump()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        now = self.sim.now()
-        self.pool.handle_timer(now)
-        for link in self._active:
-            t = link.session.get_timer()
-            if t is not None and t <= now:
-                link.session.handle_timer(now)
+        self.node.handle_timer(self.sim.now())
         self.pump()
 
     def pump(self) -> None:
-        """Flush the pool's output into the network, collect its events, re-arm the timer."""
+        """Transmit the node's outputs, act on its events, re-arm the one timer."""
         sim = self.sim
         now = sim.now()
-        pool = self.pool
-        out = pool.datagrams_to_send(now)
+        node = self.node
+        out = node.datagrams_to_send(now)
         if out:
             net = sim.network
             log = sim.log
             ident = self.identity
             for nonce, data, dst in out:
                 if self.fail_sends:  # e.g. no route / ENOBUFS: nothing reaches the wire
-                    if nonce in pool:  # a failure may have expired it: a driver stops sending then
+                    if nonce in node:  # a failure may have expired it: a driver stops sending then
                         self.send_failures += 1
-                        pool.send_failed(nonce, now)
+                        node.send_failed(nonce, now)
                     continue
                 src = self._local[nonce]
                 state = self._entries[nonce].state  # single-threaded here: no need for the pool lock
                 dg_id = net.send(src, dst, data)
                 log.append(SentDatagram(now, ident, nonce, frame_kind(data), state, src, dst, dg_id))
-        ev = pool.next_event()
+        closing: list[int] = []
+        ev = node.next_event()
         while ev is not None:
-            self.events.append(ev)
-            if isinstance(ev, StateChanged) and ev.target in ENTRY.final:
-                self._release(ev.nonce)
-            ev = pool.next_event()
-        if self._active:
-            self._pump_sessions()
+            if isinstance(ev, StateChanged):
+                self.events.append(ev)
+                if ev.target in ENTRY.final:
+                    self._release(ev.nonce)
+            elif isinstance(ev, Drained):
+                self.events.append(ev)
+            elif isinstance(ev, OpenChannel):
+                self._open(ev.channel, ev.peer)
+            elif isinstance(ev, SessionStarted):
+                end = self._ends.get(ev.channel)
+                if end is not None:  # else a take to a node that does not exist (``take`` raises)
+                    self.links.append(SessionLink(ev.session, end))
+            elif isinstance(ev, CloseChannel):
+                closing.append(ev.channel)
+            ev = node.next_event()
+        for channel, data in node.signals_to_send():
+            end = self._ends.get(channel)
+            if end is not None:
+                end.send(data)
+        for channel in closing:  # after the round's signals: they still arrive first (graceful close)
+            end = self._ends.pop(channel, None)
+            if end is not None:
+                end.close()
         self._rearm()
-
-    def _pump_sessions(self) -> None:
-        """Ship queued signals; close the channel of every session that ended (rule 6)."""
-        still: list[SessionLink] = []
-        for link in self._active:
-            for data in link.session.signals_to_send():
-                link.end.send(data)
-            if link.session.done:
-                link.end.close()  # graceful: the signals just queued still arrive first
-            else:
-                still.append(link)
-        self._active = still
 
     def _release(self, nonce: int) -> None:
         """The entry left the pool: close its simulated socket."""
@@ -358,11 +374,7 @@ class SimNode:
             self.sim.network.unbind(addr)
 
     def _rearm(self) -> None:
-        t = self.pool.get_timer()
-        for link in self._active:
-            st = link.session.get_timer()
-            if st is not None and (t is None or st < t):
-                t = st
+        t = self.node.get_timer()
         if t == self._timer_at and (t is None or self._timer is not None):
             return
         if self._timer is not None:

@@ -94,11 +94,7 @@ def resume_locked() -> Iterator[None]:
     def release(self: Session, now: float, gone: bool) -> None:
         entry = self.entry
         if entry is not None and entry.state == "Locked" and not gone:
-            self._busy = True  # as the real _release_entry: our own entry events do not re-enter us
-            try:
-                entry.abort_lock(now)  # the bug: "it is still a good pair, put it back"
-            finally:
-                self._busy = False
+            entry.abort_lock(now)  # the bug: "it is still a good pair, put it back"
             return
         original(self, now, gone)
 

@@ -1,0 +1,399 @@
+"""One sans-IO object per node: the registry of pairs, its handover sessions, one timer, one event queue.
+
+The aioquic/quinn shape: a driver feeds inputs (``receive_datagram``,
+``receive_signal``, ``channel_closed``, ``handle_timer``, local calls such
+as ``start_take``) and after each one transmits the outputs
+(``datagrams_to_send``, ``signals_to_send``), drains ``next_event`` and
+re-arms ONE timer at ``get_timer()``. It needs no merge loop of its own:
+which session has signals queued, which ended, whose channel must close,
+the earliest deadline of entries *and* sessions — the node knows.
+
+Why one object: before it, :class:`~natpool.core.pool.PairPool` and every
+session each had their own timers and outputs, and every driver (the
+simulator, asyncio, the test harnesses) hand-wrote the same loop around
+them. And entries reported events through a callback chain that reached the
+owning session *inside* the entry's own method (a pong ending a drain locked
+the entry again before ``receive_datagram`` returned). Now entries and
+sessions only append: an entry's event goes to the pool's queue (and, for an
+entry a session owns, to the routing queue); a session's signal to its own
+outbox. Each public method ends with one dispatch loop, in a fixed order —
+entry events to their sessions (the pool's loop, oldest first; what a
+session does there is queued behind, never nested), then the sessions'
+signals and ends to the node's outputs — so no call ever re-enters an entry.
+
+Channels are the driver's, named by an ``int`` id: the node picks the id of
+a take's channel (:class:`OpenChannel` asks the driver to open it to the
+peer) and of an incoming one (:meth:`new_channel_id`; the first
+:meth:`receive_signal` on it opens the responder session; a message on any
+other channel without a running session is dropped and counted). A
+:class:`CloseChannel` follows a session's end; the driver closes the channel
+after sending the signals of the same round (the session's last ones, e.g.
+ABORT). Ids are never reused.
+
+Datagrams: on an entry that is silent and live (``Locked`` / ``InUse``, from
+spec/entry.toml's ``silent`` and ``live`` sets) every datagram except this
+pair's own keepalive frame is the application's — the peer may be handed
+over first and start talking — so :meth:`receive_datagram` returns it as
+:class:`ApplicationData` for the lease instead of feeding the keepalive
+machinery. The decision is the core's, from the entry's state; a driver
+never guesses from sizes.
+
+The event queue is the pool's (bounded by backpressure: ``EventBacklog``
+before any change once ``max_pending_events`` wait; O(1) per event).
+Remote drops are counters (:attr:`drops`, per entry ``stats.drops``), not
+events: a flood of bad datagrams must not be able to fill the queue.
+
+Not thread-safe beyond the pool: one driver thread (or loop) calls a node.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, deque
+from functools import partial
+from typing import Any, Final, NamedTuple, cast
+
+from natpool.config import PairConfig
+from natpool.core.entry import TIMER_SLACK, Drained, PairEntry, StateChanged
+from natpool.core.handover import HandoverRegistry, Session
+from natpool.core.lease import Lease, Role
+from natpool.core.pool import MAX_PENDING_EVENTS, PairPool
+from natpool.endpoints import EndpointPair
+from natpool.errors import DropReason, HandoverError
+from natpool.machines.tables import ENTRY
+
+Addr = tuple[str, int]
+
+#: Entry states in which inbound datagrams belong to the application (spec/entry.toml: silent and live).
+APPLICATION_STATES: Final[frozenset[str]] = ENTRY.sets["silent"] & ENTRY.sets["live"]
+
+
+class OpenChannel(NamedTuple):
+    """Open a signalling channel to ``peer`` for a take; its signals are in ``signals_to_send`` under ``channel``."""
+
+    channel: int
+    peer: str
+    nonce: int
+
+
+class CloseChannel(NamedTuple):
+    """The session on ``channel`` ended: close the channel once its last signals (same round) are sent."""
+
+    channel: int
+
+
+class SessionStarted(NamedTuple):
+    """A handover session began on ``channel`` (``start_take``, or the first signal of an incoming channel)."""
+
+    channel: int
+    session: Session
+
+
+class LeaseReady(NamedTuple):
+    """A handover succeeded: the pair is ``InUse`` and belongs to the application (just before SessionEnded)."""
+
+    channel: int
+    lease: Lease
+
+
+class SessionEnded(NamedTuple):
+    """A handover session ended, with its lease or its :class:`~natpool.errors.HandoverError`."""
+
+    channel: int
+    nonce: int
+    role: Role
+    outcome: Lease | HandoverError
+    at: float
+
+
+class ApplicationData(NamedTuple):
+    """A datagram on a silent entry's socket that is not its keepalive: the lease's, kept by the driver."""
+
+    nonce: int
+    data: bytes
+    addr: Addr
+
+
+NodeEvent = StateChanged | Drained | OpenChannel | CloseChannel | SessionStarted | LeaseReady | SessionEnded
+
+
+def is_own_keepalive(entry: PairEntry, data: bytes) -> bool:
+    """``data`` is ``entry``'s own keepalive frame (a late ping/pong, never application data).
+
+    Legacy pairs: the 9-byte frame with the pair's nonce. Keyed pairs: only a
+    frame with a valid MAC — one forged with the (public) nonce is not ours and
+    goes to the application like any other unauthenticated datagram.
+    """
+    return entry.is_own_frame(data)
+
+
+class Node:
+    """The sans-IO node: pairs (its :class:`PairPool`), handover sessions by channel, one timer, one queue.
+
+    ``pool`` is the registry (exposed for reading and for code written against
+    it); drive the node through its own methods so sessions and channels stay
+    in step.
+    """
+
+    def __init__(self, local_identity: str, config: PairConfig | None = None, listeners: tuple[object, ...] = (),
+                 *, max_pending_events: int = MAX_PENDING_EVENTS, pool: PairPool | None = None) -> None:
+        self.pool = pool if pool is not None else PairPool(local_identity, config, listeners,
+                                                           max_pending_events=max_pending_events)
+        self.local_identity = self.pool.local_identity
+        self.config = self.pool.config
+        self._events = cast("deque[NodeEvent]", self.pool._events)  # one queue: entries' and node's events
+        self._sessions: dict[int, Session] = {}  # channel -> running session
+        self._dirty: dict[int, None] = {}  # channels whose session queued signals or ended (ordered set)
+        self._signals: list[tuple[int, bytes]] = []
+        self._peer_closed: set[int] = set()  # channels the peer closed: no CloseChannel for them
+        # ids from new_channel_id() whose first signal has not come yet -> the channel's authenticated peer
+        self._fresh: dict[int, str | None] = {}
+        self._ids = itertools.count(1)
+
+    # --- the registry (pass-through, each ending with the node's dispatch) ------------------------
+
+    @property
+    def drops(self) -> Counter[DropReason]:
+        return self.pool.drops
+
+    @property
+    def handovers(self) -> HandoverRegistry:
+        return self.pool.handovers
+
+    def add(self, pair: EndpointPair, is_pinger: bool, now: float, **options: Any) -> PairEntry:
+        """Register a punched pair as Idle (``PairPool.add``; ``options`` are its keyword arguments)."""
+        return self.pool.add(pair, is_pinger, now, **options)
+
+    def remove(self, nonce: int, now: float) -> PairEntry:
+        entry = self.pool.remove(nonce, now)
+        self._collect()
+        return entry
+
+    def get(self, nonce: int) -> PairEntry:
+        return self.pool.get(nonce)
+
+    def entries(self, peer: str | None = None) -> list[PairEntry]:
+        return self.pool.entries(peer)
+
+    def claim(self, nonce: int, now: float) -> PairEntry:
+        return self.pool.claim(nonce, now)
+
+    def claim_any(self, peer: str, now: float) -> PairEntry:
+        return self.pool.claim_any(peer, now)
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __contains__(self, nonce: object) -> bool:
+        return nonce in self.pool
+
+    # --- datagrams --------------------------------------------------------------------------------
+
+    def receive_datagram(self, nonce: int, data: bytes, addr: Addr, now: float) -> ApplicationData | None:
+        """A datagram arrived on pair ``nonce``'s socket; the application's (returned) or the keepalive's."""
+        entry = self.pool._entries.get(nonce)
+        if entry is not None and entry.state in APPLICATION_STATES and not entry.is_own_frame(data):
+            return ApplicationData(nonce, data, addr)
+        self.pool.receive_datagram(nonce, data, addr, now)
+        if self._dirty:
+            self._collect()
+        return None
+
+    def receive_and_reply(self, nonce: int, data: bytes, addr: Addr,
+                          now: float) -> ApplicationData | list[tuple[bytes, Addr]]:
+        """:meth:`receive_datagram` plus that entry's frames due now (the pong), for a driver answering at once."""
+        entry = self.pool._entries.get(nonce)
+        if entry is not None and entry.state in APPLICATION_STATES and not entry.is_own_frame(data):
+            return ApplicationData(nonce, data, addr)
+        out = self.pool.receive_and_reply(nonce, data, addr, now)
+        if self._dirty:
+            self._collect()
+        return out
+
+    def datagrams_to_send(self, now: float) -> list[tuple[int, bytes, Addr]]:
+        """Every keepalive frame due now, as (nonce, data, addr)."""
+        return self.pool.datagrams_to_send(now)
+
+    def has_pending_output(self) -> bool:
+        return self.pool.has_pending_output() or bool(self._signals)
+
+    def send_failed(self, nonce: int, now: float) -> None:
+        self.pool.send_failed(nonce, now)
+        if self._dirty:
+            self._collect()
+
+    # --- handover -----------------------------------------------------------------------------------
+
+    def new_channel_id(self, peer: str | None = None) -> int:
+        """A fresh id for an incoming channel; its first :meth:`receive_signal` opens a responder session.
+
+        ``peer``: the channel's authenticated peer identity (``SignalChannel.peer_identity``; None when the
+        transport cannot tell). The responder refuses a LOCK for a pair whose remote identity is another one.
+        """
+        channel = next(self._ids)
+        self._fresh[channel] = peer
+        return channel
+
+    def start_take(self, nonce: int | None = None, peer: str | None = None, *, now: float,
+                   sid: bytes | None = None) -> int:
+        """Claim a pair (by ``nonce``, or any Idle one with ``peer``) and start its take; returns the channel id.
+
+        Raises PairBusy / UnknownPair (nothing changed, nothing queued: rule 1).
+        Queues :class:`OpenChannel` (to the pair's remote identity), then
+        :class:`SessionStarted`; the LOCK waits in :meth:`signals_to_send`.
+        """
+        self.pool._check_backlog()
+        session = self.pool.start_take(nonce, peer, now, sid=sid)
+        assert session.entry is not None  # an initiator always owns its entry
+        channel = next(self._ids)
+        self._events.append(OpenChannel(channel, session.entry.remote.identity, session.nonce))
+        self._start(channel, session)
+        self._collect()
+        return channel
+
+    def receive_signal(self, channel: int, data: bytes, now: float) -> None:
+        """One message from ``channel``; the first on a new channel opens a responder. Never raises on bad input."""
+        session = self._sessions.get(channel)
+        if session is None:
+            if channel not in self._fresh:  # a late message on a channel whose session ended: dropped
+                self.pool.drops[DropReason.UNEXPECTED] += 1
+                return
+            self.pool._check_backlog()
+            peer = self._fresh.pop(channel)
+            self._start(channel, self.pool.accept_session(data, now, peer=peer))
+        else:
+            session.receive_signal(data, now)
+        self._collect()
+
+    def channel_closed(self, channel: int, now: float) -> None:
+        """``channel`` broke or the peer closed it; a channel without a running session is ignored."""
+        self._fresh.pop(channel, None)
+        session = self._sessions.get(channel)
+        if session is None:
+            return
+        self._peer_closed.add(channel)
+        session.channel_closed(now)
+        self._collect()
+
+    def cancel(self, channel: int, now: float) -> None:
+        """Local shutdown of one session: ABORT(CANCELLED) where the handshake still allows it."""
+        session = self._sessions.get(channel)
+        if session is not None:
+            session.cancel(now)
+            self._collect()
+
+    def cancel_all(self, now: float) -> None:
+        """Cancel every running session (the pool is closing)."""
+        for session in list(self._sessions.values()):
+            session.cancel(now)
+        self._collect()
+
+    def abandon(self, channel: int) -> None:
+        """Stop driving the session on ``channel`` (its driver gave up on it, e.g. a take cancelled while Settling).
+
+        The session stays the owner of its entry but gets no timer here any
+        more: a Locked entry then waits for its own lock timeout, as
+        spec/runtime-api.md's cancellation table says. A :class:`CloseChannel` follows.
+        """
+        session = self._sessions.pop(channel, None)
+        if session is None:
+            return
+        session.waker = None
+        self._dirty.pop(channel, None)
+        for data in session.signals_to_send():
+            self._signals.append((channel, data))
+        self._events.append(CloseChannel(channel))
+
+    def session(self, channel: int) -> Session | None:
+        """The running session on ``channel`` (None once it ended)."""
+        return self._sessions.get(channel)
+
+    def sessions(self) -> dict[int, Session]:
+        """channel -> running session (a copy)."""
+        return dict(self._sessions)
+
+    def signals_to_send(self) -> list[tuple[int, bytes]]:
+        """Every signal queued since the last call, as (channel, data), in the order the sessions made them."""
+        out, self._signals = self._signals, []
+        return out
+
+    # --- the one timer ------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """Earliest deadline of any entry or session."""
+        t = self.pool.get_timer()
+        for session in self._sessions.values():
+            st = session.get_timer()
+            if st is not None and (t is None or st < t):
+                t = st
+        return t
+
+    def handle_timer(self, now: float, max_entries: int | None = None) -> None:
+        """Run every entry and session due by ``now`` (entries first; ``max_entries`` bounds the entries run)."""
+        self.pool.handle_timer(now, max_entries)
+        due = now + TIMER_SLACK
+        for session in list(self._sessions.values()):
+            st = session.get_timer()
+            if st is not None and st <= due:
+                session.handle_timer(now)
+        self._collect()
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def next_event(self) -> NodeEvent | None:
+        """Oldest undelivered event (entries' and sessions'), O(1)."""
+        return cast("NodeEvent | None", self.pool.next_event())
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events)
+
+    # --- the node's half of the dispatch loop ------------------------------------------------------
+
+    def _start(self, channel: int, session: Session) -> None:
+        self._sessions[channel] = session
+        session.waker = partial(self._dirty.__setitem__, channel, None)  # an append, never a call back
+        self._events.append(SessionStarted(channel, session))
+        self._dirty[channel] = None
+
+    def _collect(self) -> None:
+        """Move the signals and ends of every session that made any into the node's outputs, in channel order.
+
+        Runs after the pool's dispatch loop (entry events already delivered to
+        their sessions inside the call that just returned).
+        """
+        dirty, sessions, signals, events = self._dirty, self._sessions, self._signals, self._events
+        while dirty:
+            channel = next(iter(dirty))
+            del dirty[channel]
+            session = sessions.get(channel)
+            if session is None:
+                continue
+            for data in session.signals_to_send():
+                signals.append((channel, data))
+            outcome = session.outcome
+            if outcome is not None:
+                del sessions[channel]
+                session.waker = None
+                if isinstance(outcome, Lease):
+                    events.append(LeaseReady(channel, outcome))
+                ended = session.ended_at if session.ended_at is not None else session.started_at
+                events.append(SessionEnded(channel, session.nonce, session.role, outcome, ended))
+                if channel in self._peer_closed:
+                    self._peer_closed.discard(channel)
+                else:
+                    events.append(CloseChannel(channel))
+
+
+__all__ = [
+    "APPLICATION_STATES",
+    "ApplicationData",
+    "CloseChannel",
+    "LeaseReady",
+    "Node",
+    "NodeEvent",
+    "OpenChannel",
+    "SessionEnded",
+    "SessionStarted",
+    "is_own_keepalive",
+]
