@@ -228,7 +228,7 @@ class SimNode:
             self.pump()
             raise SimulationError(f"pair {session.nonce:#x}: no node {session.entry.remote.identity!r} to signal")
         end, far = sim.signalling.open(self, remote)
-        far.on_receive = partial(remote._accept, far)
+        remote.serve(far)
         self._attach(session, end)
         self.pump()
         return TakeHandle(self, now, session, end)
@@ -241,6 +241,15 @@ class SimNode:
     def leases(self) -> list[Lease]:
         """Every lease a session of this node produced (either role)."""
         return [link.session.outcome for link in self.links if isinstance(link.session.outcome, Lease)]
+
+    def serve(self, end: ChannelEnd) -> None:
+        """Answer, as responder, the session whose first signal arrives on ``end``.
+
+        ``take`` does this for the far end of the channel it opens; a test
+        that opens a channel itself (a forged or garbage first message, a
+        peer that vanishes after LOCK) hands its far end to the node here.
+        """
+        end.on_receive = partial(self._accept, end)
 
     def _attach(self, session: Session, end: ChannelEnd) -> None:
         link = SessionLink(session, end)
