@@ -28,7 +28,7 @@ has no driver loop of its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from natpool import props
@@ -317,6 +317,7 @@ class World:
         """take(nonce) with ``ref``, take_any(peer) without; a refusal at once is recorded, not raised."""
         link_id = len(self.links) + 1
         peer = B if node == A else A
+        mark = len(self.steps)
         try:
             if ref is None:
                 handle = self.nodes[node].take(None, peer)
@@ -334,6 +335,9 @@ class World:
                 link = Link(link_id, node, handle, handle.end, handle.end.peer, self)
                 self.links.append(link)
                 self.sid_names[handle.session.sid] = f"L{link_id}"
+                # The initiator's first step (send_lock) ran inside take(), before its name was known.
+                self.steps[mark:] = [replace(st, who=f"L{link_id}.ini") if st.who == "L?.ini" else st
+                                     for st in self.steps[mark:]]
                 self.sync()
                 return link
         self.sync()
