@@ -18,13 +18,20 @@ Knobs for exhaustive tests: ``NetConfig(manual=True)`` (datagrams wait in
 ``Simulation(signalling_manual=True)`` (signals wait in
 ``sim.signalling.in_flight``, FIFO per direction), ``sim.step()``,
 ``sim.partition``/``heal``, ``channel.break_()``, ``node.fail_sends``.
+
+Scripted faults on a timed run: ``sim.network.fate`` (copies per datagram),
+``sim.signalling.on_open`` to set a channel's ``intercept`` (rewrite, replay,
+swallow, or break instead of carrying a message) and ``on_deliver`` (break
+right after a message), ``sim.signalling.inject`` (a forger), ``node.serve``
+(answer a channel the test opened), ``sim.checks`` (invariants after every
+event); records: ``sim.log``, ``sim.signalling.log``, ``in_transit`` counters.
 """
 
 from natpool.sim.bench import SimBenchResult, bench_ratio
 from natpool.sim.clock import Scheduler, SimulationError, TimerHandle, VirtualClock
 from natpool.sim.network import InFlight, NetConfig, NetStats, Network
 from natpool.sim.node import SessionLink, SimNode, TakeHandle
-from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, frame_kind
+from natpool.sim.records import INJECTED, DeliveredDatagram, SentDatagram, SentSignal, frame_kind
 from natpool.sim.signalling import Channel, ChannelEnd, SimSignalling
 from natpool.sim.simulation import Simulation
 
@@ -39,6 +46,7 @@ __all__ = [
     "Network",
     "Scheduler",
     "SentDatagram",
+    "SentSignal",
     "SessionLink",
     "SimBenchResult",
     "SimNode",

@@ -9,6 +9,12 @@ For exhaustive/stateful tests a link (or the whole network) can be put in
 ``manual`` mode: datagrams then wait in :attr:`Network.in_flight` until the
 test calls :meth:`Network.deliver`, :meth:`Network.drop` or
 :meth:`Network.duplicate`, so hypothesis can choose every fate itself.
+
+For scripted faults on a timed (non-manual) network, :attr:`Network.fate`
+decides per datagram how many copies travel ("lose exactly the pong of the
+ping in flight", "duplicate everything from now on"), instead of the
+link's random ``loss``/``duplicate``; :attr:`Network.in_transit` counts the
+copies still on their way, so a test can run until the wire is empty.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from natpool.sim.clock import Scheduler, SimulationError
 
 Addr = tuple[str, int]
 Handler = Callable[[bytes, Addr, Addr], None]  # (data, src, dst)
+#: Per-datagram fate hook: the datagram as sent -> how many copies travel (0 = lost, 2 = duplicated).
+Fate = Callable[["InFlight"], int]
 
 
 class HasHost(Protocol):
@@ -82,6 +90,7 @@ class NetStats:
     duplicated: int = 0  # extra copies created (random or manual)
     unowned: int = 0  # arrived at an address nobody has bound
     dropped_manually: int = 0
+    dropped_by_fate: int = 0  # the ``fate`` hook chose 0 copies
 
 
 class Network:
@@ -93,6 +102,10 @@ class Network:
         self.config = config if config is not None else NetConfig()
         self.stats = NetStats()
         self.in_flight: list[InFlight] = []  # manual-mode datagrams, oldest first
+        #: When set, decides the number of copies of every datagram sent on a non-manual link
+        #: (after partitions, instead of the link's random loss/duplicate; delays stay random).
+        self.fate: Fate | None = None
+        self.in_transit = 0  # timed-mode copies scheduled and not yet arrived (or lost on arrival)
         self._bindings: dict[Addr, Handler] = {}
         self._links: dict[tuple[str, str], NetConfig] = {}
         self._partitions: set[frozenset[str]] = set()
@@ -176,18 +189,30 @@ class Network:
             self.in_flight.append(InFlight(dg_id, src, dst, data, now))
             return dg_id
         rng = self.rng
-        if cfg.loss > 0.0 and rng.random() < cfg.loss:
-            self.stats.lost += 1
-            return dg_id
-        copies = 1
-        if cfg.duplicate > 0.0 and rng.random() < cfg.duplicate:
-            copies = 2
-            self.stats.duplicated += 1
+        if self.fate is not None:
+            copies = self.fate(InFlight(dg_id, src, dst, data, now))
+            if copies <= 0:
+                self.stats.dropped_by_fate += 1
+                return dg_id
+            self.stats.duplicated += copies - 1
+        else:
+            if cfg.loss > 0.0 and rng.random() < cfg.loss:
+                self.stats.lost += 1
+                return dg_id
+            copies = 1
+            if cfg.duplicate > 0.0 and rng.random() < cfg.duplicate:
+                copies = 2
+                self.stats.duplicated += 1
+        self.in_transit += copies
         for copy in range(copies):
             delay = cfg.delay_min if cfg.delay_max == cfg.delay_min else rng.uniform(cfg.delay_min, cfg.delay_max)
             dg = InFlight(dg_id, src, dst, data, now, copy)
-            self.scheduler.call_at(now + delay, partial(self._arrive, dg, True))
+            self.scheduler.call_at(now + delay, partial(self._arrive_timed, dg))
         return dg_id
+
+    def _arrive_timed(self, dg: InFlight) -> None:
+        self.in_transit -= 1
+        self._arrive(dg, True)
 
     def _arrive(self, dg: InFlight, check_partition: bool) -> None:
         if check_partition and (self._partitions or self._isolated) and self.is_partitioned(dg.src[0], dg.dst[0]):

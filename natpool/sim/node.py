@@ -245,6 +245,15 @@ class SimNode:
         """Every lease a session of this node produced (either role)."""
         return [link.session.outcome for link in self.links if isinstance(link.session.outcome, Lease)]
 
+    def serve(self, end: ChannelEnd) -> None:
+        """Answer, as responder, the session whose first signal arrives on ``end``.
+
+        ``take`` does this for the far end of the channel it opens; a test
+        that opens a channel itself (a forged or garbage first message, a
+        peer that vanishes after LOCK) hands its far end to the node here.
+        """
+        end.on_receive = partial(self._accept, end)
+
     def _open(self, channel: int, peer: str) -> None:
         """The node asked for a channel to ``peer`` (a take): open one; the far end accepts on its first signal."""
         remote = self.sim.nodes.get(peer)
@@ -252,7 +261,7 @@ class SimNode:
             self._unreachable.add(channel)
             return
         end, far = self.sim.signalling.open(self, remote)
-        far.on_receive = partial(remote._accept, far)
+        remote.serve(far)
         self._bind_end(channel, end)
 
     def _bind_end(self, channel: int, end: ChannelEnd) -> None:

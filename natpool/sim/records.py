@@ -81,3 +81,22 @@ class DeliveredDatagram:
     state: str | None
     src: Addr
     dst: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class SentSignal:
+    """One message handed to a signalling channel end (:attr:`natpool.sim.SimSignalling.log`).
+
+    Logged as sent, before any :attr:`~natpool.sim.signalling.Channel.intercept`
+    hook rewrites it, so tests can assert the protocol's own message
+    sequence; ``accepted`` is False when the end or the channel was already
+    closed (the message was lost at once). ``injected`` marks a message a test
+    forged with :meth:`~natpool.sim.SimSignalling.inject`.
+    """
+
+    time: float
+    channel: int
+    sender: str
+    data: bytes
+    accepted: bool
+    injected: bool = False

@@ -13,16 +13,31 @@ In ``manual`` mode nothing is delivered on a timer: messages and close
 notifications wait in :attr:`SimSignalling.in_flight` until the test
 delivers them, and only the head of each channel direction is deliverable,
 so a stateful test explores every interleaving the FIFO channel allows.
+
+Scripted faults (both modes): :attr:`SimSignalling.on_open` sees every new
+channel before its first message, and can set that channel's
+:attr:`Channel.intercept` (rewrite, replay, swallow a message as it is sent,
+or break the channel instead of carrying it) and :attr:`Channel.on_deliver`
+(break the channel right after a given message was handled).
+:meth:`SimSignalling.inject` forges a message towards one end.
+:attr:`SimSignalling.log` records every message sent, and
+:attr:`SimSignalling.in_transit` counts what is still on its way.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 from natpool.sim.clock import Scheduler, SimulationError
+from natpool.sim.records import SentSignal
+
+#: ``(sending end, message) -> the messages that travel instead`` ([] swallows it).
+Intercept = Callable[["ChannelEnd", bytes], Sequence[bytes]]
+#: ``(receiving end, message)``, called after the receiver handled the message.
+OnDeliver = Callable[["ChannelEnd", bytes], None]
 
 
 @dataclass(slots=True)
@@ -88,6 +103,13 @@ class Channel:
         self.broken = False
         self.ends = (ChannelEnd(self, a, 0), ChannelEnd(self, b, 1))
         self._last = [0.0, 0.0]  # last scheduled arrival per direction (index = receiving side), keeps FIFO
+        #: Fault hook on every message sent on this channel (after it was logged): returns what
+        #: travels instead, in order. It may call :meth:`break_` (and return []) to lose the
+        #: message with the channel, as a connection that dies while the message is on the wire.
+        self.intercept: Intercept | None = None
+        #: Called after each message was delivered and handled by its receiver (whose replies are
+        #: already sent); calling :meth:`break_` from here loses those replies.
+        self.on_deliver: OnDeliver | None = None
 
     def _arrival(self, to_side: int) -> float:
         t = max(self.signalling.scheduler.clock.now() + self.delay, self._last[to_side])
@@ -100,7 +122,12 @@ class Channel:
         if sig.manual:
             sig.in_flight.append(PendingSignal(self, dst, data, sig.scheduler.clock.now()))
         else:
-            sig.scheduler.call_at(self._arrival(dst.side), partial(self._arrive, dst, data))
+            sig.in_transit += 1
+            sig.scheduler.call_at(self._arrival(dst.side), partial(self._arrive_timed, dst, data))
+
+    def _arrive_timed(self, dst: ChannelEnd, data: bytes | None) -> None:
+        self.signalling.in_transit -= 1
+        self._arrive(dst, data)
 
     def _arrive(self, dst: ChannelEnd, data: bytes | None) -> None:
         if data is None:
@@ -109,12 +136,24 @@ class Channel:
             self._deliver(dst, data)
 
     def _send(self, src: ChannelEnd, data: bytes) -> bool:
-        stats = self.signalling.stats
+        sig = self.signalling
+        stats = sig.stats
         stats.sent += 1
-        if src.closed or self.broken:
+        accepted = not (src.closed or self.broken)
+        sig.log.append(SentSignal(sig.scheduler.clock.now(), self.id, src.owner, data, accepted))
+        if not accepted:
             stats.lost += 1
             return False
-        self._post(src.peer, data)
+        if self.intercept is None:
+            self._post(src.peer, data)
+            return True
+        out = self.intercept(src, data)
+        if not out:
+            stats.lost += 1
+        for msg in out:
+            if self.broken:  # the hook broke the channel: nothing more travels
+                break
+            self._post(src.peer, bytes(msg))
         return True
 
     def _deliver(self, dst: ChannelEnd, data: bytes) -> None:
@@ -128,6 +167,8 @@ class Channel:
             dst.on_receive(data)
         else:
             dst.inbox.append(data)
+        if self.on_deliver is not None:
+            self.on_deliver(dst, data)
 
     def _close(self, src: ChannelEnd) -> None:
         if src.closed:
@@ -154,14 +195,15 @@ class Channel:
         if sig.manual:
             mine = [p for p in sig.in_flight if p.channel is self]
             sig.stats.lost += sum(1 for p in mine if p.data is not None)
-            sig.in_flight = [p for p in sig.in_flight if p.channel is not self]
+            sig.in_flight[:] = [p for p in sig.in_flight if p.channel is not self]
         for end in self.ends:
             if not end.closed:  # an end that closed itself has nothing to observe
                 end.closed = True
                 if sig.manual:
                     sig.in_flight.append(PendingSignal(self, end, None, sig.scheduler.clock.now()))
                 else:
-                    sig.scheduler.call_later(0.0, partial(self._notify_closed, end))
+                    sig.in_transit += 1
+                    sig.scheduler.call_later(0.0, partial(self._arrive_timed, end, None))
 
     def __repr__(self) -> str:
         a, b = self.ends
@@ -180,6 +222,35 @@ class SimSignalling:
         self.in_flight: list[PendingSignal] = []  # manual mode only, in send order
         self.channels: list[Channel] = []
         self.stats = SignalStats()
+        self.log: list[SentSignal] = []  # every message sent (or injected), in order
+        #: Timed mode: messages and close notifications scheduled and not yet arrived.
+        self.in_transit = 0
+        #: Called with every new channel before anything is sent on it (to set its fault hooks).
+        self.on_open: Callable[[Channel], None] | None = None
+
+    def quiet(self) -> bool:
+        """Nothing is on its way: no message or close notification waits to arrive (either mode)."""
+        return self.in_transit == 0 and not self.in_flight
+
+    def sent_on(self, channel: Channel | int) -> list[SentSignal]:
+        """The log of one channel's messages (both directions), in send order."""
+        cid = channel if isinstance(channel, int) else channel.id
+        return [rec for rec in self.log if rec.channel == cid]
+
+    def inject(self, to: ChannelEnd, data: bytes) -> bool:
+        """Forge ``data`` towards ``to``, queued behind what its peer already sent.
+
+        A forger on the connection: it works even after the peer end closed
+        (the peer's close notification, if queued, then arrives first), but
+        not on a broken channel or towards an end that is closed. Returns
+        whether the message was queued; it is logged with ``injected=True``.
+        """
+        ch = to.channel
+        ok = not (ch.broken or to.closed)
+        self.log.append(SentSignal(self.scheduler.clock.now(), ch.id, to.peer.owner, bytes(data), ok, True))
+        if ok:
+            ch._post(to, bytes(data))
+        return ok
 
     # --- manual delivery -----------------------------------------------------------
 
@@ -214,6 +285,8 @@ class SimSignalling:
         ch = Channel(self, len(self.channels) + 1, _ident(from_node), _ident(to_node),
                      self.delay if delay is None else delay)
         self.channels.append(ch)
+        if self.on_open is not None:
+            self.on_open(ch)
         return ch.ends
 
     def break_all(self, node: object | None = None) -> int:

@@ -53,6 +53,10 @@ class Simulation:
         self.log: list[SentDatagram] = []
         self.record_deliveries = record_deliveries
         self.deliveries: list[DeliveredDatagram] = []
+        #: Invariants (e.g. Symmetry) run as :meth:`run_until`, :meth:`run_for` and
+        #: :meth:`run_until_quiet` start and after every event they (or :meth:`step`) fire; a
+        #: check raises to fail the run at the very event that broke it.
+        self.checks: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return self.clock.now()
@@ -168,16 +172,32 @@ class Simulation:
         if callable(target):
             if timeout is None:
                 raise SimulationError("run_until(predicate) needs a timeout")
-            return self.scheduler.run_until(self.now() + timeout, stop=target)
-        self.scheduler.run_until(target)
+            return self.scheduler.run_until(self.now() + timeout, stop=self._checked(target))
+        self.scheduler.run_until(target, stop=self._checked(None))
         return True
+
+    def _checked(self, stop: Callable[[], bool] | None) -> Callable[[], bool] | None:
+        """``stop`` with :attr:`checks` run first (the scheduler calls it after every event)."""
+        checks = self.checks
+        if not checks:
+            return stop
+
+        def stop_checked() -> bool:
+            for check in checks:
+                check()
+            return stop() if stop is not None else False
+
+        return stop_checked
 
     def step(self) -> bool:
         """Fire exactly one event (for step-wise stateful tests); False if nothing is scheduled."""
-        return self.scheduler.step()
+        fired = self.scheduler.step()
+        for check in self.checks:
+            check()
+        return fired
 
     def run_for(self, dt: float) -> None:
-        self.scheduler.run_until(self.now() + dt)
+        self.scheduler.run_until(self.now() + dt, stop=self._checked(None))
 
     def run_until_quiet(self, timeout: float) -> bool:
         """Run until nothing at all is scheduled (no timers, nothing in flight), within ``timeout``.
@@ -186,4 +206,4 @@ class Simulation:
         session has ended; with live keepalive it returns False at the deadline.
         """
         sched = self.scheduler
-        return sched.run_until(self.now() + timeout, stop=lambda: sched.next_time() is None)
+        return sched.run_until(self.now() + timeout, stop=self._checked(lambda: sched.next_time() is None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -17,9 +18,20 @@ from natpool.errors import (
     PeerRefused,
     SignalProtocolError,
 )
-from natpool.wire.frame import Kind
+from natpool.sim import InFlight, frame_kind
 from natpool.wire.signal import AbortReason, Signal, SignalType, decode, encode
-from tests.support.handover_net import A, B, Link, Net, Sent, assert_no_leak, assert_symmetry, leases
+from tests.support.handover_sim import (
+    A,
+    B,
+    Duo,
+    Faults,
+    assert_no_leak,
+    assert_symmetry,
+    channel,
+    duo,
+    leases,
+    sessions,
+)
 
 NONCE = 0xBEEF
 CFG = PairConfig(ping_interval=5.0, no_inbound_timeout=20.0, ping_lifespan=2.0, lock_timeout=1.0)
@@ -35,7 +47,7 @@ def _is(stype: SignalType) -> Callable[[str, bytes], bool]:
     return match
 
 
-def _final_rule(net: Net, nonce: int) -> None:
+def _final_rule(net: Duo, nonce: int) -> None:
     """Rule 4 as observed: a side that locked never ends Idle; a side that never locked never ends InUse."""
     for node in (A, B):
         state = net.state(node, nonce)
@@ -51,7 +63,7 @@ def _final_rule(net: Net, nonce: int) -> None:
 @pytest.mark.parametrize("pinger", [A, B])
 @pytest.mark.parametrize("skew", [0.0, 0.005, -0.005, 0.019, -0.019])
 def test_simultaneous_takes_pinger_session_wins(pinger: str, skew: float) -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=pinger)
     ponger = B if pinger == A else A
     net.run_until(1.0)
@@ -60,22 +72,23 @@ def test_simultaneous_takes_pinger_session_wins(pinger: str, skew: float) -> Non
     net.run_until(net.now + abs(skew))
     link2 = net.take(second, NONCE)  # both LOCKs are in flight at once (|skew| < signalling delay)
     net.run_sessions()
-    by_node = {link1.a: link1, link2.a: link2}
+    by_node = {link1.node.identity: link1, link2.node.identity: link2}
     winner, loser = by_node[pinger], by_node[ponger]
     assert sorted(le.role for le in leases(winner)) == ["initiator", "responder"]
-    assert isinstance(loser.initiator.outcome, PairBusy)
+    assert loser.end is not None  # the loser's LOCK was sent: it lost the tie-break, not the local claim
+    assert isinstance(loser.outcome, PairBusy)
     assert leases(loser) == []
     assert net.state(A, NONCE) == net.state(B, NONCE) == "InUse"
     assert_no_leak(net, NONCE)
 
 
 def test_take_after_the_peers_lock_arrived_is_busy_locally() -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=A)
     net.take(A, NONCE)
     net.run_until(net.now + net.sig_delay)  # LOCK delivered: B's entry belongs to the responder
-    with pytest.raises(PairBusy):
-        net.take(B, NONCE)
+    late = net.take(B, NONCE)
+    assert late.done and isinstance(late.outcome, PairBusy) and late.end is None
     net.run_sessions()
     assert net.state(A, NONCE) == net.state(B, NONCE) == "InUse"
 
@@ -87,16 +100,16 @@ def test_take_after_the_peers_lock_arrived_is_busy_locally() -> None:
 @pytest.mark.parametrize("stype", [SignalType.LOCK, SignalType.LOCKED, SignalType.TAKE, SignalType.TAKEN])
 @pytest.mark.parametrize("mode", ["delivered", "lost"])
 def test_channel_broken_after_each_message(pinger: str, stype: SignalType, mode: str) -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=pinger)
     net.run_until(10.001)
     match = _is(stype)
-    link = (net.take(A, NONCE, break_after=match) if mode == "delivered"
-            else net.take(A, NONCE, drop_in_flight=match))
+    faults = Faults(break_after=match) if mode == "delivered" else Faults(drop_in_flight=match)
+    link = net.take(A, NONCE, faults=faults)
     net.run_sessions()
-    assert link.broken
-    init, resp = link.initiator, link.responder
-    assert init.done and (resp is None or resp.done)
+    assert channel(link).broken
+    init, resp = link.session, link.responder
+    assert init is not None and init.done and (resp is None or resp.done)
     # Which side still gets its lease depends only on whether it saw the other's point of no return.
     got_taken = mode == "delivered" and stype is SignalType.TAKEN
     got_take = (mode == "delivered" and stype is SignalType.TAKE) or stype is SignalType.TAKEN
@@ -116,14 +129,15 @@ def test_channel_broken_after_each_message(pinger: str, stype: SignalType, mode:
 
 def test_peer_closing_the_channel_in_settling_does_not_stop_the_lease() -> None:
     """Past TAKEN (Settling) the spec has no failure edge: settle completes on its own timer."""
-    net = Net(PairConfig(lock_timeout=1.0, settle_time=0.05))
+    net = duo(PairConfig(lock_timeout=1.0, settle_time=0.05))
     net.add_pair(NONCE, pinger=A)
-    link = net.take(A, NONCE, break_after=_is(SignalType.TAKEN))
+    link = net.take(A, NONCE, faults=Faults(break_after=_is(SignalType.TAKEN)))
     net.run_sessions()
+    assert channel(link).broken
     assert len(leases(link)) == 2
     for le in leases(link):
         assert le.entry.locked_at is not None
-        s = link.session(A if le.role == "initiator" else B)
+        s = link.session if le.role == "initiator" else link.responder
         assert s is not None and s.ended_at is not None
         assert s.ended_at >= le.entry.locked_at + 0.05
 
@@ -133,19 +147,19 @@ def test_peer_closing_the_channel_in_settling_does_not_stop_the_lease() -> None:
 
 @pytest.mark.parametrize("initiator", [A, B], ids=["initiator-pinger", "initiator-ponger"])
 def test_lost_pong_during_drain_costs_the_drain_grace_not_ping_lifespan(initiator: str) -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=A)
     net.run_until(9.99)  # srtt is known from earlier rounds
     t0 = net.now
-    lost: list[Sent] = []
+    lost: list[InFlight] = []
 
-    def copies(sent: Sent) -> int:
-        if sent.kind is Kind.PONG and sent.at >= t0 and not lost:
-            lost.append(sent)
+    def copies(dg: InFlight) -> int:
+        if frame_kind(dg.data) == "pong" and dg.sent_at >= t0 and not lost:
+            lost.append(dg)
             return 0
         return 1
 
-    net.udp_copies = copies
+    net.sim.network.fate = copies
     if initiator == A:
         net.run_until(10.001)  # ping at t=10 in flight, its pong will be lost
     t_take = net.now
@@ -153,21 +167,21 @@ def test_lost_pong_during_drain_costs_the_drain_grace_not_ping_lifespan(initiato
     net.run_sessions()
     assert lost, "the scenario must lose the pong of the ping in flight"
     assert len(leases(link)) == 2
-    end = max(s.ended_at or 0.0 for _, _, s in net.sessions())
+    end = max(s.ended_at or 0.0 for _, s in sessions(net.sim))
     assert end - t_take < CFG.ping_lifespan / 4
-    srtt = net.pools[A].get(NONCE).srtt
+    srtt = net[A].entry(NONCE).srtt
     assert srtt is not None
     grace = max(CFG.min_drain_grace, CFG.drain_grace_rtts * srtt)
-    assert end - lost[0].at <= grace + 2 * (2 * net.sig_delay) + 1e-9
+    assert end - lost[0].sent_at <= grace + 2 * (2 * net.sig_delay) + 1e-9
 
 
 @pytest.mark.parametrize("initiator", [A, B], ids=["initiator-pinger", "initiator-ponger"])
 def test_duplicated_frames_during_drain(initiator: str) -> None:
     """Duplicated keepalives are counted drops, never an answer from a silent side; settle_time covers them."""
     cfg = PairConfig(lock_timeout=1.0, settle_time=0.02)
-    net = Net(cfg)
+    net = duo(cfg)
     net.add_pair(NONCE, pinger=A)
-    net.udp_copies = lambda _s: 2
+    net.sim.network.fate = lambda _dg: 2
     net.run_until(10.001)
     link = net.take(initiator, NONCE)
     net.run_sessions()
@@ -176,8 +190,9 @@ def test_duplicated_frames_during_drain(initiator: str) -> None:
     for node in (A, B):
         locked = net.locked_at(node, NONCE)
         assert locked is not None
-        assert not [s for s in net.log if s.sender == node and s.at >= locked]
-    assert sum(net.pools[A].drops.values()) + sum(net.pools[B].drops.values()) > 0
+        assert not [s for s in net.sim.sent_by(node) if s.time >= locked]
+    assert net.sim.silence_violations() == []
+    assert sum(net[A].pool.drops.values()) + sum(net[B].pool.drops.values()) > 0
 
 
 # --- bad signals: replayed, forged, malformed, out of order, unexpected ------------------
@@ -218,23 +233,27 @@ def test_bad_signal_ends_the_session_cleanly(tamper: str, stype: SignalType, pin
             return out
         return [data]
 
-    net = Net(CFG)
+    late_replay = tamper == "replayed" and stype in (SignalType.TAKE, SignalType.TAKEN)
+    # A replay of the last message reaches its receiver only while the receiver's session lives:
+    # once it ended, its end of the channel is closed and the copy is lost with it. Settling keeps
+    # the session (and its end) open long enough for the copy to arrive and be counted.
+    net = duo(replace(CFG, settle_time=0.05) if late_replay else CFG)
     net.add_pair(NONCE, pinger=pinger)
     net.run_until(10.001)
-    link = net.take(A, NONCE, tamper=tampering)
+    link = net.take(A, NONCE, faults=Faults(tamper=tampering))
     net.run_sessions()  # no exception escapes receive_signal / accept_session
-    receiver = link.responder if stype in (SignalType.LOCK, SignalType.TAKE) else link.initiator
+    receiver = link.responder if stype in (SignalType.LOCK, SignalType.TAKE) else link.session
     assert receiver is not None
-    total_drops = net.pools[A].handovers.drops + net.pools[B].handovers.drops
+    total_drops = net[A].pool.handovers.drops + net[B].pool.handovers.drops
     assert total_drops[reason] >= 1, (total_drops, reason)
-    if tamper == "replayed" and stype in (SignalType.TAKE, SignalType.TAKEN):
-        # The first copy completed the take; the replay reaches an ended session and is only counted.
+    if late_replay:
+        # The first copy completed the take; the replay reaches a settling session and is only counted.
         assert isinstance(receiver.outcome, Lease)
     elif tamper == "wrong-nonce" and stype is SignalType.LOCK:
         # A LOCK naming another pair is a LOCK for an unknown pair: ABORT(unknown), which the initiator
         # in turn rejects as bound to the wrong nonce.
         assert isinstance(receiver.outcome, HandoverError)
-        assert isinstance(link.initiator.outcome, SignalProtocolError)
+        assert isinstance(link.outcome, SignalProtocolError)
     else:
         assert isinstance(receiver.outcome, SignalProtocolError), receiver.outcome
     _final_rule(net, NONCE)
@@ -243,27 +262,41 @@ def test_bad_signal_ends_the_session_cleanly(tamper: str, stype: SignalType, pin
 
 
 def test_first_signal_garbage_is_refused_without_reply() -> None:
-    net = Net(CFG)
+    """Channels someone else opened to bob, each starting with garbage: refused, nothing sent back, closed."""
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=A)
-    pool = net.pools[B]
+    sig = net.sim.signalling
+    ours = []
     for data in (b"", b"\x00" * 31, b"\x91" * 500):
-        session = pool.accept_session(data, net.now)
-        assert session.done and isinstance(session.outcome, SignalProtocolError)
-        assert session.signals_to_send() == []
-    assert pool.handovers.drops[DropReason.MALFORMED] == 2
-    assert pool.handovers.drops[DropReason.OVERSIZED] == 1
-    assert pool.get(NONCE).state == "Idle"
+        mallory, at_bob = sig.open("mallory", net[B])
+        net[B].serve(at_bob)
+        assert mallory.send(data)
+        ours.append(mallory)
+    net.run_sessions()
+    refused = [link.session for link in net[B].links]
+    assert len(refused) == 3
+    assert all(s.done and isinstance(s.outcome, SignalProtocolError) for s in refused)
+    assert [rec.sender for rec in sig.log] == ["mallory"] * 3  # no reply
+    assert all(end.closed_by_peer and end.received == [] for end in ours)  # bob just closed
+    drops = net[B].pool.handovers.drops
+    assert drops[DropReason.MALFORMED] == 2
+    assert drops[DropReason.OVERSIZED] == 1
+    assert net.state(B, NONCE) == "Idle"
 
 
 def test_session_opened_with_other_than_lock_is_refused_with_abort() -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=A)
-    pool = net.pools[B]
-    session = pool.accept_session(encode(Signal(SignalType.TAKE, NONCE, b"\x01" * 16, 1)), net.now)
-    assert isinstance(session.outcome, SignalProtocolError)
-    [reply] = [decode(d) for d in session.signals_to_send()]
+    mallory, at_bob = net.sim.signalling.open("mallory", net[B])
+    net[B].serve(at_bob)
+    mallory.send(encode(Signal(SignalType.TAKE, NONCE, b"\x01" * 16, 1)))
+    net.run_sessions()
+    [link] = net[B].links
+    assert isinstance(link.session.outcome, SignalProtocolError)
+    [reply] = [decode(d) for d in mallory.received]
     assert reply.type is SignalType.ABORT and reply.reason is AbortReason.PROTOCOL
-    assert pool.get(NONCE).state == "Idle"
+    assert mallory.closed_by_peer
+    assert net.state(B, NONCE) == "Idle"
 
 
 # --- timeouts and peer aborts ---------------------------------------------------------------
@@ -275,14 +308,14 @@ def test_silent_peer_times_out_per_the_failure_rule(swallow: SignalType, pinger:
     def swallowing(_sender: str, data: bytes) -> list[bytes]:
         return [] if decode(data).type is swallow else [data]
 
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=pinger)
-    link = net.take(A, NONCE, tamper=swallowing)
+    link = net.take(A, NONCE, faults=Faults(tamper=swallowing))
     net.run_sessions()
     if swallow is SignalType.TAKEN:
-        assert isinstance(link.initiator.outcome, HandoverTimeout | ChannelBroken)
+        assert isinstance(link.outcome, HandoverTimeout | ChannelBroken)
     else:
-        assert isinstance(link.initiator.outcome, HandoverTimeout)
+        assert isinstance(link.outcome, HandoverTimeout)
     if link.responder is not None and swallow is not SignalType.TAKEN:
         # A swallowed message also breaks the FIFO: a later ABORT then shows a sequence gap.
         assert isinstance(link.responder.outcome,
@@ -293,47 +326,50 @@ def test_silent_peer_times_out_per_the_failure_rule(swallow: SignalType, pinger:
 
 
 def test_entry_expiring_mid_handover_ends_the_session_with_abort() -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=B)
     link = net.take(A, NONCE)
     net.run_until(net.now + net.sig_delay / 2)
-    net.pools[A].remove(NONCE, net.now)  # the local entry dies while LOCK is in flight
-    net.flush()
+    net[A].remove(NONCE)  # the local entry dies while LOCK is in flight
     net.run_sessions()
-    assert isinstance(link.initiator.outcome, HandoverError)
-    assert [s.type for s in link.initiator.sent] == [SignalType.LOCK, SignalType.ABORT]
-    assert link.initiator.sent[-1].reason is AbortReason.ENTRY_GONE
+    init = link.session
+    assert init is not None and isinstance(init.outcome, HandoverError)
+    assert [s.type for s in init.sent] == [SignalType.LOCK, SignalType.ABORT]
+    assert init.sent[-1].reason is AbortReason.ENTRY_GONE
     assert net.state(B, NONCE) in ("Idle", "Expired")
     assert_no_leak(net, NONCE)
 
 
 def test_cancel_aborts_and_returns_the_entry() -> None:
-    net = Net(CFG)
+    net = duo(CFG)
     net.add_pair(NONCE, pinger=A)
-    link: Link = net.take(A, NONCE)
-    link.initiator.cancel(net.now)
-    net.flush()
+    link = net.take(A, NONCE)
+    init = link.session
+    assert init is not None
+    init.cancel(net.now)
+    net[A].pump()  # touched the session directly: pump, as a driver would
     net.run_sessions()
-    assert [s.type for s in link.initiator.sent] == [SignalType.LOCK, SignalType.ABORT]
-    assert link.initiator.sent[-1].reason is AbortReason.CANCELLED
+    assert [s.type for s in init.sent] == [SignalType.LOCK, SignalType.ABORT]
+    assert init.sent[-1].reason is AbortReason.CANCELLED
     assert net.state(A, NONCE) == net.state(B, NONCE) == "Idle"
     assert_no_leak(net, NONCE)
 
 
 def test_settle_waits_from_entering_settling_and_losing_the_entry_there_fails() -> None:
     """Rule 7: settle_time counts from Settling (TAKE / TAKEN seen); only losing the entry fails it."""
-    net = Net(PairConfig(lock_timeout=1.0, settle_time=0.1))
+    net = duo(PairConfig(lock_timeout=1.0, settle_time=0.1))
     net.add_pair(NONCE, pinger=A)
     link = net.take(A, NONCE)
     net.run_until(net.now + 10, lambda: link.responder is not None and link.responder.state == "Settling")
     resp = link.responder
     assert resp is not None
     entered = net.now
-    net.run_until(net.now + 10, lambda: link.initiator.state == "Settling")
-    net.pools[A].remove(NONCE, net.now)  # the initiator's entry dies while settling
-    net.flush()
+    init = link.session
+    assert init is not None
+    net.run_until(net.now + 10, lambda: init.state == "Settling")
+    net[A].remove(NONCE)  # the initiator's entry dies while settling
     net.run_sessions()
-    assert link.initiator.state == "Failed" and isinstance(link.initiator.outcome, HandoverError)
+    assert init.state == "Failed" and isinstance(init.outcome, HandoverError)
     assert isinstance(resp.outcome, Lease)
     assert resp.ended_at is not None and resp.ended_at >= entered + 0.1
     assert net.state(B, NONCE) == "InUse"

@@ -1,14 +1,17 @@
-"""Replay the checker's saved design counterexamples against the real sans-IO sessions.
+"""Replay the checker's saved design counterexamples against the real sessions on natpool.sim.
 
 Each ``tests/counterexamples/*.json`` (format ``natpool-trace/1``) is a run of
 the system model that broke a property of an earlier protocol draft. Here
-its actions drive two real :class:`PairPool` s step by step: signals sit in
-per-session queues until the trace delivers them, channel breaks and
-timeouts happen exactly where the trace puts them. The real code performs
-some model steps eagerly (``send_lock`` inside ``take``, ``accept`` inside
-the first LOCK), so those are no-ops here. After every step Symmetry must
-hold; at the end every session has ended and no entry is left claimed —
-the regression the trace stands for.
+its actions drive two :class:`natpool.sim.SimNode` s step by step, with the
+network and the signalling in manual mode: datagrams and signals wait in the
+simulator until the trace delivers, drops or duplicates them, channel breaks
+happen exactly where the trace puts them, and virtual time only moves by the
+trace's steps, so a ping or lock timeout fires only where the trace says (the
+one timer it names, then the node pumps as its driver would). The real code
+performs some model steps eagerly (``send_lock`` inside ``take``, ``accept``
+inside the first LOCK), so those are no-ops here. After every step Symmetry
+must hold; at the end every session has ended and no entry is left claimed
+- the regression the trace stands for.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import pytest
 
 from natpool.config import PairConfig
 from natpool.core.entry import ExpiryReason
-from natpool.core.handover import InitiatorSession, ResponderSession, Session
+from natpool.core.handover import Session
 from natpool.core.lease import Lease
-from natpool.core.pool import PairPool
-from natpool.endpoints import Endpoint, EndpointPair
+from natpool.endpoints import EndpointPair
 from natpool.errors import PairBusy
+from natpool.sim import ChannelEnd, InFlight, NetConfig, SimNode, Simulation, TakeHandle, frame_kind
 from tests.support import COUNTEREXAMPLES
 
 TRACES = sorted(COUNTEREXAMPLES.glob("*.json"))
@@ -43,208 +46,223 @@ class Replay:
         self.trace = trace
         self.strict = strict
         self.diverged: list[str] = []
-        self.now = 0.0
         # Timers far apart so that only the trace decides when a ping times out or a lock gives up.
         cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=1000.0, ping_lifespan=100.0, lock_timeout=500.0,
                          settle_time=settle_time)
-        self.pools = [PairPool(n, cfg) for n in NODES]
-        k = int(trace["constants"]["K"])
-        for p in range(k):
-            pair = EndpointPair(Endpoint("n0", "10.0.0.1", 40000 + p), Endpoint("n1", "10.0.0.2", 40000 + p), p + 1)
-            for n, pool in enumerate(self.pools):
-                pool.add(pair, trace["pinger"][p] == n, self.now)
+        self.sim = Simulation(0, NetConfig(manual=True), config=cfg, signalling_manual=True)
+        self.nodes: list[SimNode] = [self.sim.add_node(n, f"10.0.0.{i + 1}") for i, n in enumerate(NODES)]
+        self.k = int(trace["constants"]["K"])
+        self.pairs: list[EndpointPair] = [
+            self.sim.punch(self.nodes[0], self.nodes[1], nonce=p + 1, pinger=self.nodes[trace["pinger"][p]])
+            for p in range(self.k)]
+        # The model starts with nothing in flight, but a punched pair pings at once: complete that
+        # first keepalive round (ping and pong delivered) before the trace's first step.
+        net = self.sim.network
+        while net.in_flight:
+            net.deliver(0)
+        assert all(n.entry(p + 1).state == "Idle" for n in self.nodes for p in range(self.k))
         self.spec = {s["id"]: s for s in trace["sessions"]}
-        self.ini: dict[int, InitiatorSession] = {}
-        self.resp: dict[int, ResponderSession] = {}
-        self.toresp: dict[int, list[bytes]] = {s: [] for s in self.spec}
-        self.toini: dict[int, list[bytes]] = {s: [] for s in self.spec}
-        self.closed: dict[int, bool] = dict.fromkeys(self.spec, False)
-        # Keepalive frames in flight per pair: pings (pinger -> ponger) and pongs, FIFO.
-        self.pings: dict[int, list[bytes]] = {p: [] for p in range(k)}
-        self.pongs: dict[int, list[bytes]] = {p: [] for p in range(k)}
-        self.addr = {(n, p): ("10.0.0.1" if n == 0 else "10.0.0.2", 40000 + p) for n in (0, 1) for p in range(k)}
-        self.stray: list[str] = []  # CleanHandover: a keepalive frame that reached an InUse side
+        self.takes: dict[int, TakeHandle] = {}  # model session id -> the take that opened its channel
+        # Keepalive copies the trace put on the wire (``ping_send``, ``ping_answer``), oldest first, per
+        # pair; the simulator's in-flight list also holds frames the trace never sent, which stay there.
+        self.pings: dict[int, list[InFlight]] = {p: [] for p in range(self.k)}
+        self.pongs: dict[int, list[InFlight]] = {p: [] for p in range(self.k)}
+
+    @property
+    def now(self) -> float:
+        return self.sim.now()
+
+    def tick(self, to: float | None = None) -> None:
+        """Move virtual time (never firing the simulator's timers: the trace fires the ones it names)."""
+        self.sim.clock.advance_to(max(self.now, self.now + 0.001 if to is None else to))
+
+    def ini(self, s: int) -> Session | None:
+        handle = self.takes.get(s)
+        return handle.session if handle is not None else None
+
+    def resp(self, s: int) -> Session | None:
+        handle = self.takes.get(s)
+        return handle.responder if handle is not None else None
 
     def sessions(self) -> list[Session]:
-        return [*self.ini.values(), *self.resp.values()]
+        return [x for s in self.spec for x in (self.ini(s), self.resp(s)) if x is not None]
 
-    def collect(self) -> None:
-        """Move queued output into the channel queues (lost once the channel is closed)."""
-        for s, ini in self.ini.items():
-            out = ini.signals_to_send()
-            if not self.closed[s]:
-                self.toresp[s] += out
-            if ini.done:
-                self.closed[s] = True
-        for s, resp in self.resp.items():
-            out = resp.signals_to_send()
-            if not self.closed[s]:
-                self.toini[s] += out
-            if resp.done:
-                self.closed[s] = True
+    def node_of(self, session: Session) -> SimNode:
+        return next(n for n in self.nodes if any(link.session is session for link in n.links))
+
+    def deliver_to(self, end: ChannelEnd | None) -> bool:
+        """Deliver the head of the channel direction towards ``end``; False if nothing waits there."""
+        if end is None:
+            return False
+        sig = self.sim.signalling
+        for i, pending in enumerate(sig.in_flight):
+            if pending.to is end:
+                sig.deliver(i)
+                return True
+        return False
+
+    def ends(self, s: int) -> tuple[ChannelEnd | None, ChannelEnd | None]:
+        """(initiator end, responder end) of session ``s``'s channel."""
+        handle = self.takes.get(s)
+        if handle is None or handle.end is None:
+            return None, None
+        return handle.end, handle.end.peer
+
+    def fire(self, node: SimNode, session: Session | None = None) -> None:
+        """The one timer the trace names: ``session``'s, or else ``node``'s pool's, at its deadline."""
+        target = session if session is not None else node.pool
+        t = target.get_timer()
+        assert t is not None
+        self.tick(t)
+        target.handle_timer(self.now)
+        node.pump()  # touched the pool/session directly: flush it, as a driver would
 
     def step(self, action: str, params: dict[str, int], node: int | None) -> None:
-        self.now += 0.001
+        self.tick()
         s = params.get("s")
         if action in AUTOMATIC:
             pass
         elif action in ("take", "take_busy", "take_any", "take_any_none"):
             assert s is not None
-            ini_node = self.spec[s]["initiator"]
-            pool = self.pools[ini_node]
+            ini_node = self.nodes[self.spec[s]["initiator"]]
             by_nonce = action in ("take", "take_busy")
-            nonce, peer = (params["p"] + 1, None) if by_nonce else (None, NODES[1 - ini_node])
+            nonce, peer = (params["p"] + 1, None) if by_nonce else (None, NODES[1 - self.spec[s]["initiator"]])
+            handle = ini_node.take(nonce, peer)
             if action in ("take", "take_any"):
-                try:
-                    self.ini[s] = pool.start_take(nonce, peer, self.now)
-                except PairBusy:
+                if handle.end is None:
                     assert not self.strict, (action, params)
+                    assert isinstance(handle.outcome, PairBusy)
                     self.diverged.append(f"{action}({params}) -> PairBusy")
+                else:
+                    self.takes[s] = handle
             else:
-                with pytest.raises(PairBusy):
-                    pool.start_take(nonce, peer, self.now)
-        elif action in ("lock_claim", "lock_yield", "lock_refuse", "lock_unknown"):
+                assert isinstance(handle.outcome, PairBusy) and handle.end is None
+        elif action in ("lock_claim", "lock_yield", "lock_refuse", "lock_unknown", "recv_take"):
             assert s is not None
-            if self.toresp[s]:
-                data = self.toresp[s].pop(0)
-                self.resp[s] = self.pools[self.spec[s]["responder"]].accept_session(data, self.now)
-            else:
+            if not self.deliver_to(self.ends(s)[1]):
                 assert not self.strict
-                self.diverged.append(f"{action}({params}): no LOCK queued")
+                self.diverged.append(f"{action}({params}): nothing queued to the responder")
         elif action in ("recv_locked", "recv_busy", "recv_unknown", "recv_taken"):
             assert s is not None
-            if s in self.ini and self.toini[s]:
-                self.ini[s].receive_signal(self.toini[s].pop(0), self.now)
-            else:
+            if not self.deliver_to(self.ends(s)[0]):
                 assert not self.strict
-                self.diverged.append(f"{action}({params}): nothing queued")
-        elif action == "recv_take":
-            assert s is not None
-            if s in self.resp and self.toresp[s]:
-                self.resp[s].receive_signal(self.toresp[s].pop(0), self.now)
-            else:
-                assert not self.strict
-                self.diverged.append(f"{action}({params}): nothing queued")
+                self.diverged.append(f"{action}({params}): nothing queued to the initiator")
         elif action == "chan_break":
             assert s is not None
-            self.closed[s] = True
-            self.toresp[s].clear()
-            self.toini[s].clear()
+            ini_end, _ = self.ends(s)
+            assert ini_end is not None
+            ini_end.channel.break_()
         elif action in ("ini_fail", "resp_fail"):
             assert s is not None
-            role: dict[int, Any] = self.ini if action == "ini_fail" else self.resp
-            if s not in role:
+            session = self.ini(s) if action == "ini_fail" else self.resp(s)
+            end = self.ends(s)[0 if action == "ini_fail" else 1]
+            if session is None or end is None:
                 assert not self.strict
                 self.diverged.append(f"{action}({params}): no such session")
                 return
-            session: Session = role[s]
-            if self.closed[s]:
-                session.channel_closed(self.now)
-            elif not session.done:  # the model's lock timeout
-                deadline = session.get_timer()
-                assert deadline is not None
-                self.now = max(self.now, deadline)
-                session.handle_timer(self.now)
+            if end.closed and not session.done:  # the break or the peer's close reaches it
+                while not session.done and self.deliver_to(end):
+                    pass
+            if not session.done:  # the model's lock timeout
+                self.fire(self.node_of(session), session)
             assert session.done, (action, s)
         elif action in ("remove", "expire_idle"):
-            pool = self.pools[params["n"]]
+            sim_node = self.nodes[params["n"]]
             nonce = params["p"] + 1
             if action == "remove":
-                pool.remove(nonce, self.now)
+                sim_node.remove(nonce)
             else:
-                with pool.lock:
-                    pool.get(nonce).expire(ExpiryReason.NO_INBOUND, self.now)
+                with sim_node.pool.lock:
+                    sim_node.entry(nonce).expire(ExpiryReason.NO_INBOUND, self.now)
+                sim_node.pump()
         elif action == "ping_send":
-            p, pinger = params["p"], self.trace["pinger"][params["p"]]
-            pool = self.pools[pinger]
-            frames = [d for nonce, d, _a in pool.datagrams_to_send(self.now) if nonce == p + 1]
-            if not frames:  # the next ping is due on the entry's own timer
-                t = pool.get_timer()
-                assert t is not None
-                self.now = max(self.now, t)
-                pool.handle_timer(self.now)
-                frames = [d for nonce, d, _a in pool.datagrams_to_send(self.now) if nonce == p + 1]
-            self.pings[p] += frames * params.get("c", 1)
-        elif action in ("ping_answer", "ping_drop"):
             p = params["p"]
-            self.deliver(p, ping=True, copies=params.get("c", 1))
+            ping = self.unsent_ping(p)
+            if ping is None:  # the next ping is due on the entry's own timer
+                self.fire(self.nodes[self.trace["pinger"][p]])
+                ping = self.unsent_ping(p)
+            assert ping is not None
+            self.pings[p] += self.copies(ping, params.get("c", 1))
+        elif action in ("ping_answer", "ping_drop"):
+            self.deliver(params["p"], ping=True, copies=params.get("c", 1))
         elif action == "pong_recv":
             self.deliver(params["p"], ping=False)
         elif action in ("lose_ping", "lose_pong"):
-            (self.pings if action == "lose_ping" else self.pongs)[params["p"]].pop(0)
+            dg = (self.pings if action == "lose_ping" else self.pongs)[params["p"]].pop(0)
+            self.sim.network.drop(self.index(dg))
         elif action == "ping_timeout":
-            pool = self.pools[self.trace["pinger"][params["p"]]]
-            t = pool.get_timer()
-            assert t is not None
-            self.now = max(self.now, t)
-            pool.handle_timer(self.now)
+            self.fire(self.nodes[self.trace["pinger"][params["p"]]])
         else:
             raise AssertionError(f"unknown model action {action!r}")
-        self.collect()
         self.check_symmetry()
+
+    # --- keepalive frames ---
+
+    def index(self, dg: InFlight) -> int:
+        return next(i for i, x in enumerate(self.sim.network.in_flight) if x is dg)
+
+    def frames(self, p: int, kind: str) -> list[InFlight]:
+        """Pair ``p``'s frames of ``kind`` in flight (from the pinger for pings, to it for pongs)."""
+        pinger = self.trace["pinger"][p]
+        src = self.pairs[p].local(NODES[pinger if kind == "ping" else 1 - pinger]).addr
+        return [dg for dg in self.sim.network.in_flight if dg.src == src and frame_kind(dg.data) == kind]
+
+    def unsent_ping(self, p: int) -> InFlight | None:
+        """The oldest ping of pair ``p`` the pinger produced and the trace has not put on the wire yet."""
+        sent = {id(dg) for dg in self.pings[p]}
+        return next((dg for dg in self.frames(p, "ping") if id(dg) not in sent), None)
+
+    def copies(self, dg: InFlight, c: int) -> list[InFlight]:
+        """``dg`` and ``c - 1`` duplicates of it, in the order they will be delivered."""
+        for _ in range(c - 1):
+            self.sim.network.duplicate(self.index(dg))
+        i = self.index(dg)
+        return self.sim.network.in_flight[i:i + c]
 
     def deliver(self, p: int, ping: bool, copies: int = 1) -> None:
         """The head frame of pair ``p`` reaches its side; a ponger's answers (``copies`` each) go back."""
-        pinger = self.trace["pinger"][p]
-        dst = 1 - pinger if ping else pinger
         queue = self.pings[p] if ping else self.pongs[p]
         if not queue:
             assert not self.strict
             self.diverged.append(f"no {'ping' if ping else 'pong'} in flight for pair {p}")
             return
-        data = queue.pop(0)
-        if self.state(dst, p) == "InUse":
-            self.stray.append(f"{'ping' if ping else 'pong'} reached InUse node {dst}")
-        self.pools[dst].receive_datagram(p + 1, data, self.addr[(1 - dst, p)], self.now)
+        before = {id(dg) for dg in self.frames(p, "pong")}
+        self.sim.network.deliver(self.index(queue.pop(0)))
         if ping:
-            out = [d for nonce, d, _a in self.pools[dst].datagrams_to_send(self.now) if nonce == p + 1]
-            self.pongs[p] += out * copies
+            for pong in [dg for dg in self.frames(p, "pong") if id(dg) not in before]:
+                self.pongs[p] += self.copies(pong, copies)
+
+    # --- the end ---
 
     def run_to_quiescence(self) -> None:
-        """Deliver every queued signal in order, then let closes and lock timeouts end what is left."""
+        """Deliver every queued frame and signal in order, then let closes and lock timeouts end what is left."""
         for _ in range(100):
             progressed = False
-            for p in self.pings:
+            for p in range(self.k):
                 if self.pings[p] or self.pongs[p]:
                     self.deliver(p, ping=bool(self.pings[p]))
                     progressed = True
-            for s in self.spec:
-                if self.toresp[s]:
-                    data = self.toresp[s].pop(0)
-                    if s in self.resp:
-                        self.resp[s].receive_signal(data, self.now)
-                    else:
-                        self.resp[s] = self.pools[self.spec[s]["responder"]].accept_session(data, self.now)
+            for s in self.takes:
+                ini_end, resp_end = self.ends(s)
+                if self.deliver_to(resp_end) or self.deliver_to(ini_end):
                     progressed = True
-                elif self.toini[s] and s in self.ini:
-                    self.ini[s].receive_signal(self.toini[s].pop(0), self.now)
-                    progressed = True
-            self.collect()
             self.check_symmetry()
             if progressed:
                 continue
             live = [x for x in self.sessions() if not x.done]
             if not live:
                 return
-            for s in self.spec:
-                for role in (self.ini.get(s), self.resp.get(s)):
-                    if role is not None and not role.done and self.closed[s]:
-                        role.channel_closed(self.now)
-            for session in self.sessions():
-                t = session.get_timer()
-                if not session.done and t is not None:
-                    self.now = max(self.now, t)
-                    session.handle_timer(self.now)
-            self.collect()
+            for session in live:
+                if not session.done and session.get_timer() is not None:
+                    self.fire(self.node_of(session), session)
             self.check_symmetry()
         raise AssertionError("replay did not quiesce")
 
     def state(self, n: int, p: int) -> str:
-        pool = self.pools[n]
-        return pool.get(p + 1).state if (p + 1) in pool else "Expired"
+        return self.nodes[n].state(p + 1) or "Expired"
 
     def check_symmetry(self) -> None:
-        for p in range(int(self.trace["constants"]["K"])):
+        for p in range(self.k):
             assert {self.state(0, p), self.state(1, p)} != {"InUse", "Idle"}
 
 
@@ -257,15 +275,16 @@ def test_design_counterexample_replays_without_getting_stuck(path: Path, settle_
     for step in trace["steps"][1:]:
         replay.step(step["action"], step["params"], step["node"])
     # The model got stuck here (a role in Settling with its entry gone); the real sessions must all end.
+    assert replay.sessions()
     for session in replay.sessions():
         assert session.done, (session.role, session.state)
     if path.stem.startswith("design-01") and settle_time > 0:
         # The responder was still Settling when its entry was removed: it must fail, not wait forever.
-        [resp] = replay.resp.values()
+        [resp] = [r for s in replay.spec if (r := replay.resp(s)) is not None]
         assert resp.state == "Failed"
-    for n, pool in enumerate(replay.pools):
-        assert not pool.handovers.sessions()
-        for p in range(int(trace["constants"]["K"])):
+    for n, node in enumerate(replay.nodes):
+        assert not node.pool.handovers.sessions()
+        for p in range(replay.k):
             assert replay.state(n, p) in ("Idle", "InUse", "Expired")
 
 
@@ -278,12 +297,13 @@ def test_mutant_counterexample_schedules_do_not_break_the_real_code(path: Path) 
     for step in trace["steps"][1:]:
         replay.step(step["action"], step["params"], step["node"])
     replay.run_to_quiescence()
-    k = int(trace["constants"]["K"])
-    for n, pool in enumerate(replay.pools):
-        assert not pool.handovers.sessions()  # NoLeak: no session holds an entry
+    k = replay.k
+    for n, node in enumerate(replay.nodes):
+        assert not node.pool.handovers.sessions()  # NoLeak: no session holds an entry
         for p in range(k):
             assert replay.state(n, p) in ("Idle", "InUse", "Expired")
-    assert replay.stray == []  # CleanHandover: no keepalive frame reached a handed-out pair
+    assert replay.sim.stray_deliveries() == []  # CleanHandover: no keepalive frame reached a handed-out pair
+    assert replay.sim.silence_violations() == []  # StrictSilence
     # AtomicTake: per node and pair at most one lease, and both sides' leases come from one session.
     for p in range(k):
         sids = {n: [x.outcome.sid for x in replay.sessions()

@@ -110,11 +110,11 @@ def no_tiebreak() -> Iterator[None]:
     orig_accept = PairPool.accept_session
     orig_claim = PairPool._claim_locked
 
-    def accept_session(self: PairPool, data: bytes, now: float) -> ResponderSession:
+    def accept_session(self: PairPool, data: bytes, now: float, peer: str | None = None) -> ResponderSession:
         nonlocal accepting
         accepting = True
         try:
-            return orig_accept(self, data, now)
+            return orig_accept(self, data, now, peer=peer)
         finally:
             accepting = False
 

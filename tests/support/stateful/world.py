@@ -1,7 +1,11 @@
-"""Two simulated pools on a manual network with manual signalling, plus a spec-trace recorder.
+"""Two simulated nodes on a manual network with manual signalling, plus a spec-trace recorder.
 
 Everything the stateful test can do to the system is a method here; the
 :class:`~tests.support.stateful.machine.HandoverMachine` only chooses which one runs next.
+The system under test is :mod:`natpool.sim` itself - two :class:`~natpool.sim.SimNode` s
+driving the real pools and sessions - in its manual modes: this module only chooses which
+datagram, signal or timer moves next and checks the properties after each one; it
+has no driver loop of its own.
 
 * **Network**: :class:`natpool.sim.Simulation` with every link in manual
   mode, so keepalive datagrams wait in ``network.in_flight`` until a rule
@@ -9,10 +13,12 @@ Everything the stateful test can do to the system is a method here; the
   is enforced, as in the model (``ping_timeout`` is honest): a datagram copy
   lives at most :data:`MAX_LIFETIME` after it was sent, and twice that is
   shorter than any ping lifespan, so a ping that timed out has no pong left.
-* **Signalling**: one :class:`Link` per session, two FIFO queues that only
-  move when a rule delivers their head; a link can break (both queues lost,
-  both ends notified). A session that ends closes its end gracefully: the
-  peer sees the close after everything sent before it.
+* **Signalling**: ``Simulation(signalling_manual=True)``: every take opens
+  a :class:`~natpool.sim.Channel` (a :class:`Link` here) whose two FIFO
+  directions only move when a rule delivers their head; a link can break
+  (everything queued lost, both ends told at once). A session that ends
+  closes its end gracefully: the peer sees the close after everything sent
+  before it (the node does that, as every driver must).
 * **Trace**: every node's pool gets a :class:`TraceListener`, a
   python-statemachine listener that is bound to every Entry, Initiator and
   Responder machine the runtime fires; each step is checked against the
@@ -22,8 +28,7 @@ Everything the stateful test can do to the system is a method here; the
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from natpool import props
@@ -34,8 +39,7 @@ from natpool.core.lease import Lease
 from natpool.endpoints import EndpointPair
 from natpool.errors import HandoverError, UnknownPair
 from natpool.machines.tables import TABLES
-from natpool.sim import INJECTED, NetConfig, SimNode, Simulation
-from natpool.wire import signal as wire
+from natpool.sim import INJECTED, Channel, ChannelEnd, NetConfig, SimNode, Simulation, TakeHandle
 from natpool.wire.frame import Frame, Kind
 from natpool.wire.frame import encode as encode_frame
 
@@ -124,28 +128,52 @@ class TraceListener:
         self.world.record(self.node, model, str(event), str(source.value), str(target.value))
 
 
-@dataclass
+@dataclass(eq=False)
 class Link:
-    """One session's signalling channel: initiator end on ``ini_node``, responder end on the other node."""
+    """One take's signalling channel: initiator end on ``ini_node``, responder end on the other node.
+
+    ``handle`` is None for a bogus channel the test opened itself (its
+    ``ini_end`` belongs to no session; the messages it sends are the test's).
+    """
 
     id: int
     ini_node: str
-    initiator: InitiatorSession | None  # None: a bogus channel opened by the test itself
-    responder: ResponderSession | None = None
-    to_resp: deque[bytes | None] = field(default_factory=deque)  # None = the initiator's close
-    to_ini: deque[bytes | None] = field(default_factory=deque)  # None = the responder's close
-    broken: bool = False
-    closed: set[str] = field(default_factory=set)  # ends that closed (or saw the close)
+    handle: TakeHandle | None
+    ini_end: ChannelEnd
+    resp_end: ChannelEnd
+    world: World = field(repr=False)
+
+    @property
+    def channel(self) -> Channel:
+        return self.ini_end.channel
+
+    @property
+    def broken(self) -> bool:
+        return self.channel.broken
 
     @property
     def resp_node(self) -> str:
         return B if self.ini_node == A else A
 
+    @property
+    def initiator(self) -> InitiatorSession | None:
+        return self.handle.session if self.handle is not None else None
+
+    @property
+    def responder(self) -> ResponderSession | None:
+        """The responder session the first message on this channel opened (None before that)."""
+        for sim_link in self.world.nodes[self.resp_node].links:
+            if sim_link.end is self.resp_end:
+                session = sim_link.session
+                assert isinstance(session, ResponderSession)
+                return session
+        return None
+
     def session(self, node: str) -> Session | None:
         return self.initiator if node == self.ini_node else self.responder
 
-    def queue_to(self, node: str) -> deque[bytes | None]:
-        return self.to_ini if node == self.ini_node else self.to_resp
+    def end_at(self, node: str) -> ChannelEnd:
+        return self.ini_end if node == self.ini_node else self.resp_end
 
     def __repr__(self) -> str:
         return f"L{self.id}({self.ini_node}->{self.resp_node}{', broken' if self.broken else ''})"
@@ -157,7 +185,8 @@ class World:
     def __init__(self, settle: bool) -> None:
         self.settle = settle
         self.config = config(settle)
-        self.sim = Simulation(0, NetConfig(manual=True), config=self.config, record_deliveries=False)
+        self.sim = Simulation(0, NetConfig(manual=True), config=self.config, record_deliveries=False,
+                              signalling_manual=True)
         self.steps: list[Step] = []
         self.violations: list[tuple[str, str]] = []
         self.nodes: dict[str, SimNode] = {
@@ -167,6 +196,7 @@ class World:
         self.labels: dict[int, str] = {}  # nonce -> P<k>
         self.entries: dict[tuple[str, int], PairEntry] = {}  # every entry ever added
         self.links: list[Link] = []
+        self.sid_names: dict[bytes, str] = {}  # session id -> link label, for readable traces
         self.take_errors: list[tuple[str, str]] = []  # takes refused at once (PairBusy / UnknownPair)
         self.last_state: dict[int, tuple[object, str]] = {}  # id(model) -> (model, last recorded target)
         self.handed: dict[tuple[str, int], int] = {}  # entries that entered InUse, per (node, nonce)
@@ -187,8 +217,8 @@ class World:
             return self.labels.get(model.nonce, f"{model.nonce:#x}")
         if isinstance(model, Session):
             sid = int.from_bytes(model.sid, "big") if model.sid else -1
-            if 0 < sid < 1 << 32:
-                name = f"L{sid}"  # a take's channel: the test chose sid = link number
+            if model.sid and model.sid in self.sid_names:
+                name = self.sid_names[model.sid]  # a take's channel (named once the take returned)
             elif sid >> 120 == BOGUS_SID_TAG:
                 name = f"L{sid & 0xFFFFFFFF}"
             else:
@@ -286,121 +316,94 @@ class World:
     def take(self, node: str, ref: PairRef | None) -> Link | None:
         """take(nonce) with ``ref``, take_any(peer) without; a refusal at once is recorded, not raised."""
         link_id = len(self.links) + 1
-        pool = self.nodes[node].pool
         peer = B if node == A else A
-        sid = link_id.to_bytes(wire.SID_SIZE, "big")
+        mark = len(self.steps)
         try:
             if ref is None:
-                session = pool.start_take(None, peer, self.now, sid=sid)
+                handle = self.nodes[node].take(None, peer)
             else:
-                session = pool.start_take(ref.nonce, None, self.now, sid=sid)
+                handle = self.nodes[node].take(ref.nonce, None)
         except HandoverError as exc:
             self.take_errors.append((node, type(exc).__name__))
         except UnknownPair:
             self.take_errors.append((node, "UnknownPair"))
         else:
-            link = Link(link_id, node, session)
-            self.links.append(link)
-            self.sync()
-            return link
+            if handle.end is None:  # the local claim was lost: nothing sent, no channel
+                self.take_errors.append((node, type(handle.outcome).__name__))
+            else:
+                assert handle.session is not None
+                link = Link(link_id, node, handle, handle.end, handle.end.peer, self)
+                self.links.append(link)
+                self.sid_names[handle.session.sid] = f"L{link_id}"
+                # The initiator's first step (send_lock) ran inside take(), before its name was known.
+                self.steps[mark:] = [replace(st, who=f"L{link_id}.ini") if st.who == "L?.ini" else st
+                                     for st in self.steps[mark:]]
+                self.sync()
+                return link
         self.sync()
         return None
 
     def open_bogus(self, node: str, data: bytes) -> Link:
         """A channel opened by someone else whose first message is ``data`` (malformed, replayed...)."""
-        link = Link(len(self.links) + 1, B if node == A else A, None)
-        link.to_resp.append(data)
+        other = B if node == A else A
+        theirs, ours = self.sim.signalling.open(other, self.nodes[node])
+        self.nodes[node].serve(ours)
+        theirs.send(data)
+        link = Link(len(self.links) + 1, other, None, theirs, ours, self)
         self.links.append(link)
         return link
 
     def sessions(self) -> list[tuple[str, Session]]:
-        out: list[tuple[str, Session]] = []
-        for link in self.links:
-            if link.initiator is not None:
-                out.append((link.ini_node, link.initiator))
-            if link.responder is not None:
-                out.append((link.resp_node, link.responder))
-        return out
+        """Every session either node ran (takes, answers to takes and to bogus channels), in start order."""
+        return [(n, sim_link.session) for n in NODES for sim_link in self.nodes[n].links]
 
     def leases(self) -> list[tuple[str, Lease]]:
         return [(n, s.outcome) for n, s in self.sessions() if isinstance(s.outcome, Lease)]
 
     def deliver_signal(self, link: Link, to_node: str) -> bool:
-        """Deliver the head of ``link``'s queue towards ``to_node``; False if it was empty."""
-        queue = link.queue_to(to_node)
-        if not queue:
-            return False
-        data = queue.popleft()
-        now = self.now
-        if data is None:  # the peer's graceful close
-            link.closed.add(to_node)
-            session = link.session(to_node)
-            if session is not None:
-                session.channel_closed(now)
-        elif to_node == link.resp_node and link.responder is None:
-            link.responder = self.nodes[to_node].pool.accept_session(data, now)
-        else:
-            session = link.session(to_node)
-            if session is not None:
-                session.receive_signal(data, now)
-        self.sync()
-        return True
+        """Deliver the head of ``link``'s direction towards ``to_node``; False if nothing is queued there."""
+        sig = self.sim.signalling
+        to = link.end_at(to_node)
+        for i, pending in enumerate(sig.in_flight):
+            if pending.to is to:
+                sig.deliver(i)  # the first one queued towards ``to`` is that direction's head
+                self.sync()
+                return True
+        return False
 
     def inject_signal(self, link: Link, to_node: str, data: bytes) -> None:
         """Put a forged/garbage message in ``link``'s queue towards ``to_node`` (behind what is queued)."""
-        if not link.broken and to_node not in link.closed:
-            link.queue_to(to_node).append(data)
+        self.sim.signalling.inject(link.end_at(to_node), data)
 
     def break_link(self, link: Link) -> None:
         """The channel fails abruptly: queued messages are lost, both live ends are told now."""
         if link.broken:
             return
-        link.broken = True
-        link.to_ini.clear()
-        link.to_resp.clear()
-        for node in (link.ini_node, link.resp_node):
-            if node not in link.closed:
-                link.closed.add(node)
-                session = link.session(node)
-                if session is not None:
-                    session.channel_closed(self.now)
+        link.channel.break_()
+        while self.deliver_signal(link, link.ini_node) or self.deliver_signal(link, link.resp_node):
+            pass  # only the two break notices are left on a broken channel
         self.sync()
 
     def release(self, lease: Lease) -> None:
-        lease.release(self.now)
+        self.nodes[lease.entry.local.identity].release(lease)
         self.sync()
 
     # --- driving ---------------------------------------------------------------------
 
     def sync(self) -> None:
-        """What a driver does after any input: ship session output, close ended sessions, pump pools."""
-        for link in self.links:
-            for node in (link.ini_node, link.resp_node):
-                session = link.session(node)
-                if session is None:
-                    continue
-                out = session.signals_to_send()
-                peer = link.resp_node if node == link.ini_node else link.ini_node
-                if not link.broken and node not in link.closed:
-                    link.queue_to(peer).extend(out)
-                    if session.done:
-                        link.closed.add(node)
-                        link.queue_to(peer).append(None)
-        for sim_node in self.nodes.values():
-            sim_node.pump()
-        # Every input, not only every rule: a macro rule (flush, advance, heal_and_run) may pass
-        # through a violation and out again before the rule ends.
+        """After any input: the nodes have already pumped (as drivers do); check every property.
+
+        Every input, not only every rule: a macro rule (flush, advance, heal_and_run) may pass
+        through a violation and out again before the rule ends.
+        """
         self.check()
 
     def _next_deadline(self) -> tuple[float, str] | None:
+        """The next thing time brings: a node's timer (entries and sessions), or a datagram's death."""
         cands: list[tuple[float, str]] = []
         t = self.sim.scheduler.next_time()
         if t is not None:
             cands.append((t, "sched"))
-        for _, s in self.sessions():
-            st = s.get_timer()
-            if st is not None:
-                cands.append((st, "session"))
         if self.sim.network.in_flight:
             # Lifetime ends first at equal times: the datagram is gone before any timer sees it.
             cands.append((min(dg.sent_at for dg in self.sim.network.in_flight) + MAX_LIFETIME, "\0lifetime"))
@@ -415,22 +418,17 @@ class World:
                 break
             t, kind = nxt
             if kind == "sched":
-                self.sim.scheduler.step()
+                self.sim.step()
             else:
                 self.sim.clock.advance_to(max(t, self.now))
-                if kind == "session":
-                    for _, s in self.sessions():
-                        st = s.get_timer()
-                        if st is not None and st <= self.now:
-                            s.handle_timer(self.now)
-                else:
-                    net = self.sim.network
-                    net.in_flight[:] = [dg for dg in net.in_flight if dg.sent_at + MAX_LIFETIME > self.now]
+                net = self.sim.network
+                net.in_flight[:] = [dg for dg in net.in_flight if dg.sent_at + MAX_LIFETIME > self.now]
             self.sync()
         else:
             self.fail(props.LIVENESS, f"livelock: 100000 timer events without reaching t={target} "
                                       f"(a deadline stays due and handling it changes nothing: {nxt})")
-        self.sim.scheduler.run_until(target)
+        if target > self.now:
+            self.sim.clock.advance_to(target)
         self.sync()
 
     def deliver_datagram(self, i: int) -> None:
@@ -461,19 +459,15 @@ class World:
 
     def flush(self) -> None:
         """Deliver every queued signal and in-flight datagram (and what they trigger) without time passing."""
-        for _ in range(10_000):
-            moved = False
-            for link in self.links:
-                for node in (link.resp_node, link.ini_node):
-                    while self.deliver_signal(link, node):
-                        moved = True
-            net = self.sim.network
-            if net.in_flight:
-                moved = True
-                net.deliver_all()
-                self.sync()
-            if not moved:
+        sig, net = self.sim.signalling, self.sim.network
+        for _ in range(100_000):
+            if sig.in_flight:
+                sig.deliver(0)  # the oldest message overall: always the head of its direction
+            elif net.in_flight:
+                net.deliver(0)
+            else:
                 return
+            self.sync()
         raise AssertionError("flush() did not quiesce")  # pragma: no cover
 
     def heal_and_run(self, duration: float) -> None:
