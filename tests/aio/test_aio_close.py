@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from natpool.aio.handover import run_initiator, serve_responder
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import HELLO_PREFIX, DropLog, TcpSignalling, TcpSignallingServer
 from natpool.config import PairConfig
@@ -148,6 +147,34 @@ class RecvProbe:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class Played:
+    """alice's Signalling when the test plays the peer: each ``open`` hands the far end to ``far``."""
+
+    def __init__(self) -> None:
+        self.far: asyncio.Queue[MemoryChannel] = asyncio.Queue()
+        self.mine: list[MemoryChannel] = []
+
+    async def open(self, peer_identity: str) -> SignalChannel:
+        mine, theirs = memory_channel_pair()
+        self.mine.append(mine)
+        self.far.put_nowait(theirs)
+        return mine
+
+
+@asynccontextmanager
+async def alone(alice_pings: bool) -> AsyncIterator[tuple[AsyncPairPool, Played]]:
+    """alice's pool with one pair whose peer is a silent socket the test holds (its pings go unanswered)."""
+    pair, s1, s2 = make_pair()
+    signalling = Played()
+    alice = AsyncPairPool("alice", CFG, signalling=signalling)
+    try:
+        await alice.add(pair, is_pinger=alice_pings, sock=s1)
+        yield alice, signalling
+    finally:
+        await alice.close()
+        s2.close()
 
 
 @asynccontextmanager
@@ -359,7 +386,7 @@ def test_accept_returns_a_lease_that_arrives_while_it_waits() -> None:
 
 @pytest.mark.parametrize("yields", range(20))
 def test_close_racing_an_arriving_lock_never_completes_a_new_handover(yields: int) -> None:
-    """alice (sans-IO) sends LOCK; after ``yields`` loop turns bob's pool closes.
+    """alice's take sends LOCK; after ``yields`` loop turns bob's pool closes.
 
     Each parameter is one interleaving, from "LOCK queued, not yet read" on.
     Whatever the interleaving, once close() has begun bob claims no entry,
@@ -368,13 +395,9 @@ def test_close_racing_an_arriving_lock_never_completes_a_new_handover(yields: in
     """
 
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        pair, s1, s2 = make_pair()
-        s1.close()  # alice is sans-IO here; bob's pings to her port go nowhere
-        a = PairPool("alice", CFG)
-        a.add(pair, True, clock())
+        alice = AsyncPairPool("alice", CFG)
         bob = AsyncPairPool("bob", CFG)
-        await bob.add(pair, False, sock=s2)
+        await add_pair(alice, bob)
         claims_after_close: list[StateChanged] = []
         closing = False
 
@@ -387,23 +410,32 @@ def test_close_racing_an_arriving_lock_never_completes_a_new_handover(yields: in
         probe = RecvProbe(cb)
         serve = asyncio.ensure_future(bob.serve_handover(probe))
         await probe.waiting.wait()
-        session = a.start_take(NONCE, None, clock())
-        initiator = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        for _ in range(yields):
-            await asyncio.sleep(0)
-        sessions = bob.core.handovers.sessions()
-        past_no_return = bool(bob.core.handovers.outcomes["lease"]) or any(
-            s.state == "Settling" for s in sessions)
-        closing = True
-        await bob.close()
-        result = await asyncio.gather(initiator, return_exceptions=True)
-        assert await serve is None or past_no_return
-        assert claims_after_close == []
-        if not past_no_return:
-            assert not isinstance(result[0], Lease), result
-            # Rule 4: alice's entry is back to Idle, or expired if she had locked (sent TAKE).
-            assert NONCE not in a or a.get(NONCE).state == "Idle"
-            assert bob.handover_outcomes["lease"] == 0  # a lease completing during close() is closed, not handed out
+
+        class ToBob:  # alice's Signalling: her one take's channel is the one bob already serves
+            async def open(self, peer_identity: str) -> SignalChannel:
+                return ca
+
+        alice.signalling = ToBob()
+        initiator = asyncio.ensure_future(alice.take(NONCE))
+        try:
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            sessions = bob.core.handovers.sessions()
+            past_no_return = bool(bob.core.handovers.outcomes["lease"]) or any(
+                s.state == "Settling" for s in sessions)
+            closing = True
+            await bob.close()
+            result = await asyncio.gather(initiator, return_exceptions=True)
+            assert await serve is None or past_no_return
+            assert claims_after_close == []
+            if not past_no_return:
+                assert not isinstance(result[0], Lease), result
+                # Rule 4: alice's entry is back to Idle, or expired if she had locked (sent TAKE).
+                assert NONCE not in alice.core or alice.get(NONCE).state == "Idle"
+                # A lease completing during close() is closed, not handed out.
+                assert bob.handover_outcomes["lease"] == 0
+        finally:
+            await alice.close()
 
     run(main())
 
@@ -751,44 +783,22 @@ def test_a_take_cancelled_in_taking_expires_its_entry_per_rule_4() -> None:
     """Second case: TAKE went out, TAKEN did not arrive; alice's Locked entry expires, ABORT still goes out."""
 
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        pair = EndpointPair(Endpoint("a", "127.0.0.1", 41001), Endpoint("b", "127.0.0.1", 41002), NONCE)
-        a = PairPool("a", CFG)
-        a.add(pair, False, clock())  # ponger initiator: locks on LOCKED, sends TAKE at once
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        task = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        lock = wire.decode(await cb.recv())
-        await cb.send(wire.encode(Signal(SignalType.LOCKED, NONCE, lock.sid, 1)))
-        assert wire.decode(await cb.recv()).type is SignalType.TAKE
-        assert session.state == "Taking"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        abort = wire.decode(await cb.recv())
-        assert abort.type is SignalType.ABORT and abort.reason is AbortReason.CANCELLED
-        assert isinstance(session.outcome, HandoverCancelled)
-        assert NONCE not in a  # Locked never goes back to Idle: expired, left the pool
-
-    run(main())
-
-
-def test_serve_responder_closes_on_cancel_when_used_directly() -> None:
-    """The sans-IO pump helper itself (used by custom drivers) closes its channel when cancelled."""
-
-    async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        b = PairPool("b", CFG)
-        ours, theirs = memory_channel_pair()
-        probe = RecvProbe(theirs)
-        task = asyncio.ensure_future(serve_responder(b, probe, clock))
-        await probe.waiting.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert theirs.closed
-        with pytest.raises(ChannelBroken):
-            await ours.recv()
+        async with alone(alice_pings=False) as (alice, played):  # ponger initiator: locks on LOCKED, TAKE at once
+            task = asyncio.ensure_future(alice.take(NONCE))
+            cb = await played.far.get()
+            lock = wire.decode(await cb.recv())
+            (session,) = alice.node.sessions().values()
+            await cb.send(wire.encode(Signal(SignalType.LOCKED, NONCE, lock.sid, 1)))
+            assert wire.decode(await cb.recv()).type is SignalType.TAKE
+            assert session.state == "Taking"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            abort = wire.decode(await cb.recv())
+            assert abort.type is SignalType.ABORT and abort.reason is AbortReason.CANCELLED
+            assert isinstance(session.outcome, HandoverCancelled)
+            assert NONCE not in alice.core  # Locked never goes back to Idle: expired, left the pool
+            assert alice.handover_outcomes == {"HandoverCancelled": 1}
 
     run(main())
 
@@ -797,29 +807,27 @@ def test_serve_responder_closes_on_cancel_when_used_directly() -> None:
 def test_a_cancel_landing_as_the_session_ends_is_never_swallowed(yields: int) -> None:
     """asyncio's contract: a ``cancel()`` that found the task running ends it with CancelledError.
 
-    The peer answers BUSY; ``yields`` loop turns later the caller cancels. One
-    of the interleavings lands while the pump waits for its reader task to
-    end, which once swallowed the cancellation and raised PairBusy instead.
+    The peer answers BUSY; ``yields`` loop turns later the caller cancels. Some
+    of the interleavings land after the session ended, while the take waits
+    for its channel to close (the old per-session pump once swallowed the
+    cancellation there, waiting for its reader task, and raised the
+    session's error instead).
     """
 
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        pair = EndpointPair(Endpoint("a", "127.0.0.1", 41001), Endpoint("b", "127.0.0.1", 41002), NONCE)
-        a = PairPool("a", CFG)
-        a.add(pair, True, clock())
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        task = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        lock = wire.decode(await cb.recv())
-        await cb.send(wire.encode(Signal(SignalType.BUSY, NONCE, lock.sid, 1)))
-        for _ in range(yields):
-            await asyncio.sleep(0)
-        requested = task.cancel()
-        outcome = (await asyncio.gather(task, return_exceptions=True))[0]
-        if requested:
-            assert isinstance(outcome, asyncio.CancelledError), outcome
-        else:
-            assert isinstance(outcome, HandoverError)
-        assert a.get(NONCE).state == "Idle"
+        async with alone(alice_pings=True) as (alice, played):
+            task = asyncio.ensure_future(alice.take(NONCE))
+            cb = await played.far.get()
+            lock = wire.decode(await cb.recv())
+            await cb.send(wire.encode(Signal(SignalType.BUSY, NONCE, lock.sid, 1)))
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            requested = task.cancel()
+            outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+            if requested:
+                assert isinstance(outcome, asyncio.CancelledError), outcome
+            else:
+                assert isinstance(outcome, HandoverError)
+            assert alice.get(NONCE).state == "Idle"
 
     run(main())

@@ -1,200 +1,305 @@
-"""The async pump over in-memory channels: two sans-IO pools on one loop, no sleeps.
+"""Handover through the asyncio driver over in-memory signalling: two ``AsyncPairPool`` s on loopback UDP.
 
-Keepalive datagrams are shuttled by hand where a test needs them; every
-timeout here is a short ``lock_timeout`` honoured by the pump itself.
+The sessions run in each pool's :class:`~natpool.core.node.Node` on the
+driver's one timer; the channels are :class:`~natpool.signalling.MemoryChannel`
+s (``Wire`` below, or the stock :class:`~natpool.signalling.MemorySignalling`).
+Nothing sleeps on the wall clock: interleavings are forced with events and
+``asyncio.sleep(0)`` yields; the only waits on the loop's clock are the
+timeouts under test (a short ``lock_timeout``), which no assertion measures.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import socket
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
-from natpool.aio.handover import run_initiator, serve_responder
+from natpool.aio.pool import AsyncPairPool
 from natpool.config import PairConfig
+from natpool.core.entry import TIMER_SLACK
+from natpool.core.handover import Session
 from natpool.core.lease import Lease
-from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import ChannelBroken, HandoverError, HandoverTimeout, PairBusy
-from natpool.signalling import MemoryChannel, MemorySignalling, SignalChannel, Signalling, memory_channel_pair
+from natpool.signalling import MemoryChannel, MemorySignalling, SignalChannel, memory_channel_pair
 from natpool.wire.frame import Frame, Kind, encode
+from natpool.wire.frame import decode as decode_frame
 from natpool.wire.signal import AbortReason, SignalType, decode
+from tests.support.aio import bound_socket
+from tests.support.aio import run as _run
 
 NONCE = 0x5EED
-PAIR = EndpointPair(Endpoint("a", "127.0.0.1", 40001), Endpoint("b", "127.0.0.1", 40002), NONCE)
-CFG = PairConfig(lock_timeout=0.2)
+CFG = PairConfig(ping_interval=0.05, no_inbound_timeout=10.0, ping_lifespan=2.0, lock_timeout=5.0)
+#: For the tests of a timeout itself: the loop's clock must pass it, so it is short.
+SHORT = PairConfig(ping_interval=0.05, no_inbound_timeout=10.0, ping_lifespan=2.0, lock_timeout=0.2)
 
 
-def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), timeout=10))
+def run(coro: Awaitable[Any]) -> Any:
+    return _run(coro, 15.0)
 
 
-def pools(pinger: str, now: float) -> tuple[PairPool, PairPool]:
-    a, b = PairPool("a", CFG), PairPool("b", CFG)
-    a.add(PAIR, pinger == "a", now)
-    b.add(PAIR, pinger == "b", now)
-    return a, b
+def make_pair(nonce: int = NONCE) -> tuple[EndpointPair, socket.socket, socket.socket]:
+    s1, s2 = bound_socket(), bound_socket()
+    pair = EndpointPair(Endpoint("alice", "127.0.0.1", s1.getsockname()[1]),
+                        Endpoint("bob", "127.0.0.1", s2.getsockname()[1]), nonce)
+    return pair, s1, s2
 
 
-@pytest.mark.parametrize("pinger", ["a", "b"])
-def test_pump_happy_path(pinger: str) -> None:
+async def add_pair(alice: AsyncPairPool, bob: AsyncPairPool, alice_pings: bool) -> None:
+    """The pair on both pools, after one keepalive round trip (both sockets live)."""
+    pair, s1, s2 = make_pair()
+    ea = await alice.add(pair, is_pinger=alice_pings, sock=s1)
+    eb = await bob.add(pair, is_pinger=not alice_pings, sock=s2)
+    pinger, pool = (ea, alice) if alice_pings else (eb, bob)
+    while pinger.stats.received < 1:
+        await pool.wait_changed()
+
+
+class Wire:
+    """alice's Signalling: each ``open`` is a fresh memory channel pair; bob serves the far end.
+
+    With ``bob`` None (or ``serve`` False) nobody serves it: the test plays
+    the peer on ``channels[i][1]`` itself. ``opened`` is set on each open.
+    """
+
+    def __init__(self, bob: AsyncPairPool | None) -> None:
+        self.bob = bob
+        self.serve = bob is not None
+        self.channels: list[tuple[MemoryChannel, MemoryChannel]] = []
+        self.serves: list[asyncio.Task[Lease | None]] = []
+        self.opened = asyncio.Event()
+        self.watched: list[Watched] = []  # alice's ends, as handed to her pool
+
+    async def open(self, peer_identity: str) -> SignalChannel:
+        mine, theirs = memory_channel_pair()
+        self.channels.append((mine, theirs))
+        if self.serve and self.bob is not None:
+            self.serves.append(asyncio.ensure_future(self.bob.serve_handover(theirs)))
+        self.opened.set()
+        watched = Watched(mine)
+        self.watched.append(watched)
+        return watched
+
+    async def far_end(self) -> MemoryChannel:
+        """The far end of the first channel alice opened (waits for the open)."""
+        await self.opened.wait()
+        return self.channels[0][1]
+
+
+class Watched:
+    """alice's end of a channel, recording each signal it reads with the loop's time.
+
+    The driver processes a signal in the same loop step as ``recv`` returns
+    it, so once ``seen[type]`` is set the node has acted on it, and the time
+    recorded is no later than the one the node was given.
+    """
+
+    def __init__(self, inner: MemoryChannel) -> None:
+        self.inner = inner
+        self.peer_identity = inner.peer_identity
+        self.seen: dict[SignalType, asyncio.Event] = {t: asyncio.Event() for t in SignalType}
+        self.read_at: dict[SignalType, float] = {}
+
+    async def send(self, data: bytes) -> None:
+        await self.inner.send(data)
+
+    async def recv(self) -> bytes:
+        data = await self.inner.recv()
+        kind = decode(data).type
+        self.read_at.setdefault(kind, asyncio.get_running_loop().time())
+        self.seen[kind].set()
+        return data
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@asynccontextmanager
+async def nodes(alice_pings: bool, cfg: PairConfig = CFG) -> AsyncIterator[tuple[AsyncPairPool, AsyncPairPool, Wire]]:
+    alice, bob = AsyncPairPool("alice", cfg), AsyncPairPool("bob", cfg)
+    wire = Wire(bob)
+    alice.signalling = wire
+    try:
+        await add_pair(alice, bob, alice_pings)
+        yield alice, bob, wire
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+def types(channel: MemoryChannel) -> list[SignalType]:
+    return [decode(d).type for d in channel.sent]
+
+
+def only_session(pool: AsyncPairPool) -> Session:
+    (session,) = pool.node.sessions().values()
+    return session
+
+
+@pytest.mark.parametrize("alice_pings", [True, False])
+def test_take_hands_over_on_both_sides_and_closes_both_channel_ends(alice_pings: bool) -> None:
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, b = pools(pinger, clock())
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        lease_a, lease_b = await asyncio.gather(run_initiator(a, session, ca, clock),
-                                                serve_responder(b, cb, clock))
-        assert (lease_a.role, lease_b.role) == ("initiator", "responder")
-        assert a.get(NONCE).state == b.get(NONCE).state == "InUse"
-        assert [decode(d).type for d in ca.sent] == [SignalType.LOCK, SignalType.TAKE]
-        assert [decode(d).type for d in cb.sent] == [SignalType.LOCKED, SignalType.TAKEN]
-        assert ca.closed and cb.closed
-        lease_a.release(clock())
-        assert NONCE not in a
+        async with nodes(alice_pings) as (alice, bob, wire):
+            lease_a = await alice.take(NONCE)
+            assert await wire.serves[0] is not None
+            lease_b = await bob.accept()
+            assert (lease_a.role, lease_b.role) == ("initiator", "responder")
+            assert alice.get(NONCE).state == bob.get(NONCE).state == "InUse"
+            mine, theirs = wire.channels[0]
+            assert types(mine) == [SignalType.LOCK, SignalType.TAKE]
+            assert types(theirs) == [SignalType.LOCKED, SignalType.TAKEN]
+            assert mine.closed and theirs.closed
+            assert not alice.node.sessions() and not bob.node.sessions()
+            alice.release(lease_a)
+            bob.release(lease_b)
+            assert NONCE not in alice.core and NONCE not in bob.core
 
-    run(main)
-
-
-def test_pump_wakes_on_drain_without_polling() -> None:
-    """The pinger initiator waits for its in-flight ping; the pong's Drained event wakes the pump at once."""
-
-    async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, b = pools("a", clock())
-        [(_, _ping, _addr)] = a.datagrams_to_send(clock())  # the ping is now outstanding
-        assert a.get(NONCE).outstanding == 1
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        initiator = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        responder = asyncio.ensure_future(serve_responder(b, cb, clock))
-        while session.state != "Draining":
-            await asyncio.sleep(0)
-        for _ in range(5):  # LOCKED arrived, but nothing moves while the ping is outstanding
-            await asyncio.sleep(0)
-        assert session.state == "Draining" and a.get(NONCE).state == "InLocking"
-        a.receive_datagram(NONCE, encode(Frame(NONCE, Kind.PONG)), PAIR.b.addr, clock())
-        lease_a, lease_b = await asyncio.gather(initiator, responder)
-        assert isinstance(lease_a, Lease) and isinstance(lease_b, Lease)
-        assert session.ended_at is not None and session.ended_at - session.started_at < CFG.lock_timeout
-
-    run(main)
+    run(main())
 
 
-def test_pump_wakes_when_the_drain_arrives_on_another_thread() -> None:
-    """The pong is fed on a worker thread: the waker hops to the loop thread and the session completes."""
+def test_the_pong_that_ends_the_drain_completes_the_take_with_no_timer() -> None:
+    """The pinger initiator waits for its in-flight ping; the pong's datagram alone moves the take on.
+
+    bob's NAT address (``x``) is a socket the test holds: alice's ping lands
+    there and nothing answers it until the test sends the pong. The drain
+    grace is as long as the lock, so no timer can end the drain: the ping is
+    answered (not timed out) and the take ends with a lease.
+    """
 
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, b = pools("a", clock())
-        [(_, _ping, _addr)] = a.datagrams_to_send(clock())
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        initiator = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        responder = asyncio.ensure_future(serve_responder(b, cb, clock))
-        while session.state != "Draining":
-            await asyncio.sleep(0)
-        pong = encode(Frame(NONCE, Kind.PONG))
-        await asyncio.to_thread(a.receive_datagram, NONCE, pong, PAIR.b.addr, clock())
-        lease_a, lease_b = await asyncio.gather(initiator, responder)
-        assert (lease_a.role, lease_b.role) == ("initiator", "responder")
-        assert [decode(d).type for d in ca.sent] == [SignalType.LOCK, SignalType.TAKE]
+        loop = asyncio.get_running_loop()
+        s1, s2, x = bound_socket(), bound_socket(), bound_socket()
+        x.setblocking(False)
+        pair = EndpointPair(Endpoint("alice", "127.0.0.1", s1.getsockname()[1]),
+                            Endpoint("bob", "127.0.0.1", x.getsockname()[1]), NONCE)
+        cfg = PairConfig(ping_interval=10.0, no_inbound_timeout=30.0, ping_lifespan=8.0, min_drain_grace=8.0,
+                         lock_timeout=9.0)  # one ping, and only its pong ends the drain
+        alice, bob = AsyncPairPool("alice", cfg), AsyncPairPool("bob", cfg)
+        wire = Wire(bob)
+        alice.signalling = wire
+        try:
+            await alice.add(pair, is_pinger=True, sock=s1)
+            await bob.add(pair, is_pinger=False, sock=s2)  # its pings-to-answer never come: they go to x
+            ping, src = await loop.sock_recvfrom(x, 64)
+            assert decode_frame(ping).kind is Kind.PING and alice.get(NONCE).outstanding == 1
+            take = asyncio.ensure_future(alice.take(NONCE))
+            await wire.opened.wait()
+            await wire.watched[0].seen[SignalType.LOCKED].wait()
+            session = only_session(alice)
+            for _ in range(5):  # LOCKED arrived, but nothing moves while the ping is outstanding
+                await asyncio.sleep(0)
+            assert session.state == "Draining" and alice.get(NONCE).state == "InLocking"
+            assert types(wire.channels[0][0]) == [SignalType.LOCK]
+            x.sendto(encode(Frame(NONCE, Kind.PONG)), src)
+            lease = await take
+            assert lease.role == "initiator"
+            stats = alice.get(NONCE).stats
+            assert (stats.received, stats.ping_timeouts) == (1, 0)
+            assert types(wire.channels[0][0]) == [SignalType.LOCK, SignalType.TAKE]
+            assert await wire.serves[0] is not None
+        finally:
+            x.close()
+            await alice.close()
+            await bob.close()
 
-    run(main)
+    run(main())
 
 
-def test_pump_times_out_when_the_peer_never_answers() -> None:
+def test_a_take_nobody_answers_times_out_with_abort_timeout() -> None:
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, _ = pools("a", clock())
-        ca, _cb = memory_channel_pair()  # nobody serves the other end
-        session = a.start_take(NONCE, None, clock())
-        with pytest.raises(HandoverTimeout):
-            await run_initiator(a, session, ca, clock)
-        assert a.get(NONCE).state == "Idle"
-        assert [decode(d).type for d in ca.sent] == [SignalType.LOCK, SignalType.ABORT]
-        assert decode(ca.sent[-1]).reason is AbortReason.TIMEOUT
+        async with nodes(True, SHORT) as (alice, _bob, wire):
+            wire.serve = False  # nobody serves the far end
+            with pytest.raises(HandoverTimeout):
+                await alice.take(NONCE)
+            assert alice.get(NONCE).state == "Idle"
+            mine, _theirs = wire.channels[0]
+            assert types(mine) == [SignalType.LOCK, SignalType.ABORT]
+            assert decode(mine.sent[-1]).reason is AbortReason.TIMEOUT
+            assert mine.closed
+            assert alice.handover_outcomes == {"HandoverTimeout": 1}
 
-    run(main)
+    run(main())
 
 
-def test_pump_channel_closed_by_peer_after_lock() -> None:
+def test_the_peer_closing_the_channel_after_lock_fails_the_take_with_channel_broken() -> None:
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, b = pools("b", clock())
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        initiator = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        first = await cb.recv()
-        assert decode(first).type is SignalType.LOCK
-        await cb.close()
-        with pytest.raises(ChannelBroken):
-            await initiator
-        assert a.get(NONCE).state == "Idle" and b.get(NONCE).state == "Idle"
-        assert not a.handovers.sessions()
+        async with nodes(False) as (alice, bob, wire):
+            wire.serve = False
+            take = asyncio.ensure_future(alice.take(NONCE))
+            far = await wire.far_end()
+            assert decode(await far.recv()).type is SignalType.LOCK
+            await far.close()
+            with pytest.raises(ChannelBroken):
+                await take
+            assert alice.get(NONCE).state == bob.get(NONCE).state == "Idle"
+            assert not alice.node.sessions()
+            assert alice.handover_outcomes == {"ChannelBroken": 1}
 
-    run(main)
+    run(main())
 
 
-def test_responder_gives_up_when_no_lock_arrives() -> None:
+def test_serve_handover_gives_up_when_no_lock_arrives() -> None:
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        _, b = pools("a", clock())
-        _ca, cb = memory_channel_pair()
-        with pytest.raises(HandoverTimeout):
-            await serve_responder(b, cb, clock)
-        assert cb.closed
+        async with AsyncPairPool("bob", SHORT) as bob:
+            ours, theirs = memory_channel_pair()
+            assert await bob.serve_handover(theirs) is None
+            assert theirs.closed
+            assert bob.handover_outcomes == {"HandoverTimeout": 1}
+            with pytest.raises(ChannelBroken):  # the initiator learns it on its channel
+                await ours.recv()
 
-    run(main)
+    run(main())
 
 
-def test_cancelling_the_taker_aborts_and_returns_the_entry() -> None:
+def test_cancelling_the_taker_aborts_with_cancelled_and_returns_the_entry() -> None:
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, _ = pools("a", clock())
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        task = asyncio.ensure_future(run_initiator(a, session, ca, clock))
-        assert decode(await cb.recv()).type is SignalType.LOCK
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        abort = decode(await cb.recv())
-        assert abort.type is SignalType.ABORT and abort.reason is AbortReason.CANCELLED
-        assert a.get(NONCE).state == "Idle"
+        async with nodes(True) as (alice, _bob, wire):
+            wire.serve = False
+            take = asyncio.ensure_future(alice.take(NONCE))
+            far = await wire.far_end()
+            assert decode(await far.recv()).type is SignalType.LOCK
+            take.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await take
+            abort = decode(await far.recv())
+            assert abort.type is SignalType.ABORT and abort.reason is AbortReason.CANCELLED
+            assert alice.get(NONCE).state == "Idle"
+            assert alice.handover_outcomes == {"HandoverCancelled": 1}
 
-    run(main)
+    run(main())
 
 
 def test_memory_signalling_with_fifty_concurrent_takers() -> None:
-    """Fifty takers on node a: one lease per side, 49 PairBusy, through the Signalling protocol."""
+    """Fifty takers on alice: one lease per side, 49 PairBusy (nothing sent), through MemorySignalling."""
 
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        a, b = pools("a", clock())
-        served: list[asyncio.Future[Lease]] = []
+        alice, bob = AsyncPairPool("alice", CFG), AsyncPairPool("bob", CFG)
+        served: list[asyncio.Task[Lease | None]] = []
 
         def incoming(_peer: str, channel: MemoryChannel) -> None:
-            served.append(asyncio.ensure_future(serve_responder(b, channel, clock)))
+            served.append(asyncio.ensure_future(bob.serve_handover(channel)))
 
-        signalling: Signalling = MemorySignalling(incoming)
+        alice.signalling = MemorySignalling(incoming, local_identity="alice")
+        try:
+            await add_pair(alice, bob, alice_pings=True)
+            results = await asyncio.gather(*(alice.take_any("bob") for _ in range(50)), return_exceptions=True)
+            leases = [r for r in results if isinstance(r, Lease)]
+            busy = [r for r in results if isinstance(r, PairBusy)]
+            assert (len(leases), len(busy)) == (1, 49)
+            assert not [r for r in results if isinstance(r, HandoverError) and not isinstance(r, PairBusy)]
+            assert len(served) == 1  # the losers opened no channel
+            responder = await served[0]
+            assert responder is not None and responder.role == "responder"
+            assert alice.handover_outcomes == {"lease": 1}  # the losers failed at the claim: no session ran
+        finally:
+            await alice.close()
+            await bob.close()
 
-        async def taker() -> Lease:
-            session = a.start_take(None, "b", clock())  # PairBusy here for the losers: nothing is sent
-            channel: SignalChannel = await signalling.open("b")
-            return await run_initiator(a, session, channel, clock)
-
-        results = await asyncio.gather(*(taker() for _ in range(50)), return_exceptions=True)
-        leases = [r for r in results if isinstance(r, Lease)]
-        busy = [r for r in results if isinstance(r, PairBusy)]
-        assert (len(leases), len(busy)) == (1, 49)
-        assert len(served) == 1
-        assert isinstance(await served[0], Lease)
-        assert not [r for r in results if isinstance(r, HandoverError) and not isinstance(r, PairBusy)]
-
-    run(main)
+    run(main())
 
 
 def test_memory_channel_semantics() -> None:
@@ -217,24 +322,31 @@ def test_memory_channel_semantics() -> None:
         assert not pending.done()
         pending.cancel()
 
-    run(main)
+    run(main())
 
 
-def test_pump_honours_settle_time_on_its_own_timer() -> None:
+def test_the_settle_wait_runs_on_the_drivers_one_timer() -> None:
+    """settle_time > 0: after TAKEN the initiator settles on the driver's timer, then hands the lease out.
+
+    Nothing but that timer can end the Settling state (no datagram or signal
+    comes after TAKEN), so a lease at all shows the driver armed it; the
+    lease is not out before the settle deadline (less the timer slack).
+    """
+
     async def main() -> None:
-        clock = asyncio.get_running_loop().time
-        cfg = PairConfig(lock_timeout=0.5, settle_time=0.02)
-        a, b = PairPool("a", cfg), PairPool("b", cfg)
-        a.add(PAIR, False, clock())
-        b.add(PAIR, True, clock())
-        ca, cb = memory_channel_pair()
-        session = a.start_take(NONCE, None, clock())
-        lease_a, lease_b = await asyncio.gather(run_initiator(a, session, ca, clock),
-                                                serve_responder(b, cb, clock))
-        assert a.get(NONCE).state == b.get(NONCE).state == "InUse"
-        taken_at = session.received[-1]  # TAKEN: the initiator entered Settling when it arrived
-        assert taken_at.type is SignalType.TAKEN
-        assert session.ended_at is not None and session.ended_at - session.started_at >= 0.02
-        assert {lease_a.role, lease_b.role} == {"initiator", "responder"}
+        cfg = PairConfig(ping_interval=0.05, no_inbound_timeout=10.0, ping_lifespan=2.0, lock_timeout=5.0,
+                         settle_time=0.02)
+        async with nodes(False, cfg) as (alice, bob, wire):
+            take = asyncio.ensure_future(alice.take(NONCE))
+            await asyncio.sleep(0)  # the take started its session (start_take runs before the first await)
+            session = only_session(alice)
+            lease_a = await take
+            assert alice.get(NONCE).state == "InUse"
+            assert session.received[-1].type is SignalType.TAKEN  # the initiator settles from here
+            taken_at = wire.watched[0].read_at[SignalType.TAKEN]
+            assert session.ended_at is not None and session.ended_at >= taken_at + cfg.settle_time - TIMER_SLACK
+            assert await wire.serves[0] is not None
+            lease_b = await bob.accept()
+            assert {lease_a.role, lease_b.role} == {"initiator", "responder"}
 
-    run(main)
+    run(main())
