@@ -148,7 +148,8 @@ class MemorySignalling:
     """A :class:`Signalling` whose ``open`` hands the far end of a fresh pair to ``on_incoming``.
 
     ``on_incoming`` is the remote node's responder entry point (for example a
-    callback that spawns ``serve_responder``); the tests wire two pools with it.
+    callback that spawns ``bob.serve_handover(channel)``); the tests wire two
+    :class:`~natpool.aio.pool.AsyncPairPool` s with it.
     With ``local_identity`` both ends carry a ``peer_identity`` (the far end
     gets ``local_identity``, this end the identity it opened to): an
     in-process pair cannot be spoofed, so it counts as authenticated.

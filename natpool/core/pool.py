@@ -99,6 +99,13 @@ class PairPool:
     (``receive_datagram``, ``receive_and_reply``, ``handle_timer``, ``claim``,
     ``claim_any``) raise :class:`EventBacklog` and change nothing, until the
     driver drains. Removal and close are never refused.
+
+    Drivers use :class:`natpool.core.node.Node`, not this: the node owns a
+    pool (``node.pool``) and its handover sessions, and merges their outputs
+    and timers into one. :meth:`start_take` / :meth:`accept_session` return
+    a bare session whose signals, timer and end the caller must handle
+    itself; the node is built on them, and tests of the session logic call
+    them directly. The class stays public for those and for compatibility.
     """
 
     def __init__(
