@@ -571,7 +571,7 @@ class AsyncPairPool:
         return Counter(str(e.state) for e in self.core.entries())
 
     async def wait_changed(self) -> None:
-        """Wait until the next input (datagram, timer or event) was processed; for handover pumps and tests."""
+        """Wait until the next input (datagram, timer or event) was processed; for tests and monitoring code."""
         self._bind_loop()
         assert self._changed is not None
         self._changed.clear()
@@ -752,7 +752,7 @@ class AsyncPairPool:
                               event.event, event.reason)
                 if event.target in LEASE_STATES:
                     # Widen the receive buffer of an entry that just went silent before any signal that
-                    # lets the peer go InUse (and talk) leaves: the handover pump drains events first.
+                    # lets the peer go InUse (and talk) leaves: _after_input drains events before signals.
                     transport = self._transports.get(event.nonce)
                     if transport is not None and hasattr(transport, "max_size"):  # private, see above
                         transport.max_size = LEASE_RECV_BUFFER
@@ -791,10 +791,10 @@ class AsyncPairPool:
     def kick(self) -> None:
         """Process the core's pending output/events now: call after driving the core directly.
 
-        The handover pump calls this after every step, most of which changed
-        no entry: with no event and no datagram queued and the timer armed,
-        nothing can have moved a deadline earlier (only a transition does, and
-        it queues an event), so the flush and re-arm are skipped.
+        Cheap when nothing is pending (``take`` and ``release`` call it): with
+        no event and no datagram queued and the timer armed, nothing can have
+        moved a deadline earlier (only a transition does, and it queues an
+        event), so the flush and re-arm are skipped.
         """
         if self._closed:
             return
