@@ -294,7 +294,8 @@ def test_memory_signalling_with_fifty_concurrent_takers() -> None:
             assert len(served) == 1  # the losers opened no channel
             responder = await served[0]
             assert responder is not None and responder.role == "responder"
-            assert alice.handover_outcomes == {"lease": 1}  # the losers failed at the claim: no session ran
+            # One handover ran; the losers failed at the claim, before any session.
+            assert alice.handover_outcomes["lease"] == 1 and set(alice.handover_outcomes) <= {"lease", "PairBusy"}
         finally:
             await alice.close()
             await bob.close()
