@@ -37,10 +37,11 @@ from natpool.resources import SpecNotFound, given_dir, models_dir, spec_dir
 from natpool.spec.model import SpecError
 
 ORDER = ["AtomicTake", "StrictSilence", "CleanHandover", "Symmetry", "NoLeak", "Deadlock", "TakeReturns",
-         "LockEnds", "SessionEnds", "ReliableSuccess"]
+         "LockEnds", "SessionEnds", "ReliableSuccess", "LeaseToPeers", "IdleExpires"]
 SHORT = {"AtomicTake": "Atomic", "StrictSilence": "Silence", "CleanHandover": "Clean", "Symmetry": "Symm",
          "NoLeak": "NoLeak", "Deadlock": "Dlock", "TakeReturns": "TakeRet", "LockEnds": "LockEnd",
-         "SessionEnds": "SessEnd", "ReliableSuccess": "Reliable"}
+         "SessionEnds": "SessEnd", "ReliableSuccess": "Reliable",
+         "LeaseToPeers": "Lease", "IdleExpires": "IdleExp"}
 
 
 class UsageError(Exception):

@@ -287,6 +287,8 @@ def load_model(path: Path, system: System) -> Model:
     if unknown:
         raise SpecError(f"{path.name}: unknown constants {sorted(unknown)}")
     expect = tuple(str(x) for x in m.get("expect", []))
+    if consts.get("R", 0) and not consts.get("adversary"):
+        raise SpecError(f"{path.name}: rogue sessions (R > 0) need adversary = true")
     if consts.get("duplicate") and not consts.get("settle") and "CleanHandover" not in expect:
         raise SpecError(f"{path.name}: duplicate = true needs settle = true (or expect CleanHandover to fail)")
     return Model(name=str(m.get("name", path.stem)), path=path, profile=str(m.get("profile", "fast")),
