@@ -135,7 +135,8 @@ def render(doc: dict[str, Any], cs: Compiled) -> str:
     lines.append("  entries: pair:node0|node1   sessions: s(pair):initiator/responder (# = channel closed)")
     lines.append("  frames: pings>pongs< o=outstanding   signals: s:to-responder>to-initiator<")
     if "rogue" in cs.variables:
-        lines.append("  adversary: s[foreign]/s[replay] = a rogue session;  hN = node N's entry heard a frame this window")
+        lines.append("  adversary: s[foreign]/s[replay] = a rogue session;  hN = node N's entry heard a frame "
+                     "this window")
     rows = [("step", "node", "action", "entries", "sessions", "frames", "signals")]
     for k, step in enumerate(doc["steps"]):
         ents, sess, frames, sigs = _fmt_state(cs, step["state"])

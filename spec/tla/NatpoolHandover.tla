@@ -15,6 +15,9 @@ CONSTANT breaks  \* bool: a signalling channel may break (both queues lost) at a
 CONSTANT lock_timeouts  \* bool: a live session side may time out at any time (over-approximates lock_timeout)
 CONSTANT expiry  \* bool: an Idle entry may expire (no inbound) at any time
 CONSTANT remove  \* bool: the user may remove (close) a live entry at any time
+CONSTANT adversary  \* bool: an attacker forges and replays keepalive frames and signals (and the no_inbound_timeout timer is modelled, see expiry_tick)
+CONSTANT auth  \* bool: authentication: keyed keepalives (MAC, ping ids once), MAC'd fresh signals, peer-bound channels
+CONSTANT R  \* int: rogue sessions: signalling channels the adversary opens (needs adversary)
 
 VARIABLE entry  \* Entry state of pair p on node n (an absent entry is Expired)
 VARIABLE owner  \* session whose role on node n holds the entry, -1 if none
@@ -28,7 +31,10 @@ VARIABLE pair  \* the pair session s is about
 VARIABLE toresp  \* FIFO of signals initiator -> responder
 VARIABLE toini  \* FIFO of signals responder -> initiator
 VARIABLE closed  \* the session's channel was closed or broke
-vars == <<entry, owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed>>
+VARIABLE heard  \* an accepted inbound keepalive frame arrived at node n's entry of pair p in the current no_inbound_timeout window (adversary models only)
+VARIABLE seen  \* history: signals of pair p the adversary recorded (0 none, 1 a LOCK, 2 a LOCK and a TAKE; adversary models with R > 0 only)
+VARIABLE rogue  \* who drives the initiator side of session s: "-" the taker (or an unused rogue slot), "foreign" a third party, "replay" a replayed recording of the peer
+vars == <<entry, owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* ---- machine tables (spec/entry.toml, spec/initiator.toml, spec/responder.toml)
 Entry_can(s, e) == <<s, e>> \in {<<"Idle", "begin_lock">>, <<"InLocking", "finish_lock">>, <<"InLocking", "abort_lock">>, <<"Locked", "use">>, <<"Idle", "expire">>, <<"InLocking", "expire">>, <<"Locked", "expire">>, <<"InUse", "expire">>}
@@ -80,13 +86,15 @@ Responder_live == {"Committed", "Draining", "Settling", "Start"}
 \* ---- domains
 Nodes == (0)..(1)
 Pairs == (0)..((K - 1))
-Sessions == (0)..(((T0 + T1) - 1))
+Sessions == (0)..((((T0 + T1) + R) - 1))
 Copies == (1)..((IF duplicate THEN 2 ELSE 1))
 
 \* ---- defines
 pinger(p) == (p % 2)
 ponger(p) == (1 - (p % 2))
-ini_node(s) == (IF (s < T0) THEN 0 ELSE 1)
+taker(s) == (s < (T0 + T1))
+ini_node(s) == (IF (s < T0) THEN 0 ELSE (IF taker(s) THEN 1 ELSE (((s - T0) - T1) % 2)))
+sess_class(s) == (ini_node(s) + (IF taker(s) THEN 0 ELSE 2))
 resp_node(s) == (1 - ini_node(s))
 ini_live(s) == (ini[s] \in Initiator_live)
 resp_live(s) == (resp[s] \in Responder_live)
@@ -99,6 +107,9 @@ peer_may_proceed(n, p) == ((pinger(p) # n) \/ (entry[n][p] = "Locked"))
 fate(e) == (IF (e = "InLocking") THEN Entry_step(e, "abort_lock") ELSE (IF (e = "Locked") THEN Entry_step(e, "expire") ELSE e))
 pending_local(m, p) == ((owner[m][p] >= 0) /\ (ini_node(owner[m][p]) = m) /\ (ini[owner[m][p]] = "Locking"))
 wins_tie(m, p) == (pinger(p) = m)
+accepts_forged(n, p) == (adversary /\ ~(auth) /\ (entry[n][p] \in Entry_talking))
+admitted(s) == ((rogue[s] = "-") \/ ((rogue[s] = "foreign") /\ ~(auth)) \/ ((rogue[s] = "replay") /\ ~(auth)))
+refresh(n, p) == (adversary /\ (heard[n][p] \/ (entry[n][p] = "Idle")))
 holders(n, p) == Cardinality({s \in Sessions : (((pair[s] = p) /\ (((ini_node(s) = n) /\ ini_live(s)) \/ ((resp_node(s) = n) /\ resp_live(s)))))})
 
 Init ==
@@ -114,6 +125,9 @@ Init ==
     /\ toresp = [x1_ \in Sessions |-> <<>>]
     /\ toini = [x1_ \in Sessions |-> <<>>]
     /\ closed = [x1_ \in Sessions |-> FALSE]
+    /\ heard = [x2_ \in Nodes |-> [x1_ \in Pairs |-> FALSE]]
+    /\ seen = [x1_ \in Pairs |-> 0]
+    /\ rogue = [x1_ \in Sessions |-> "-"]
 
 Terminal == (\A s \in Sessions : (~(ini_live(s)) /\ ~(resp_live(s))))
 
@@ -122,84 +136,86 @@ A_ping_send(p, c) ==
     /\ ((entry[pinger(p)][p] \in Entry_pinging) /\ (outst[p] < B) /\ (((pings[p] + pongs[p]) + c) <= B))
     /\ pings' = [pings EXCEPT ![p] = (pings[p] + c)]
     /\ outst' = [outst EXCEPT ![p] = (outst[p] + 1)]
-    /\ UNCHANGED <<entry, owner, handed, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* ping_answer: A ping reaches a talking ponger, which answers with a pong.
 A_ping_answer(p, c) ==
     /\ ((pings[p] > 0) /\ (entry[ponger(p)][p] \in Entry_talking) /\ ((((pings[p] + pongs[p]) - 1) + c) <= B))
     /\ pings' = [pings EXCEPT ![p] = (pings[p] - 1)]
     /\ pongs' = [pongs EXCEPT ![p] = (pongs[p] + c)]
-    /\ UNCHANGED <<entry, owner, handed, outst, ini, resp, pair, toresp, toini, closed>>
+    /\ heard' = [heard EXCEPT ![ponger(p)][p] = refresh(ponger(p), p)]
+    /\ UNCHANGED <<entry, owner, handed, outst, ini, resp, pair, toresp, toini, closed, seen, rogue>>
 
 \* ping_drop: A ping reaches a silent ponger and is dropped.
 A_ping_drop(p) ==
     /\ ((pings[p] > 0) /\ (entry[ponger(p)][p] \notin Entry_talking))
     /\ pings' = [pings EXCEPT ![p] = (pings[p] - 1)]
-    /\ UNCHANGED <<entry, owner, handed, outst, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* pong_recv: A pong reaches the pinger and answers an outstanding ping (a stray one is dropped).
 A_pong_recv(p) ==
     /\ (pongs[p] > 0)
     /\ pongs' = [pongs EXCEPT ![p] = (pongs[p] - 1)]
     /\ outst' = [outst EXCEPT ![p] = (IF (outst[p] > 0) THEN (outst[p] - 1) ELSE 0)]
-    /\ UNCHANGED <<entry, owner, handed, pings, ini, resp, pair, toresp, toini, closed>>
+    /\ heard' = [heard EXCEPT ![pinger(p)][p] = refresh(pinger(p), p)]
+    /\ UNCHANGED <<entry, owner, handed, pings, ini, resp, pair, toresp, toini, closed, seen, rogue>>
 
 \* ping_timeout: Honest timeout: enabled only when more pings are outstanding than frames are in flight, i.e. some outstanding ping and its pong are both gone (ping lifespan >= maximum datagram lifetime).
 A_ping_timeout(p) ==
     /\ ((outst[p] > 0) /\ (early_timeouts \/ (outst[p] > (pings[p] + pongs[p]))))
     /\ outst' = [outst EXCEPT ![p] = (outst[p] - 1)]
-    /\ UNCHANGED <<entry, owner, handed, pings, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, pings, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* lose_ping
 A_lose_ping(p) ==
     /\ (loss /\ (pings[p] > 0))
     /\ pings' = [pings EXCEPT ![p] = (pings[p] - 1)]
-    /\ UNCHANGED <<entry, owner, handed, outst, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* lose_pong
 A_lose_pong(p) ==
     /\ (loss /\ (pongs[p] > 0))
     /\ pongs' = [pongs EXCEPT ![p] = (pongs[p] - 1)]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* take: Rule 1: take(p) claims the entry with a compare-and-swap (Idle -> InLocking).
 A_take(s, p) ==
     LET n == ini_node(s)
     IN
-    /\ ((ini[s] = "-") /\ Entry_can(entry[n][p], "begin_lock"))
+    /\ (taker(s) /\ (ini[s] = "-") /\ Entry_can(entry[n][p], "begin_lock"))
     /\ entry' = [entry EXCEPT ![n][p] = Entry_step(entry[n][p], "begin_lock")]
     /\ owner' = [owner EXCEPT ![n][p] = s]
     /\ ini' = [ini EXCEPT ![s] = "Start"]
     /\ pair' = [pair EXCEPT ![s] = p]
-    /\ UNCHANGED <<handed, outst, pings, pongs, resp, toresp, toini, closed>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, resp, toresp, toini, closed, heard, seen, rogue>>
 
 \* take_busy: Rule 1: the CAS lost; take(p) raises PairBusy at once and sends nothing.
 A_take_busy(s, p) ==
     LET n == ini_node(s)
     IN
-    /\ (((ini[s] = "-") /\ ~(Entry_can(entry[n][p], "begin_lock"))) /\ Initiator_can("Start", "fail"))
+    /\ ((taker(s) /\ (ini[s] = "-") /\ ~(Entry_can(entry[n][p], "begin_lock"))) /\ Initiator_can("Start", "fail"))
     /\ ini' = [ini EXCEPT ![s] = Initiator_step("Start", "fail")]
     /\ pair' = [pair EXCEPT ![s] = p]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, toresp, toini, closed, heard, seen, rogue>>
 
 \* take_any: take_any(peer) claims some Idle pair with the same CAS (any choice over-approximates 'the first').
 A_take_any(s, p) ==
     LET n == ini_node(s)
     IN
-    /\ ((ini[s] = "-") /\ Entry_can(entry[n][p], "begin_lock"))
+    /\ (taker(s) /\ (ini[s] = "-") /\ Entry_can(entry[n][p], "begin_lock"))
     /\ entry' = [entry EXCEPT ![n][p] = Entry_step(entry[n][p], "begin_lock")]
     /\ owner' = [owner EXCEPT ![n][p] = s]
     /\ ini' = [ini EXCEPT ![s] = "Start"]
     /\ pair' = [pair EXCEPT ![s] = p]
-    /\ UNCHANGED <<handed, outst, pings, pongs, resp, toresp, toini, closed>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, resp, toresp, toini, closed, heard, seen, rogue>>
 
 \* take_any_none: take_any finds no Idle pair: PairBusy.
 A_take_any_none(s) ==
     LET n == ini_node(s)
     IN
-    /\ (((ini[s] = "-") /\ (\A q \in Pairs : ~(Entry_can(entry[n][q], "begin_lock")))) /\ Initiator_can("Start", "fail"))
+    /\ ((taker(s) /\ (ini[s] = "-") /\ (\A q \in Pairs : ~(Entry_can(entry[n][q], "begin_lock")))) /\ Initiator_can("Start", "fail"))
     /\ ini' = [ini EXCEPT ![s] = Initiator_step("Start", "fail")]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* send_lock
 A_send_lock(s) ==
@@ -209,14 +225,15 @@ A_send_lock(s) ==
     /\ (((ini[s] = "Start") /\ entry_claimed(n, p, s)) /\ Initiator_can(ini[s], "send_lock"))
     /\ ini' = [ini EXCEPT ![s] = Initiator_step(ini[s], "send_lock")]
     /\ toresp' = [toresp EXCEPT ![s] = put(s, toresp[s], "LOCK")]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toini, closed>>
+    /\ seen' = [seen EXCEPT ![p] = (IF (adversary /\ (R > 0)) THEN (IF (seen[p] = 0) THEN 1 ELSE seen[p]) ELSE 0)]
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toini, closed, heard, rogue>>
 
 \* recv_locked
 A_recv_locked(s) ==
     /\ (((ini[s] = "Locking") /\ (Len(toini[s]) > 0) /\ (Head(toini[s]) = "LOCKED")) /\ Initiator_can(ini[s], "recv_locked"))
     /\ ini' = [ini EXCEPT ![s] = Initiator_step(ini[s], "recv_locked")]
     /\ toini' = [toini EXCEPT ![s] = Tail(toini[s])]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toresp, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toresp, closed, heard, seen, rogue>>
 
 \* ini_finish_lock: Rules 2-3: the initiator locks after LOCKED, once drained (a ponger is drained at once).
 A_ini_finish_lock(s) ==
@@ -225,7 +242,7 @@ A_ini_finish_lock(s) ==
     IN
     /\ (((ini[s] = "Draining") /\ (entry[n][p] = "InLocking") /\ drained(n, p)) /\ Entry_can(entry[n][p], "finish_lock"))
     /\ entry' = [entry EXCEPT ![n][p] = Entry_step(entry[n][p], "finish_lock")]
-    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* send_take
 A_send_take(s) ==
@@ -235,14 +252,15 @@ A_send_take(s) ==
     /\ (((ini[s] = "Draining") /\ entry_locked(n, p)) /\ Initiator_can(ini[s], "send_take"))
     /\ ini' = [ini EXCEPT ![s] = Initiator_step(ini[s], "send_take")]
     /\ toresp' = [toresp EXCEPT ![s] = put(s, toresp[s], "TAKE")]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toini, closed>>
+    /\ seen' = [seen EXCEPT ![p] = (IF (adversary /\ (R > 0)) THEN 2 ELSE 0)]
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toini, closed, heard, rogue>>
 
 \* recv_taken
 A_recv_taken(s) ==
     /\ (((ini[s] = "Taking") /\ (Len(toini[s]) > 0) /\ (Head(toini[s]) = "TAKEN")) /\ Initiator_can(ini[s], "recv_taken"))
     /\ ini' = [ini EXCEPT ![s] = Initiator_step(ini[s], "recv_taken")]
     /\ toini' = [toini EXCEPT ![s] = Tail(toini[s])]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toresp, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, resp, pair, toresp, closed, heard, seen, rogue>>
 
 \* recv_busy
 A_recv_busy(s) ==
@@ -255,7 +273,7 @@ A_recv_busy(s) ==
     /\ owner' = [owner EXCEPT ![n][p] = (IF (owner[n][p] = s) THEN (-1) ELSE owner[n][p])]
     /\ closed' = [closed EXCEPT ![s] = TRUE]
     /\ toini' = [toini EXCEPT ![s] = <<>>]
-    /\ UNCHANGED <<handed, outst, pings, pongs, resp, pair, toresp>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, resp, pair, toresp, heard, seen, rogue>>
 
 \* recv_unknown: Rule 6: ABORT(unknown) - the pair is gone remotely, so the local entry expires.
 A_recv_unknown(s) ==
@@ -268,7 +286,7 @@ A_recv_unknown(s) ==
     /\ owner' = [owner EXCEPT ![n][p] = (IF (owner[n][p] = s) THEN (-1) ELSE owner[n][p])]
     /\ closed' = [closed EXCEPT ![s] = TRUE]
     /\ toini' = [toini EXCEPT ![s] = <<>>]
-    /\ UNCHANGED <<handed, outst, pings, pongs, resp, pair, toresp>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, resp, pair, toresp, heard, seen, rogue>>
 
 \* ini_settle
 A_ini_settle(s) ==
@@ -279,7 +297,7 @@ A_ini_settle(s) ==
     /\ ini' = [ini EXCEPT ![s] = Initiator_step(ini[s], "settle")]
     /\ entry' = [entry EXCEPT ![n][p] = Entry_step(entry[n][p], "use")]
     /\ handed' = [handed EXCEPT ![n][p] = (handed[n][p] + 1)]
-    /\ UNCHANGED <<owner, outst, pings, pongs, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<owner, outst, pings, pongs, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* ini_fail: Rule 6: lock timeout, closed channel (after reading what was queued) or the entry is gone.
 A_ini_fail(s) ==
@@ -292,55 +310,55 @@ A_ini_fail(s) ==
     /\ owner' = [owner EXCEPT ![n][p] = (IF (owner[n][p] = s) THEN (-1) ELSE owner[n][p])]
     /\ closed' = [closed EXCEPT ![s] = TRUE]
     /\ toini' = [toini EXCEPT ![s] = <<>>]
-    /\ UNCHANGED <<handed, outst, pings, pongs, resp, pair, toresp>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, resp, pair, toresp, heard, seen, rogue>>
 
 \* lock_claim: LOCK for an Idle entry: the responder claims it with the same CAS.
 A_lock_claim(s) ==
     LET m == resp_node(s)
         p == pair[s]
     IN
-    /\ ((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ Entry_can(entry[m][p], "begin_lock"))
+    /\ ((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ admitted(s) /\ Entry_can(entry[m][p], "begin_lock"))
     /\ entry' = [entry EXCEPT ![m][p] = Entry_step(entry[m][p], "begin_lock")]
     /\ owner' = [owner EXCEPT ![m][p] = s]
     /\ resp' = [resp EXCEPT ![s] = "Start"]
     /\ toresp' = [toresp EXCEPT ![s] = Tail(toresp[s])]
-    /\ UNCHANGED <<handed, outst, pings, pongs, ini, pair, toini, closed>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, ini, pair, toini, closed, heard, seen, rogue>>
 
 \* lock_yield: Rule 5: the ponger loses the tie-break: its initiator fails and the InLocking entry is handed to the responder.
 A_lock_yield(s) ==
     LET m == resp_node(s)
         p == pair[s]
     IN
-    /\ (((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ (entry[m][p] = "InLocking") /\ pending_local(m, p) /\ ~(wins_tie(m, p))) /\ Initiator_can(ini[owner[m][p]], "fail"))
+    /\ (((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ admitted(s) /\ (entry[m][p] = "InLocking") /\ pending_local(m, p) /\ ~(wins_tie(m, p))) /\ Initiator_can(ini[owner[m][p]], "fail"))
     /\ ini' = [ini EXCEPT ![owner[m][p]] = Initiator_step(ini[owner[m][p]], "fail")]
     /\ closed' = [closed EXCEPT ![owner[m][p]] = TRUE]
     /\ toini' = [toini EXCEPT ![owner[m][p]] = <<>>]
     /\ owner' = [owner EXCEPT ![m][p] = s]
     /\ resp' = [resp EXCEPT ![s] = "Start"]
     /\ toresp' = [toresp EXCEPT ![s] = Tail(toresp[s])]
-    /\ UNCHANGED <<entry, handed, outst, pings, pongs, pair>>
+    /\ UNCHANGED <<entry, handed, outst, pings, pongs, pair, heard, seen, rogue>>
 
 \* lock_refuse: The entry is claimed (or we win the tie-break): BUSY.
 A_lock_refuse(s) ==
     LET m == resp_node(s)
         p == pair[s]
     IN
-    /\ (((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ (entry[m][p] # "Expired") /\ ~(Entry_can(entry[m][p], "begin_lock")) /\ ~(((entry[m][p] = "InLocking") /\ pending_local(m, p) /\ ~(wins_tie(m, p))))) /\ Responder_can("Start", "refuse"))
+    /\ (((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ admitted(s) /\ (entry[m][p] # "Expired") /\ ~(Entry_can(entry[m][p], "begin_lock")) /\ ~(((entry[m][p] = "InLocking") /\ pending_local(m, p) /\ ~(wins_tie(m, p))))) /\ Responder_can("Start", "refuse"))
     /\ resp' = [resp EXCEPT ![s] = Responder_step("Start", "refuse")]
     /\ toini' = [toini EXCEPT ![s] = put(s, toini[s], "BUSY")]
     /\ toresp' = [toresp EXCEPT ![s] = Tail(toresp[s])]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, closed, heard, seen, rogue>>
 
 \* lock_unknown: Rule 6: LOCK for an unknown (expired/absent) pair: ABORT(unknown).
 A_lock_unknown(s) ==
     LET m == resp_node(s)
         p == pair[s]
     IN
-    /\ (((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ (entry[m][p] = "Expired")) /\ Responder_can("Start", "refuse"))
+    /\ (((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ admitted(s) /\ (entry[m][p] = "Expired")) /\ Responder_can("Start", "refuse"))
     /\ resp' = [resp EXCEPT ![s] = Responder_step("Start", "refuse")]
     /\ toini' = [toini EXCEPT ![s] = put(s, toini[s], "UNKNOWN")]
     /\ toresp' = [toresp EXCEPT ![s] = Tail(toresp[s])]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, closed, heard, seen, rogue>>
 
 \* accept
 A_accept(s) ==
@@ -349,7 +367,7 @@ A_accept(s) ==
     IN
     /\ (((resp[s] = "Start") /\ entry_claimed(m, p, s)) /\ Responder_can(resp[s], "accept"))
     /\ resp' = [resp EXCEPT ![s] = Responder_step(resp[s], "accept")]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* resp_finish_lock: Rule 3: a pinger responder drains and locks before it answers LOCKED.
 A_resp_finish_lock(s) ==
@@ -358,7 +376,7 @@ A_resp_finish_lock(s) ==
     IN
     /\ (((resp[s] = "Draining") /\ (pinger(p) = m) /\ (entry[m][p] = "InLocking") /\ drained(m, p)) /\ Entry_can(entry[m][p], "finish_lock"))
     /\ entry' = [entry EXCEPT ![m][p] = Entry_step(entry[m][p], "finish_lock")]
-    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* send_locked
 A_send_locked(s) ==
@@ -368,7 +386,7 @@ A_send_locked(s) ==
     /\ (((resp[s] = "Draining") /\ peer_may_proceed(m, p)) /\ Responder_can(resp[s], "send_locked"))
     /\ resp' = [resp EXCEPT ![s] = Responder_step(resp[s], "send_locked")]
     /\ toini' = [toini EXCEPT ![s] = put(s, toini[s], "LOCKED")]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, toresp, closed>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, pair, toresp, closed, heard, seen, rogue>>
 
 \* recv_take: Rule 3: a ponger responder locks on TAKE (the pinger is Locked and drained); TAKEN goes back.
 A_recv_take(s) ==
@@ -380,7 +398,7 @@ A_recv_take(s) ==
     /\ entry' = [entry EXCEPT ![m][p] = (IF (entry[m][p] = "InLocking") THEN Entry_step(entry[m][p], "finish_lock") ELSE entry[m][p])]
     /\ toini' = [toini EXCEPT ![s] = put(s, toini[s], "TAKEN")]
     /\ toresp' = [toresp EXCEPT ![s] = Tail(toresp[s])]
-    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, pair, closed>>
+    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, pair, closed, heard, seen, rogue>>
 
 \* resp_settle
 A_resp_settle(s) ==
@@ -391,7 +409,7 @@ A_resp_settle(s) ==
     /\ resp' = [resp EXCEPT ![s] = Responder_step(resp[s], "settle")]
     /\ entry' = [entry EXCEPT ![m][p] = Entry_step(entry[m][p], "use")]
     /\ handed' = [handed EXCEPT ![m][p] = (handed[m][p] + 1)]
-    /\ UNCHANGED <<owner, outst, pings, pongs, ini, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<owner, outst, pings, pongs, ini, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* resp_fail
 A_resp_fail(s) ==
@@ -404,7 +422,7 @@ A_resp_fail(s) ==
     /\ owner' = [owner EXCEPT ![m][p] = (IF (owner[m][p] = s) THEN (-1) ELSE owner[m][p])]
     /\ closed' = [closed EXCEPT ![s] = TRUE]
     /\ toresp' = [toresp EXCEPT ![s] = <<>>]
-    /\ UNCHANGED <<handed, outst, pings, pongs, ini, pair, toini>>
+    /\ UNCHANGED <<handed, outst, pings, pongs, ini, pair, toini, heard, seen, rogue>>
 
 \* chan_break
 A_chan_break(s) ==
@@ -412,19 +430,70 @@ A_chan_break(s) ==
     /\ closed' = [closed EXCEPT ![s] = TRUE]
     /\ toresp' = [toresp EXCEPT ![s] = <<>>]
     /\ toini' = [toini EXCEPT ![s] = <<>>]
-    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, resp, pair>>
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, resp, pair, heard, seen, rogue>>
 
 \* expire_idle: No inbound traffic for too long.
 A_expire_idle(n, p) ==
     /\ ((expiry /\ (entry[n][p] = "Idle")) /\ Entry_can(entry[n][p], "expire"))
     /\ entry' = [entry EXCEPT ![n][p] = Entry_step(entry[n][p], "expire")]
-    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
 
 \* remove: The user closes the pair (or its lease).
 A_remove(n, p) ==
     /\ (remove /\ Entry_can(entry[n][p], "expire"))
     /\ entry' = [entry EXCEPT ![n][p] = Entry_step(entry[n][p], "expire")]
-    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed>>
+    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed, heard, seen, rogue>>
+
+\* forge_pong: A forged (or replayed) pong reaches the pinger and is taken for the answer of an outstanding ping: the drain is cut short and the entry looks alive. Only without auth (accepts_forged).
+A_forge_pong(p) ==
+    /\ accepts_forged(pinger(p), p)
+    /\ outst' = [outst EXCEPT ![p] = (IF (outst[p] > 0) THEN (outst[p] - 1) ELSE 0)]
+    /\ heard' = [heard EXCEPT ![pinger(p)][p] = refresh(pinger(p), p)]
+    /\ UNCHANGED <<entry, owner, handed, pings, pongs, ini, resp, pair, toresp, toini, closed, seen, rogue>>
+
+\* forge_ping: A forged (or replayed) ping reaches a talking ponger, which answers it with a real pong to the peer's address and counts it as inbound. Only without auth.
+A_forge_ping(p) ==
+    /\ (accepts_forged(ponger(p), p) /\ (((pings[p] + pongs[p]) + 1) <= B))
+    /\ pongs' = [pongs EXCEPT ![p] = (pongs[p] + 1)]
+    /\ heard' = [heard EXCEPT ![ponger(p)][p] = refresh(ponger(p), p)]
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, ini, resp, pair, toresp, toini, closed, seen, rogue>>
+
+\* expiry_tick: The no_inbound_timeout timer of an Idle entry, in adversary models (weakly fair per entry: time passes). A tick ends one window: the entry expires when no accepted frame arrived in it, else the next window starts. So an entry expires within two windows of the last accepted inbound frame.
+A_expiry_tick(n, p) ==
+    /\ ((adversary /\ expiry /\ (entry[n][p] = "Idle")) /\ ((~(heard[n][p])) => (Entry_can(entry[n][p], "expire"))))
+    /\ heard' = [heard EXCEPT ![n][p] = FALSE]
+    /\ entry' = [entry EXCEPT ![n][p] = (IF heard[n][p] THEN entry[n][p] ELSE Entry_step(entry[n][p], "expire"))]
+    /\ UNCHANGED <<owner, handed, outst, pings, pongs, ini, resp, pair, toresp, toini, closed, seen, rogue>>
+
+\* rogue_foreign: A third party opens a signalling channel to node resp_node(s) and sends LOCK, TAKE for pair p (relaying or forging what a missing check would take), then hangs up: it reads nothing (what is sent to it is lost). Only peer binding stops it at the LOCK (admitted).
+A_rogue_foreign(s, p) ==
+    /\ (adversary /\ ~(taker(s)) /\ (ini[s] = "-") /\ (resp[s] = "-") /\ (rogue[s] = "-"))
+    /\ rogue' = [rogue EXCEPT ![s] = "foreign"]
+    /\ pair' = [pair EXCEPT ![s] = p]
+    /\ toresp' = [toresp EXCEPT ![s] = <<"LOCK", "TAKE">>]
+    /\ closed' = [closed EXCEPT ![s] = TRUE]
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, resp, toini, heard, seen>>
+
+\* rogue_replay: The adversary replays a recorded session of the real peer for pair p (it passes peer binding: e.g. injected into the peer's own connection): the LOCK it saw, and the TAKE if it saw one. Only freshness stops it (admitted).
+A_rogue_replay(s, p) ==
+    /\ (adversary /\ ~(taker(s)) /\ (ini[s] = "-") /\ (resp[s] = "-") /\ (rogue[s] = "-") /\ (seen[p] > 0))
+    /\ rogue' = [rogue EXCEPT ![s] = "replay"]
+    /\ pair' = [pair EXCEPT ![s] = p]
+    /\ toresp' = [toresp EXCEPT ![s] = (IF (seen[p] = 2) THEN <<"LOCK", "TAKE">> ELSE <<"LOCK">>)]
+    /\ closed' = [closed EXCEPT ![s] = TRUE]
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, resp, toini, heard, seen>>
+
+\* lock_reject: The responder refuses a session that fails peer binding or freshness: it claims nothing, answers nothing and drops the channel (counted). The rogue slot is free again, so the adversary may try any number of times.
+A_lock_reject(s) ==
+    LET m == resp_node(s)
+        p == pair[s]
+    IN
+    /\ ((resp[s] = "-") /\ (Len(toresp[s]) > 0) /\ (Head(toresp[s]) = "LOCK") /\ ~(admitted(s)))
+    /\ rogue' = [rogue EXCEPT ![s] = "-"]
+    /\ pair' = [pair EXCEPT ![s] = (-1)]
+    /\ toresp' = [toresp EXCEPT ![s] = <<>>]
+    /\ closed' = [closed EXCEPT ![s] = FALSE]
+    /\ UNCHANGED <<entry, owner, handed, outst, pings, pongs, ini, resp, toini, heard, seen>>
 
 Next ==
     \/ \E p \in Pairs, c \in Copies : A_ping_send(p, c)
@@ -460,6 +529,12 @@ Next ==
     \/ \E s \in Sessions : A_chan_break(s)
     \/ \E n \in Nodes, p \in Pairs : A_expire_idle(n, p)
     \/ \E n \in Nodes, p \in Pairs : A_remove(n, p)
+    \/ \E p \in Pairs : A_forge_pong(p)
+    \/ \E p \in Pairs : A_forge_ping(p)
+    \/ \E n \in Nodes, p \in Pairs : A_expiry_tick(n, p)
+    \/ \E s \in Sessions, p \in Pairs : A_rogue_foreign(s, p)
+    \/ \E s \in Sessions, p \in Pairs : A_rogue_replay(s, p)
+    \/ \E s \in Sessions : A_lock_reject(s)
     \/ (Terminal /\ UNCHANGED vars)  \* accepted end states are not deadlocks
 
 Fairness ==
@@ -486,6 +561,8 @@ Fairness ==
     /\ \A s \in Sessions : WF_vars(A_recv_take(s))
     /\ \A s \in Sessions : WF_vars(A_resp_settle(s))
     /\ \A s \in Sessions : WF_vars(A_resp_fail(s))
+    /\ \A n \in Nodes, p \in Pairs : WF_vars(A_expiry_tick(n, p))
+    /\ \A s \in Sessions : WF_vars(A_lock_reject(s))
 
 Spec == Init /\ [][Next]_vars /\ Fairness
 
@@ -517,5 +594,11 @@ SessionEnds == \A s \in Sessions : []<>(~(resp_live(s)))
 
 \* ReliableSuccess: Liveness: with reliable signalling and network and nobody else taking, a started take succeeds on both sides.
 ReliableSuccess == \A s \in Sessions : []<>(~(((ini[s] # "-") /\ ~(((ini[s] = "Done") /\ (resp[s] = "Done"))))))
+
+\* LeaseToPeers: A lease only ever pairs the two real endpoints: an entry enters InUse only through a session between the pair's two nodes (a taker's initiator and its responder), never one a third party opened or the adversary replayed. (The owner of an InUse entry is the session that settled it.)
+LeaseToPeers == \A n \in Nodes, p \in Pairs : (((entry[n][p] = "InUse")) => (((owner[n][p] >= 0) /\ (rogue[owner[n][p]] = "-"))))
+
+\* IdleExpires: Liveness, bounded: an Idle entry whose peer is gone (the peer's entry of the pair is Expired: it sends nothing, ever) expires within no_inbound_timeout, under any forged or replayed traffic. The timer is abstracted by windows: `heard[n][p]` is "an accepted inbound frame arrived in this window" and the weakly fair expiry_tick ends a window, expiring the entry if nothing was heard. No fair behaviour may stay Idle with the peer gone: once the peer's frames still in flight are delivered or lost, only forged ones could refresh the entry, so with auth it expires at the end of the next window (the bound is one to two windows, i.e. within no_inbound_timeout of the peer's last frame, plus at most one window). Checked in models with the adversary and expiry (where the timer is modelled); leaving Idle otherwise (a take) also satisfies it.
+IdleExpires == \A n \in Nodes, p \in Pairs : []<>(~(((entry[n][p] = "Idle") /\ (entry[(1 - n)][p] = "Expired"))))
 
 ==============================================================================
