@@ -19,8 +19,8 @@ properties it had not yet violated are reported as "partial", not "ok".
 
 Violations a model expects (it breaks an assumption on purpose, see its
 `expect` and doc) are shown as EXPECTED, one line each; -v prints their
-traces. With --tlc JAR, TLC checks each model's TLA+ export too (in a scratch
-directory): on a model without violations it must find no error and the same
+traces. With --tlc JAR, TLC checks each model's TLA+ export too (spec/tla/, copied
+to a scratch directory): on a model without violations it must find no error and the same
 number of distinct states (the search is then unreduced); on one with a
 violation, a violation too (TLC stops at its first, so only verdicts are
 compared). Exit status: 0 when every model holds what it claims (and TLC
@@ -38,7 +38,7 @@ from pathlib import Path
 from natpool.check.compile import compile_system
 from natpool.check.engine import Result, Search
 from natpool.check.system import Model, System, list_models, load_model, load_mutants, load_system
-from natpool.check.tlc import disagreement, run_tlc
+from natpool.check.tlc import disagreement, export_paths, run_tlc
 from natpool.check.trace import render, to_json, write_json
 from natpool.resources import SpecNotFound, given_dir, models_dir, spec_dir
 from natpool.spec.model import SpecError
@@ -225,7 +225,7 @@ def _check(args: argparse.Namespace, spec: Path, mutant: str | None, paths: list
 
 def _tlc_note(args: argparse.Namespace, system: System, model: Model, result: Result, out: Outcome) -> str:
     _progress(args, f"  TLC on {model.name} ...")
-    tlc = run_tlc(args.tlc, system, model)
+    tlc = run_tlc(args.tlc, *export_paths(_spec(args), system, model))
     out.tlc_ran = True
     why = disagreement(system, result, tlc) if result.complete else "the checker's search was partial"
     seen = f"{tlc.distinct:,} distinct states" if tlc.distinct is not None else "no state count"

@@ -10,8 +10,9 @@ verdicts are compared (and, where TLC names the property, that the checker
 found the same one violated). ``natpool check --tlc JAR`` does this per model
 and CI runs it on the fast profile (issue 10).
 
-TLC runs in a scratch directory (module, .cfg and ``-metadir`` there), so
-nothing lands in the checkout.
+TLC runs on the committed export (``spec/tla/``) copied to a scratch
+directory (module, .cfg and ``-metadir`` there), so nothing lands in the
+checkout.
 """
 
 from __future__ import annotations
@@ -69,21 +70,31 @@ def parse_output(text: str, seconds: float = 0.0) -> TlcRun:
     return TlcRun("error", distinct, None, seconds, text)
 
 
-def run_tlc(jar: Path, system: System, model: Model, workers: int = 1, timeout: float = 900.0) -> TlcRun:
-    """Write the module and ``model``'s .cfg to a scratch directory and run TLC there."""
-    from natpool.specgen.emit_tla import MODULE, emit_cfg, emit_module
+def export_paths(spec: Path, system: System, model: Model) -> tuple[Path, Path]:
+    """The committed TLA+ export of ``model`` (``spec/tla/``, written by ``natpool spec generate``)."""
+    return spec / "tla" / f"{system.name}.tla", spec / "tla" / f"{model.name}.cfg"
 
+
+def run_tlc(jar: Path, module: Path, cfg: Path, workers: int = 1, timeout: float = 900.0) -> TlcRun:
+    """Copy the module and the .cfg to a scratch directory and run TLC there.
+
+    The export is read, not generated here (``natpool.check`` never imports
+    the generator); ``natpool spec generate --check`` keeps it fresh, and a
+    stale export shows up as a disagreement.
+    """
     java = shutil.which("java")
     if java is None:
         return TlcRun("error", None, None, 0.0, "java not found on PATH")
+    for path in (module, cfg):
+        if not path.is_file():
+            return TlcRun("error", None, None, 0.0, f"no TLA+ export at {path}: run `natpool spec generate`")
     with tempfile.TemporaryDirectory(prefix="natpool-tlc-") as tmp:
         scratch = Path(tmp)
-        (scratch / f"{MODULE}.tla").write_text(emit_module(system))
-        cfg = scratch / f"{model.name}.cfg"
-        cfg.write_text(emit_cfg(system, model))
+        shutil.copy(module, scratch / module.name)
+        shutil.copy(cfg, scratch / cfg.name)
         # -lncheck final: check liveness once, on the whole graph (TLC's periodic checks cost ~2x here).
         cmd = [java, "-XX:+UseParallelGC", "-cp", str(jar), "tlc2.TLC", "-workers", str(workers), "-lncheck", "final",
-               "-metadir", str(scratch / "meta"), "-config", str(cfg), str(scratch / f"{MODULE}.tla")]
+               "-metadir", str(scratch / "meta"), "-config", str(scratch / cfg.name), str(scratch / module.name)]
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout,  # noqa: S603

@@ -15,8 +15,8 @@ import pytest
 from natpool.check.compile import compile_system
 from natpool.check.engine import Result, Search
 from natpool.check.system import System, load_model, load_system
-from natpool.check.tlc import JAR_ENV, TlcRun, disagreement, jar_from_env, parse_output, run_tlc
-from natpool.resources import models_dir
+from natpool.check.tlc import JAR_ENV, TlcRun, disagreement, export_paths, jar_from_env, parse_output, run_tlc
+from natpool.resources import models_dir, spec_dir
 
 # Lines as TLC (tla2tools, commit cc6b616cf) prints them.
 OK_OUT = """Model checking completed. No error has been found.
@@ -83,7 +83,7 @@ def test_tlc_agrees_with_the_checker(name: str) -> None:
     jar = _jar()
     result, system = _checked(name)
     model = load_model(models_dir().path / f"{name}.toml", system)
-    tlc = run_tlc(jar, system, model)
+    tlc = run_tlc(jar, *export_paths(spec_dir().path, system, model))
     assert disagreement(system, result, tlc) is None, tlc.output[-2000:]
     if not result.violations:
         assert tlc.distinct == result.states
