@@ -8,6 +8,7 @@ Examples:
     natpool check --mutant no-drain       # a seeded bug: must be caught (exit 1)
     natpool check --all-mutants           # exit 0 iff every mutant is caught
     natpool check --list-mutants
+    natpool check --tlc tla2tools.jar     # also run TLC on each model's TLA+ export; exit 1 if it disagrees
 
 Each model's search runs to the end: when a property is violated, its first
 (shortest) counterexample is kept, that property is dropped from the checks
@@ -18,29 +19,36 @@ properties it had not yet violated are reported as "partial", not "ok".
 
 Violations a model expects (it breaks an assumption on purpose, see its
 `expect` and doc) are shown as EXPECTED, one line each; -v prints their
-traces. Exit status: 0 when every model holds what it claims, 1 on an
-unexpected or missing violation (or, with --mutant, when the mutant is
+traces. With --tlc JAR, TLC checks each model's TLA+ export too (spec/tla/, copied
+to a scratch directory): on a model without violations it must find no error and the same
+number of distinct states (the search is then unreduced); on one with a
+violation, a violation too (TLC stops at its first, so only verdicts are
+compared). Exit status: 0 when every model holds what it claims (and TLC
+agrees), 1 on an unexpected or missing violation or a TLC disagreement (or, with --mutant, when the mutant is
 caught), 2 on a usage error (no spec, no models, a bad model file).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from natpool.check.compile import compile_system
 from natpool.check.engine import Result, Search
 from natpool.check.system import Model, System, list_models, load_model, load_mutants, load_system
+from natpool.check.tlc import disagreement, export_paths, run_tlc
 from natpool.check.trace import render, to_json, write_json
 from natpool.resources import SpecNotFound, given_dir, models_dir, spec_dir
 from natpool.spec.model import SpecError
 
 ORDER = ["AtomicTake", "StrictSilence", "CleanHandover", "Symmetry", "NoLeak", "Deadlock", "TakeReturns",
-         "LockEnds", "SessionEnds", "ReliableSuccess"]
+         "LockEnds", "SessionEnds", "ReliableSuccess", "LeaseToPeers", "IdleExpires"]
 SHORT = {"AtomicTake": "Atomic", "StrictSilence": "Silence", "CleanHandover": "Clean", "Symmetry": "Symm",
          "NoLeak": "NoLeak", "Deadlock": "Dlock", "TakeReturns": "TakeRet", "LockEnds": "LockEnd",
-         "SessionEnds": "SessEnd", "ReliableSuccess": "Reliable"}
+         "SessionEnds": "SessEnd", "ReliableSuccess": "Reliable",
+         "LeaseToPeers": "Lease", "IdleExpires": "IdleExp"}
 
 
 class UsageError(Exception):
@@ -72,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="also print the traces of expected violations")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--dump-python", action="store_true", help="print the compiled Python of the first model")
+    parser.add_argument("--tlc", type=Path, metavar="JAR",
+                        help="also run TLC (tla2tools.jar; java on PATH) on each model's TLA+ export and fail when its "
+                             "verdict or distinct-state count differs (e.g. --tlc \"$NATPOOL_TLC_JAR\")")
 
 
 def run_model(system: System, model: Model, args: argparse.Namespace, keep_going: bool = True) -> tuple[Result, Search]:
@@ -134,10 +145,12 @@ class Outcome:
         self.expected: list[str] = []
         self.partial: list[str] = []  # models whose search did not cover the whole state space
         self.caught: list[str] = []  # property names (mutant runs)
+        self.tlc_disagrees: list[str] = []  # models where TLC's verdict or state count differs (--tlc)
+        self.tlc_ran = False
 
     @property
     def bad(self) -> bool:
-        return bool(self.unexpected or self.missing)
+        return bool(self.unexpected or self.missing or self.tlc_disagrees)
 
 
 def _check(args: argparse.Namespace, spec: Path, mutant: str | None, paths: list[Path], verbose: bool,
@@ -198,6 +211,8 @@ def _check(args: argparse.Namespace, spec: Path, mutant: str | None, paths: list
             out.partial.append(model.name)
         if not notes:
             notes.append("ok" if not any(v == "partial" for v in result.verdicts.values()) else "ok so far (partial)")
+        if getattr(args, "tlc", None) is not None:
+            notes.append(_tlc_note(args, system, model, result, out))
         if verbose:
             print(f"{tag}: {result.states:,} states, {result.seconds:.1f}s: {notes[0]}")
             for n in notes[1:]:
@@ -208,6 +223,19 @@ def _check(args: argparse.Namespace, spec: Path, mutant: str | None, paths: list
     return out
 
 
+def _tlc_note(args: argparse.Namespace, system: System, model: Model, result: Result, out: Outcome) -> str:
+    _progress(args, f"  TLC on {model.name} ...")
+    tlc = run_tlc(args.tlc, *export_paths(_spec(args), system, model))
+    out.tlc_ran = True
+    why = disagreement(system, result, tlc) if result.complete else "the checker's search was partial"
+    seen = f"{tlc.distinct:,} distinct states" if tlc.distinct is not None else "no state count"
+    said = "no error" if tlc.verdict == "ok" else (f"{tlc.violated} violated" if tlc.violated else tlc.verdict)
+    if why is None:
+        return f"TLC agrees: {seen}, {said} ({tlc.seconds:.1f}s)"
+    out.tlc_disagrees.append(model.name)
+    return f"TLC DISAGREES ({tlc.seconds:.1f}s): {why}"
+
+
 def _verdict(out: Outcome) -> str:
     if out.bad:
         parts = []
@@ -215,12 +243,16 @@ def _verdict(out: Outcome) -> str:
             parts.append("unexpected violation of " + ", ".join(out.unexpected))
         if out.missing:
             parts.append("expected violation missing: " + ", ".join(out.missing))
+        if out.tlc_disagrees:
+            parts.append("TLC disagrees on " + ", ".join(out.tlc_disagrees))
         return "verdict: FAIL: " + "; ".join(parts)
     text = f"verdict: OK: {out.models} model{'s' if out.models != 1 else ''}, no unexpected violation"
     if out.expected:
         text += f", {len(out.expected)} expected ({', '.join(out.expected)})"
     if out.partial:
         text += f"; searched only partly: {', '.join(out.partial)}"
+    if out.tlc_ran:
+        text += f"; TLC agrees on all {out.models}"
     return text
 
 
@@ -249,6 +281,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:20} {m.doc}")
             return 0
         paths = _paths(args)
+        if args.tlc is not None:
+            if args.mutant or args.all_mutants:
+                raise UsageError("--tlc checks the spec itself; mutants are checker-only (not exported to TLA+)")
+            if args.no_liveness or args.max_states or args.first_violation:
+                raise UsageError("--tlc compares whole searches: drop --no-liveness, --max-states, --first-violation")
+            if not args.tlc.is_file():
+                raise UsageError(f"--tlc: no TLC jar at {args.tlc}")
+            if shutil.which("java") is None:
+                raise UsageError("--tlc: java is not on PATH")
+            args.no_reduce = True  # TLC's distinct states are those of the unreduced graph
         if args.all_mutants:
             mutants = load_mutants(spec)
             if not mutants:

@@ -29,6 +29,7 @@ class ConstDecl:
     type: str  # "int" | "bool"
     min: int
     doc: str
+    default: int | bool | None = None  # a model may leave the constant out (added later: old models still load)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,10 @@ def load_system(spec_dir: Path | None = None, machines: Mapping[str, MachineSpec
     for k, v in doc.get("constants", {}).items():
         if v.get("type") not in ("int", "bool"):
             raise SpecError(f"{where}: constant {k} needs type int or bool")
-        consts[k] = ConstDecl(k, str(v["type"]), int(v.get("min", 0)), str(v.get("doc", "")))
+        default = v.get("default")
+        if default is not None and (isinstance(default, bool) != (v["type"] == "bool")):
+            raise SpecError(f"{where}: constant {k}: default {default!r} is not of type {v['type']}")
+        consts[k] = ConstDecl(k, str(v["type"]), int(v.get("min", 0)), str(v.get("doc", "")), default)
     domains = {k: parse_expr(str(v), f"{where} domain {k}") for k, v in doc.get("domains", {}).items()}
     variables = {k: (parse_expr(_str(v, "init", f"{where} variable {k}"), f"{where} variable {k}"),
                      str(v.get("doc", ""))) for k, v in doc.get("variables", {}).items()}
@@ -275,9 +279,9 @@ def load_model(path: Path, system: System) -> Model:
     consts: dict[str, int | bool] = {}
     raw = doc.get("constants", {})
     for name, decl in system.constants.items():
-        if name not in raw:
+        if name not in raw and decl.default is None:
             raise SpecError(f"{path.name}: constant {name} missing")
-        v = raw[name]
+        v = raw.get(name, decl.default)
         if decl.type == "bool" and not isinstance(v, bool):
             raise SpecError(f"{path.name}: {name} must be true/false")
         if decl.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < decl.min):
@@ -287,6 +291,8 @@ def load_model(path: Path, system: System) -> Model:
     if unknown:
         raise SpecError(f"{path.name}: unknown constants {sorted(unknown)}")
     expect = tuple(str(x) for x in m.get("expect", []))
+    if consts.get("R", 0) and not consts.get("adversary"):
+        raise SpecError(f"{path.name}: rogue sessions (R > 0) need adversary = true")
     if consts.get("duplicate") and not consts.get("settle") and "CleanHandover" not in expect:
         raise SpecError(f"{path.name}: duplicate = true needs settle = true (or expect CleanHandover to fail)")
     return Model(name=str(m.get("name", path.stem)), path=path, profile=str(m.get("profile", "fast")),

@@ -76,8 +76,15 @@ def to_json(search: Search, v: Violation) -> dict[str, Any]:
     sessions = []
     ini_node = cs.system.defines.get("ini_node")
     for s in cs.domains.get("Sessions", ()):
-        node = 0 if ini_node is None else (0 if s < int(cs.model.constants.get("T0", 0)) else 1)
-        sessions.append({"id": s, "initiator": node, "responder": 1 - node})
+        c = cs.model.constants
+        takers = int(c.get("T0", 0)) + int(c.get("T1", 0))
+        if ini_node is None:
+            node = 0
+        elif s < takers or "R" not in c:
+            node = 0 if s < int(c.get("T0", 0)) else 1
+        else:
+            node = (s - takers) % 2  # a rogue slot (spec/system.toml define ini_node)
+        sessions.append({"id": s, "initiator": node, "responder": 1 - node, "rogue_slot": s >= takers})
     return {
         "format": FORMAT, "model": cs.model.name, "mutant": mutant, "property": v.prop, "kind": v.kind,
         "instance": v.instance, "detail": v.detail, "constants": dict(cs.model.constants),
@@ -95,13 +102,22 @@ def _fmt_state(cs: Compiled, st: dict[str, Any]) -> tuple[str, str, str, str]:
     entry = st.get("entry", [])
     pairs = range(len(entry[0])) if entry else range(0)
     ents = "  ".join(f"p{p}:{entry[0][p]}|{entry[1][p]}" for p in pairs)
-    frames = "  ".join(f"p{p}:{st['pings'][p]}>{st['pongs'][p]}< o{st['outst'][p]}" for p in pairs)
+    heard = st.get("heard")
+
+    def _heard(p: int) -> str:
+        nodes = "".join(str(n) for n in range(2) if heard and heard[n][p])
+        return f" h{nodes}" if nodes else ""
+
+    frames = "  ".join(f"p{p}:{st['pings'][p]}>{st['pongs'][p]}< o{st['outst'][p]}{_heard(p)}" for p in pairs)
     sess = []
     sigs = []
+    rogue = st.get("rogue", [])
     for s in range(len(st.get("ini", []))):
-        if st["ini"][s] == "-":
+        kind = rogue[s] if s < len(rogue) and rogue[s] != "-" else ""
+        if st["ini"][s] == "-" and not kind and st["resp"][s] == "-":
             continue
-        sess.append(f"s{s}(p{st['pair'][s]}):{st['ini'][s]}/{st['resp'][s]}{'#' if st['closed'][s] else ''}")
+        tag = f"[{kind}]" if kind else ""
+        sess.append(f"s{s}{tag}(p{st['pair'][s]}):{st['ini'][s]}/{st['resp'][s]}{'#' if st['closed'][s] else ''}")
         if st["toresp"][s] or st["toini"][s]:
             sigs.append(f"s{s}:{','.join(st['toresp'][s])}>{','.join(st['toini'][s])}<")
     return ents, " ".join(sess), frames, " ".join(sigs)
@@ -118,6 +134,9 @@ def render(doc: dict[str, Any], cs: Compiled) -> str:
         lines.append(f"  {doc['detail']}")
     lines.append("  entries: pair:node0|node1   sessions: s(pair):initiator/responder (# = channel closed)")
     lines.append("  frames: pings>pongs< o=outstanding   signals: s:to-responder>to-initiator<")
+    if "rogue" in cs.variables:
+        lines.append("  adversary: s[foreign]/s[replay] = a rogue session;  hN = node N's entry heard a frame "
+                     "this window")
     rows = [("step", "node", "action", "entries", "sessions", "frames", "signals")]
     for k, step in enumerate(doc["steps"]):
         ents, sess, frames, sigs = _fmt_state(cs, step["state"])

@@ -73,6 +73,9 @@ EQUIV_MODELS = {
                                               "lock_timeouts = false": "lock_timeouts = true", "B = 3": "B = 2"}),
     "race-no-loss": ("fast-race.toml", {"B = 2": "B = 1", "loss = true": "loss = false",
                                         "remove = true": "remove = false"}),
+    # the adversary (auth on): rogue sessions, the expiry timer, recorded signals
+    "adversary": ("fast-adversary.toml", {"B = 2": "B = 1", "loss = true": "loss = false",
+                                          "breaks = true": "breaks = false"}),
 }
 
 
