@@ -457,6 +457,17 @@ class Mux:
 
     def feed(self, data: bytes) -> None:
         """Dispatch one link message. Remote bad input is dropped and counted here, never raised."""
+        fast = wire.decode_data(data, self.max_payload)
+        if fast is not None:  # a DATA frame: most of the traffic
+            if self._lost is not None:
+                return
+            sid, opener, payload = fast
+            channel = self._sessions.get(sid << 1 | opener)
+            if channel is not None:
+                channel._deliver(payload)
+            else:
+                self._unknown(wire.MuxFrame(FrameKind.DATA, sid, bool(opener), payload))
+            return
         try:
             frame = wire.decode(data, self.max_payload)
         except RemoteProtocolError as exc:

@@ -67,6 +67,20 @@ def test_any_single_byte_corruption_or_truncation_is_refused_or_still_exact(fram
         assert wire.encode(again) == mutated
 
 
+@given(st.one_of(frames.map(wire.encode), st.binary(max_size=80)))
+def test_the_fast_data_decoder_agrees_with_decode(data: bytes) -> None:
+    fast = wire.decode_data(data, 64)
+    try:
+        frame = wire.decode(data, 64)
+    except RemoteProtocolError:
+        assert fast is None  # what decode refuses, the fast path never accepts
+        return
+    if frame.kind is FrameKind.DATA:
+        assert fast == (frame.sid, int(frame.opener), frame.payload)
+    else:
+        assert fast is None
+
+
 def test_decode_limits() -> None:
     ok = wire.encode(MuxFrame(FrameKind.DATA, 7, True, b"x" * 64))
     assert wire.decode(ok, 64).payload == b"x" * 64
