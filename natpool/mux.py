@@ -183,6 +183,24 @@ class MuxChannel:
         self._wake()
         await self._mux._ended(self, send_close=self._broken is None and self._opened)
 
+    def close_nowait(self) -> None:
+        """:meth:`close` without suspending, for a caller in a push callback; needs :attr:`can_send_nowait`.
+
+        A session that ends while handling a message (a responder that just
+        sent TAKEN) closes right there: on a link that batches the writes of
+        one read (TcpChannel in push mode), its last message and its CLOSE
+        leave in one segment. Idempotent, never raises ChannelBroken.
+        """
+        if self._closed:
+            return
+        if self._mux._send_now is None:
+            raise LocalError("close_nowait needs a link with send_nowait")
+        if not self._opened and self._broken is None:
+            self._mux._open_alone(self)
+        self._closed = True
+        self._wake()
+        self._mux._ended_now(self, send_close=self._broken is None and self._opened)
+
     def listen(self, on_message: Callable[[bytes], None] | None, on_end: Callable[[str], None] | None = None) -> None:
         """Push mode: the link's reader calls ``on_message`` with each message, ``on_end`` once the session ends.
 
@@ -589,16 +607,21 @@ class Mux:
                 await self._send(frame)
 
     async def _ended(self, channel: MuxChannel, *, send_close: bool) -> None:
+        if self._send_now is not None:
+            # A link that writes synchronously: no timeout to arm, no drain to await at every session end.
+            self._ended_now(channel, send_close=send_close)
+            return
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
-            frame = wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local))
-            if self._send_now is not None:
-                # A link that writes synchronously: no timeout to arm, no drain to await at every session end.
-                with contextlib.suppress(ChannelBroken):
-                    self._send_sync(frame)
-            else:
-                await self._send_quietly(frame)
+            await self._send_quietly(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
+
+    def _ended_now(self, channel: MuxChannel, *, send_close: bool) -> None:
+        if self._sessions.get(channel._key) is channel:
+            del self._sessions[channel._key]
+        if send_close and self._lost is None:
+            with contextlib.suppress(ChannelBroken):
+                self._send_sync(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:

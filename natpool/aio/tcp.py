@@ -267,6 +267,7 @@ class TcpChannel:
         self._paused = False  # reading paused: MAX_QUEUED_FRAMES frames queued with nobody reading
         self._on_message: Callable[[bytes], None] | None = None  # push mode (listen)
         self._on_end: Callable[[str], None] | None = None
+        self._cork: list[bytes] | None = None  # frames written while a push-mode read is dispatched
         proto = writer.transport.get_protocol() if writer.transport is not None else None
         self._proto = proto if isinstance(proto, _FrameProtocol) else None
         if self._proto is not None:
@@ -282,6 +283,7 @@ class TcpChannel:
             raise ChannelBroken("signalling channel is closed")
         if len(data) > self.max_frame:
             raise LocalError(f"signal of {len(data)} bytes exceeds max_frame {self.max_frame}")
+        self._uncork()  # (never corked here in practice: a coroutine does not run inside a read callback)
         try:
             self._writer.write(_LEN.pack(len(data)) + data)
             await self._writer.drain()
@@ -294,17 +296,28 @@ class TcpChannel:
 
         A handover session has a handful of 30-byte signals in flight at most,
         and a mux caps its sessions, so skipping ``drain`` bounds the buffer
-        anyway; ChannelBroken if the connection is gone.
+        anyway; ChannelBroken if the connection is gone. Frames sent while a
+        push-mode read is being dispatched (replies made in the listener) are
+        collected and leave in one write when that read's frames are done.
         """
         if self._closed or self._writer.transport.is_closing():
             raise ChannelBroken("signalling channel is closed")
         if len(data) > self.max_frame:
             raise LocalError(f"signal of {len(data)} bytes exceeds max_frame {self.max_frame}")
+        if self._cork is not None:
+            self._cork.append(_LEN.pack(len(data)) + data)
+            return
         try:
             self._writer.write(_LEN.pack(len(data)) + data)
         except (ConnectionError, OSError, RuntimeError) as exc:
             self._abort()
             raise ChannelBroken(f"send failed: {exc}") from exc
+
+    def _uncork(self) -> None:
+        cork, self._cork = self._cork, None
+        if cork:
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # the read callback reports the loss
+                self._writer.write(b"".join(cork))
 
     async def recv(self) -> bytes:
         """Read one frame; raise ChannelBroken once the connection has ended for any reason."""
@@ -396,7 +409,11 @@ class TcpChannel:
             return
         self._split(chunk)
         if self._on_message is not None:
-            self._push_frames()
+            self._cork = []
+            try:
+                self._push_frames()
+            finally:
+                self._uncork()
             return
         if len(self._frames) >= MAX_QUEUED_FRAMES and not self._paused:
             # Nobody reads (a hello still in progress): let TCP push back instead of queueing for ever.
@@ -468,6 +485,7 @@ class TcpChannel:
 
     def _abort(self) -> None:
         if not self._closed:
+            self._uncork()  # replies already made still go out, before the close
             self._closed = True
             self._writer.close()
             self._wake()
