@@ -338,6 +338,8 @@ class TcpChannel:
             raise ChannelBroken("signalling channel is closed")
         if self._proto is None:
             return await self._recv_stream()
+        if self._waiter is not None or self._on_message is not None:
+            raise LocalError("one recv at a time, and none while a listener is set")
         while self._bad is None and self._ended is None and not self._closed:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
