@@ -17,10 +17,11 @@ Each session is a virtual :class:`MuxChannel`; the frames are
 
 * ``open`` sends OPEN; the peer's ``on_session`` gets the other end at
   once (the responder side typically passes ``pool.serve_handover``), as a
-  per-take connection's server would on connect. (The frame format lets an
-  OPEN carry the first message too, and a received one is honoured; this
-  side does not fold them, so that a session exists for the peer from
-  ``open`` on, whatever is sent.)
+  per-take connection's server would on connect. On a link with
+  ``send_nowait`` an OPEN carries the session's first message when that is
+  sent in the step of ``open`` (as a take's LOCK is); otherwise it goes out
+  alone in the loop's next step, so a session exists for the peer from
+  ``open`` on, whatever is sent.
 * ``close`` of a virtual channel sends CLOSE; a CLOSE from the peer breaks
   that channel (messages already queued are still delivered first, as a
   TCP EOF would) — exactly one session ends, the link stays.
@@ -36,10 +37,12 @@ Each session is a virtual :class:`MuxChannel`; the frames are
   already ended here (a CLOSE crossing a DATA) are expected and only counted
   as ``late``.
 
-One reader coroutine per link (:meth:`Mux.run`, or the task :meth:`Mux.start`
+One reader per link (:meth:`Mux.run`, or the task :meth:`Mux.start`
 makes) decodes each message and puts its payload straight into the session's
 inbox: no task and no queue hop per message; a task per *incoming session*
-runs ``on_session``.
+runs ``on_session``. A link that can push (``listen``, as
+:class:`natpool.aio.tcp.TcpChannel` does) is read from its transport's read
+callback: the reader then only waits for the link to end.
 """
 
 from __future__ import annotations
@@ -103,7 +106,11 @@ class MuxChannel:
         mux = self._mux
         if len(data) > mux.max_payload or not data:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
-        await mux._send(wire.encode_data(self.sid, self.local, data))
+        if self._opened:
+            await mux._send(wire.encode_data(self.sid, self.local, data))
+        else:  # the session's first message rides in its OPEN
+            self._opened = True
+            await mux._send(wire.encode_open(self.sid, data))
 
     @property
     def can_send_nowait(self) -> bool:
@@ -120,7 +127,11 @@ class MuxChannel:
         mux = self._mux
         if len(data) > mux.max_payload or not data:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
-        mux._send_sync(wire.encode_data(self.sid, self.local, data))
+        if self._opened:
+            mux._send_sync(wire.encode_data(self.sid, self.local, data))
+        else:  # the session's first message rides in its OPEN
+            self._opened = True
+            mux._send_sync(wire.encode_open(self.sid, data))
 
     def recv_nowait(self) -> bytes | None:
         """The next queued message, or None (nothing queued, or the session ended): never suspends.
@@ -166,9 +177,29 @@ class MuxChannel:
         """End the session: CLOSE goes out (unless the peer or the link ended it). Idempotent, never raises."""
         if self._closed:
             return
+        if not self._opened and self._broken is None:
+            self._mux._open_alone(self)  # closed in the step it was opened in: the peer still sees the session
         self._closed = True
         self._wake()
         await self._mux._ended(self, send_close=self._broken is None and self._opened)
+
+    def close_nowait(self) -> None:
+        """:meth:`close` without suspending, for a caller in a push callback; needs :attr:`can_send_nowait`.
+
+        A session that ends while handling a message (a responder that just
+        sent TAKEN) closes right there: on a link that batches the writes of
+        one read (TcpChannel in push mode), its last message and its CLOSE
+        leave in one segment. Idempotent, never raises ChannelBroken.
+        """
+        if self._closed:
+            return
+        if self._mux._send_now is None:
+            raise LocalError("close_nowait needs a link with send_nowait")
+        if not self._opened and self._broken is None:
+            self._mux._open_alone(self)
+        self._closed = True
+        self._wake()
+        self._mux._ended_now(self, send_close=self._broken is None and self._opened)
 
     def listen(self, on_message: Callable[[bytes], None] | None, on_end: Callable[[str], None] | None = None) -> None:
         """Push mode: the link's reader calls ``on_message`` with each message, ``on_end`` once the session ends.
@@ -309,8 +340,15 @@ class Mux:
     async def open(self, peer_identity: str | None = None) -> MuxChannel:
         """A new session on this link (``peer_identity``, if given, must be this link's peer).
 
-        Raises :class:`ChannelBroken` if the link is gone, :class:`SessionLimit`
-        at the cap; OPEN has been sent when this returns.
+        Raises :class:`ChannelBroken` if the link is known to be gone,
+        :class:`SessionLimit` at the cap. On a link that writes synchronously
+        (``send_nowait``), OPEN carries the session's first message if that
+        is sent before the loop's next step (a take's LOCK is: one frame, one
+        write, one dispatch at the peer instead of two); otherwise it goes
+        out alone in that step (or at ``close``), so a session exists for the
+        peer from ``open`` on, whatever is sent; a link failure is then the
+        session's (its ``send`` / ``recv`` raise ChannelBroken). On any
+        other link OPEN has been sent when this returns.
         """
         if peer_identity is not None and self.peer is not None and peer_identity != self.peer:
             raise LocalError(f"this link goes to {self.peer!r}, not {peer_identity!r}")
@@ -324,6 +362,11 @@ class Mux:
         channel = MuxChannel(self, sid, local=True)
         self._sessions[channel._key] = channel
         self.opened += 1
+        if self._send_now is not None:
+            asyncio.get_running_loop().call_soon(self._open_alone, channel)
+            return channel
+        # A link that only sends asynchronously: OPEN now, alone (a later OPEN could not be ordered
+        # before the session's own sends without a queue).
         try:
             await self._send(wire.encode_open(sid))
         except BaseException:
@@ -332,6 +375,14 @@ class Mux:
             raise
         channel._opened = True
         return channel
+
+    def _open_alone(self, channel: MuxChannel) -> None:
+        """The OPEN of a session that sent nothing in the step it was opened in (see :meth:`open`)."""
+        if channel._opened or channel.closed or self._lost is not None:
+            return
+        channel._opened = True
+        with contextlib.suppress(ChannelBroken):  # a lost link broke the session already
+            self._send_sync(wire.encode_open(channel.sid))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -350,11 +401,28 @@ class Mux:
         if self._done is None:
             self._done = asyncio.Event()
         why = "link lost"
-        recv = self.link.recv
-        feed = self.feed
+        listen = getattr(self.link, "listen", None)
         try:
-            while True:
-                feed(await recv())
+            if callable(listen) and getattr(self.link, "can_listen", False):
+                # A link that pushes (TcpChannel.listen): every message is dispatched from the
+                # transport's read callback, so this coroutine only waits for the end.
+                ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+                def on_end(reason: str) -> None:
+                    if not ended.done():
+                        ended.set_result(reason)
+
+                listen(self.feed, on_end)
+                try:
+                    why = f"link lost: {await ended}"
+                finally:
+                    listen(None)
+                log.debug("mux link to %s ended: %s", self.peer, why)
+            else:
+                recv = self.link.recv
+                feed = self.feed
+                while True:
+                    feed(await recv())
         except Exception as exc:
             why = f"link lost: {exc!r}"
             log.debug("mux link to %s ended: %r", self.peer, exc)
@@ -407,6 +475,17 @@ class Mux:
 
     def feed(self, data: bytes) -> None:
         """Dispatch one link message. Remote bad input is dropped and counted here, never raised."""
+        fast = wire.decode_data(data, self.max_payload)
+        if fast is not None:  # a DATA frame: most of the traffic
+            if self._lost is not None:
+                return
+            sid, opener, payload = fast
+            channel = self._sessions.get(sid << 1 | opener)
+            if channel is not None:
+                channel._deliver(payload)
+            else:
+                self._unknown(wire.MuxFrame(FrameKind.DATA, sid, bool(opener), payload))
+            return
         try:
             frame = wire.decode(data, self.max_payload)
         except RemoteProtocolError as exc:
@@ -528,16 +607,21 @@ class Mux:
                 await self._send(frame)
 
     async def _ended(self, channel: MuxChannel, *, send_close: bool) -> None:
+        if self._send_now is not None:
+            # A link that writes synchronously: no timeout to arm, no drain to await at every session end.
+            self._ended_now(channel, send_close=send_close)
+            return
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
-            frame = wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local))
-            if self._send_now is not None:
-                # A link that writes synchronously: no timeout to arm, no drain to await at every session end.
-                with contextlib.suppress(ChannelBroken):
-                    self._send_sync(frame)
-            else:
-                await self._send_quietly(frame)
+            await self._send_quietly(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
+
+    def _ended_now(self, channel: MuxChannel, *, send_close: bool) -> None:
+        if self._sessions.get(channel._key) is channel:
+            del self._sessions[channel._key]
+        if send_close and self._lost is None:
+            with contextlib.suppress(ChannelBroken):
+                self._send_sync(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:

@@ -67,6 +67,20 @@ def test_any_single_byte_corruption_or_truncation_is_refused_or_still_exact(fram
         assert wire.encode(again) == mutated
 
 
+@given(st.one_of(frames.map(wire.encode), st.binary(max_size=80)))
+def test_the_fast_data_decoder_agrees_with_decode(data: bytes) -> None:
+    fast = wire.decode_data(data, 64)
+    try:
+        frame = wire.decode(data, 64)
+    except RemoteProtocolError:
+        assert fast is None  # what decode refuses, the fast path never accepts
+        return
+    if frame.kind is FrameKind.DATA:
+        assert fast == (frame.sid, int(frame.opener), frame.payload)
+    else:
+        assert fast is None
+
+
 def test_decode_limits() -> None:
     ok = wire.encode(MuxFrame(FrameKind.DATA, 7, True, b"x" * 64))
     assert wire.decode(ok, 64).payload == b"x" * 64
@@ -429,5 +443,91 @@ def test_an_open_carrying_the_first_message_is_served_like_open_then_data() -> N
         assert wire.decode(await la.recv()).payload == b"echo:second"
         assert bob.accepted == 1 and bob.drops == {}
         await bob.close()
+
+    run(main())
+
+
+# --- a link that writes synchronously (send_nowait, as TcpChannel): OPEN folding, close_nowait ----------
+
+
+class SyncLink(MemoryChannel):
+    """A memory link end with ``send_nowait``: what the mux sees of a TcpChannel."""
+
+    def send_nowait(self, data: bytes) -> None:
+        if self._closed or self._peer_closed:
+            raise ChannelBroken("memory channel is closed")
+        self.sent.append(bytes(data))
+        self._outbox.put_nowait(bytes(data))
+
+
+def sync_linked(on_session: Handler | None = echo) -> tuple[Mux, Mux, SyncLink, SyncLink]:
+    q1: asyncio.Queue[Any] = asyncio.Queue()
+    q2: asyncio.Queue[Any] = asyncio.Queue()
+    la, lb = SyncLink(q1, q2), SyncLink(q2, q1)
+    return Mux(la, peer="bob").start(), Mux(lb, peer="alice", on_session=on_session).start(), la, lb
+
+
+def test_on_a_sync_link_the_first_message_rides_in_the_open() -> None:
+    async def main() -> None:
+        alice, bob, la, _lb = sync_linked()
+        ch = await alice.open()
+        assert la.sent == []  # nothing yet: the OPEN waits for the first message of this step
+        ch.send_nowait(b"lock")
+        assert la.sent == [wire.encode_open(ch.sid, b"lock")]  # one frame, not OPEN then DATA
+        assert await ch.recv() == b"echo:lock"
+        ch.send_nowait(b"take")  # later messages are DATA
+        assert wire.decode(la.sent[-1]) == MuxFrame(FrameKind.DATA, ch.sid, True, b"take")
+        assert await ch.recv() == b"echo:take"
+        assert bob.accepted == 1 and bob.drops == {} and alice.drops == {}
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_on_a_sync_link_a_silent_session_still_opens_in_the_next_step_or_at_close() -> None:
+    async def main() -> None:
+        served: list[MuxChannel] = []
+        alice, bob, la, _lb = sync_linked(on_session=served.append)
+        quiet = await alice.open()
+        await asyncio.sleep(0)  # one loop step: the OPEN went out alone
+        assert la.sent == [wire.encode_open(quiet.sid)]
+        brief = await alice.open()
+        await brief.close()  # closed in the step it was opened in: the peer still sees it open and end
+        assert la.sent[1:] == [wire.encode_open(brief.sid),
+                               wire.encode(MuxFrame(FrameKind.CLOSE, brief.sid, True))]
+        await asyncio.sleep(0)
+        assert la.sent[3:] == []  # and no second OPEN from the deferred one
+        while len(served) < 2:
+            await asyncio.sleep(0)
+        with pytest.raises(ChannelBroken):
+            await served[1].recv()
+        assert bob.drops == {} and bob.late == 0
+        await alice.close()
+        await bob.close()
+
+    run(main())
+
+
+def test_close_nowait_sends_close_at_once_and_needs_a_sync_link() -> None:
+    async def main() -> None:
+        alice, bob, la, _lb = sync_linked()
+        ch = await alice.open()
+        ch.send_nowait(b"x")
+        assert await ch.recv() == b"echo:x"
+        ch.close_nowait()
+        assert wire.decode(la.sent[-1]) == MuxFrame(FrameKind.CLOSE, ch.sid, True)
+        ch.close_nowait()
+        await ch.close()  # idempotent, either way
+        assert sum(1 for m in la.sent if m[0] & 0x07 == FrameKind.CLOSE) == 1
+        assert ch.closed and alice.sessions == 0
+        await alice.close()
+        await bob.close()
+        plain, peer, _mla, _mlb = linked()  # a memory link: send only, no send_nowait
+        async_ch = await plain.open()
+        with pytest.raises(LocalError):
+            async_ch.close_nowait()
+        await plain.close()
+        await peer.close()
 
     run(main())

@@ -430,6 +430,13 @@ def _handover(report: Report, args: argparse.Namespace) -> None:
     out["handover_per_take_tcp_us"] = pt = _pcts(_run(args, handover_times(count, transport="tcp-per-take")))
     out["per_take_p50_vs_tcp_exchange"] = round(pt["p50"] / out["tcp_connect_2rt_us"]["p50"], 2)
     out["handover_memory_signalling_us"] = _pcts(_run(args, handover_times(count, transport="memory")))
+    # Issue 10: the same takes with signing — a key per pair (MAC'd keepalives, signed fresh signals) over
+    # the persistent signalling with the authenticated (challenge-response) hello; the ratio is against the
+    # unkeyed figure of this run.
+    out["handover_keyed_us"] = ky = _pcts(_run(args, handover_times(count, keyed=True)))
+    out["keyed_p50_vs_unkeyed"] = round(ky["p50"] / out["handover_us"]["p50"], 2)
+    out["keyed_p99_vs_unkeyed"] = round(ky["p99"] / out["handover_us"]["p99"], 2)
+    out["keyed_p50_vs_open_conn_2rt"] = round(ky["p50"] / out["open_conn_2rt_us"]["p50"], 1)
     out["p50_vs_udp_rtt"] = round(out["handover_us"]["p50"] / out["udp_rtt_us"]["p50"], 1)
     out["p50_vs_tcp_exchange"] = round(out["handover_us"]["p50"] / out["tcp_connect_2rt_us"]["p50"], 2)
     report.put("handover", out)
@@ -569,6 +576,9 @@ def _print_table(report: Report) -> None:
                   f"   ({h['per_take_p50_vs_tcp_exchange']}x TCP connect+2RT)")
             m = h["handover_memory_signalling_us"]
             print(f"  same, in-process signalling p50 {m['p50']:>9} p99 {m['p99']:>9}   (protocol cost without TCP)")
+            k = h["handover_keyed_us"]
+            print(f"  keyed (signed)       p50 {k['p50']:>9} p99 {k['p99']:>9}   ({h['keyed_p50_vs_unkeyed']}x / "
+                  f"{h['keyed_p99_vs_unkeyed']}x unkeyed; a key per pair, authenticated hello)")
     if "ops" in r:
         o = r["ops"]
         print(f"\npool operations at {o['pairs']} pairs (sans-IO PairPool vs dict), µs per op")

@@ -77,6 +77,22 @@ def encode_open(sid: int, payload: bytes = b"") -> bytes:
 
 
 _KINDS: dict[int, FrameKind] = {int(k): k for k in FrameKind}
+_DATA = MAGIC | 2
+
+
+def decode_data(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[int, int, bytes] | None:
+    """The hot path's decoder: ``(sid, opener bit, payload)`` for a valid DATA frame, None for anything else.
+
+    Most link messages are DATA; this skips the frame object and the checks
+    that only other kinds need. None says nothing about validity: the caller
+    then runs :func:`decode`, which refuses or parses it exactly.
+    """
+    n = len(data)
+    if HEAD_SIZE < n <= HEAD_SIZE + max_payload:
+        flags, sid = _HEAD.unpack_from(data)
+        if flags & ~OPENER == _DATA and sid:
+            return sid, flags >> 3 & 1, data[HEAD_SIZE:]
+    return None
 
 
 def decode(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> MuxFrame:

@@ -8,7 +8,15 @@ import struct
 
 import pytest
 
-from natpool.aio.tcp import HELLO_PREFIX, MUX_HELLO_PREFIX, IncomingChannel, TcpSignalling, TcpSignallingServer
+from natpool.aio.tcp import (
+    HELLO_PREFIX,
+    MAX_QUEUED_FRAMES,
+    MUX_HELLO_PREFIX,
+    IncomingChannel,
+    TcpChannel,
+    TcpSignalling,
+    TcpSignallingServer,
+)
 from natpool.errors import ChannelBroken, DropReason, LocalError
 
 BOUND = 10.0  # failure bound only; every test completes in milliseconds
@@ -260,5 +268,110 @@ def test_a_bad_mux_frame_on_a_persistent_connection_is_counted_and_the_connectio
             (link,) = server.links
             assert link.drops == {DropReason.MALFORMED: 1}
             writer.close()
+
+    run(main())
+
+
+def _framed(*frames: bytes) -> bytes:
+    return b"".join(struct.pack("!I", len(f)) + f for f in frames)
+
+
+def test_push_mode_delivers_queued_and_new_frames_in_order_then_ends_once() -> None:
+    """listen(): frames go to the callback from the transport's read callback, in order, then one on_end."""
+    async def main() -> None:
+        got: list[bytes] = []
+        ended: list[str] = []
+        done = asyncio.Event()
+
+        def on_end(why: str) -> None:
+            ended.append(why)
+            done.set()
+
+        async def handler(ch: IncomingChannel) -> None:
+            assert isinstance(ch, TcpChannel) and ch.can_listen
+            assert await ch.recv() == b"one"  # pull mode first, as a hello would be read
+            ch.listen(got.append, on_end)
+            await done.wait()
+
+        async with TcpSignallingServer(handler) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            writer.write(_framed(HELLO_PREFIX + b"alice", b"one", b"two", b"three"))  # two of them queued
+            await writer.drain()
+            while len(got) < 2:
+                await asyncio.sleep(0)
+            writer.write(_framed(b"four") + _framed(b"five")[:3])  # a frame split across segments
+            await writer.drain()
+            while len(got) < 3:
+                await asyncio.sleep(0)
+            writer.write(_framed(b"five")[3:])
+            writer.write_eof()
+            assert await reader.read() == b""  # the server closed its end after on_end
+            writer.close()
+        assert got == [b"two", b"three", b"four", b"five"]
+        assert len(ended) == 1 and "EOF" in ended[0]
+
+    run(main())
+
+
+def test_push_mode_delivers_the_good_frames_before_a_bad_length_ends_the_connection() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+        ended: list[str] = []
+        done = asyncio.Event()
+
+        def on_end(why: str) -> None:
+            ended.append(why)
+            done.set()
+
+        async def handler(ch: IncomingChannel) -> None:
+            assert isinstance(ch, TcpChannel)
+            ch.listen(got.append, on_end)
+            await done.wait()
+
+        async with TcpSignallingServer(handler, max_frame=64) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            writer.write(_framed(HELLO_PREFIX + b"alice", b"ok") + struct.pack("!I", 65) + b"x" * 65)
+            assert await reader.read() == b""
+            writer.close()
+            await done.wait()
+        assert got == [b"ok"] and ended == ["bad frame length 65"]
+        assert server.drops == {DropReason.OVERSIZED: 1}
+
+    run(main())
+
+
+def test_a_flood_nobody_reads_pauses_reading_until_recv_drains_it() -> None:
+    """Frames queued with no reader (a hello still in progress) are bounded: TCP pushes back instead."""
+    async def main() -> None:
+        channel: list[TcpChannel] = []
+        release, drained, finish = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        seen: list[bytes] = []
+
+        async def handler(ch: IncomingChannel) -> None:
+            assert isinstance(ch, TcpChannel)
+            channel.append(ch)
+            await release.wait()
+            for _ in range(MAX_QUEUED_FRAMES + 10):
+                seen.append(await ch.recv())
+            drained.set()
+            await finish.wait()
+
+        async with TcpSignallingServer(handler) as server:
+            _reader, writer = await asyncio.open_connection(*server.address)
+            writer.write(_framed(HELLO_PREFIX + b"alice"))
+            while not channel:
+                await asyncio.sleep(0)
+            writer.write(_framed(*[b"%d" % i for i in range(MAX_QUEUED_FRAMES + 10)]))
+            await writer.drain()
+            transport = channel[0]._writer.transport
+            assert isinstance(transport, asyncio.ReadTransport)
+            while transport.is_reading():
+                await asyncio.sleep(0)
+            release.set()
+            await drained.wait()
+            assert transport.is_reading()  # resumed once recv emptied the queue
+            finish.set()
+            writer.close()
+        assert seen == [b"%d" % i for i in range(MAX_QUEUED_FRAMES + 10)]
 
     run(main())

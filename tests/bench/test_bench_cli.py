@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from natpool.bench.cli import Report, _print_table
 from natpool.cli import main as cli_main
 
 
@@ -39,3 +40,21 @@ def test_bench_survival_section_reports_alive_fractions_against_the_old_defaults
     assert fig["target"]["met"] == (fig["target"]["value"] >= 0.99)
     assert cli_main(["bench", "--quick", "--only", "survival"]) == 0
     assert "keepalive survival under random loss" in capsys.readouterr().out
+
+
+def test_bench_handover_reports_persistent_per_take_memory_and_keyed_takes_with_their_ratios(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "--quick", "--json", "--only", "handover"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    h = results["handover"]
+    runs = ("handover_us", "handover_per_take_tcp_us", "handover_memory_signalling_us", "handover_keyed_us")
+    for key in runs:
+        assert h[key]["n"] == h["takes"] == 50  # --quick
+        assert 0 < h[key]["p50"] <= h[key]["p99"]
+    assert h["open_conn_2rt_us"]["n"] == 100
+    assert h["keyed_p50_vs_unkeyed"] == round(h["handover_keyed_us"]["p50"] / h["handover_us"]["p50"], 2)
+    assert h["p50_vs_open_conn_2rt"] == round(h["handover_us"]["p50"] / h["open_conn_2rt_us"]["p50"], 1)
+    assert set(results["targets"]) == {"handover_p50_ms", "handover_p99_ms"}
+    _print_table(Report(quick=True, results=results))  # the table prints the same figures (one run, not two)
+    out = capsys.readouterr().out
+    assert "keyed (signed)" in out and f"p50 {h['handover_keyed_us']['p50']:>9}" in out
