@@ -223,3 +223,161 @@ def test_liveness_spoofing_from_the_dead_peers_port(victim: str, mode: str) -> N
                     assert ea.stats.sent - answered <= LIVE_CFG.ping_lifespan / LIVE_CFG.ping_interval + 1
 
     aio_run(main(), BOUND)
+
+
+# === b) a forged pong during a drain ==============================================================
+
+DRAIN_CFG = PairConfig(ping_interval=0.05, no_inbound_timeout=3.0, ping_lifespan=1.0, lock_timeout=2.0)
+PATH_DELAY = 0.2  # alice -> bob, one way: a slow path, well inside ping_lifespan
+
+
+class _Leg(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes], None]) -> None:
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.on_datagram(data)
+
+
+@dataclass
+class OnPath:
+    """The path between alice and bob, in the attacker's hands: alice -> bob takes PATH_DELAY, bob -> alice is prompt.
+
+    alice sees bob at ``to_bob`` and bob sees alice at ``to_alice`` (as
+    behind NATs). With ``forge`` the attacker answers each of alice's pings
+    at once with forged pongs from bob's address (the legacy pong, and keyed
+    ones it can make without the key), and still forwards the real ping.
+    ``in_flight``: alice's frames on the path, not yet delivered to bob.
+    """
+
+    alice: Addr
+    bob: Addr
+    nonce: int
+    key: bytes | None
+    forge: bool
+    forged: int = 0
+    in_flight: int = 0
+    legs: list[asyncio.DatagramTransport] = field(default_factory=list)
+
+    async def start(self) -> tuple[Addr, Addr]:
+        loop = asyncio.get_running_loop()
+        for on_datagram in (self._from_alice, self._from_bob):
+            transport, _ = await loop.create_datagram_endpoint(lambda f=on_datagram: _Leg(f),  # type: ignore[misc]
+                                                               local_addr=("127.0.0.1", 0))
+            self.legs.append(transport)
+        a, b = (leg.get_extra_info("sockname")[:2] for leg in self.legs)
+        return (a[0], a[1]), (b[0], b[1])
+
+    def _from_alice(self, data: bytes) -> None:
+        a_leg = self.legs[0]
+        if self.forge and data[1:2] != b"\x01" and len(data) in (9, 34):  # a ping (9: flag at byte 8)
+            for frame in forged_frames(self.nonce, self.key, Kind.PONG, data):
+                a_leg.sendto(frame, self.alice)
+                self.forged += 1
+        self.in_flight += 1
+        asyncio.get_running_loop().call_later(PATH_DELAY, self._deliver, data)
+
+    def _deliver(self, data: bytes) -> None:
+        self.in_flight -= 1
+        if not self.legs[1].is_closing():
+            self.legs[1].sendto(data, self.bob)
+
+    def _from_bob(self, data: bytes) -> None:
+        self.legs[0].sendto(data, self.alice)
+
+    def close(self) -> None:
+        for leg in self.legs:
+            leg.close()
+
+
+class Drain:
+    """alice's drain of ``nonce``: how long it took and what was still on the path when she locked."""
+
+    def __init__(self, nonce: int, path: OnPath) -> None:
+        self.nonce, self.path = nonce, path
+        self.began: float | None = None
+        self.took: float | None = None
+        self.in_flight_at_lock: int | None = None
+
+    def __call__(self, ev: object) -> None:
+        if isinstance(ev, StateChanged) and ev.nonce == self.nonce and ev.target == "InLocking":
+            self.began = ev.at
+        elif isinstance(ev, Drained) and ev.nonce == self.nonce and self.began is not None and self.took is None:
+            self.took = ev.at - self.began
+        elif isinstance(ev, StateChanged) and ev.nonce == self.nonce and ev.target == "Locked":
+            self.in_flight_at_lock = self.path.in_flight
+
+
+def is_ping(data: bytes, nonce: int) -> bool:
+    return data == encode(Frame(nonce, Kind.PING)) or (len(data) == 34 and data[1] == 0)
+
+
+@pytest.mark.parametrize("mode", ["keyed", "legacy", "control"])
+def test_a_forged_pong_from_the_path_during_a_drain(mode: str) -> None:
+    """alice (pinger) takes over TCP signalling while an on-path attacker forges pongs for her in-flight pings.
+
+    keyed: the forgeries are dropped and counted, the drain lasts until the
+    real pongs come back, nothing of alice's is on the path when she locks,
+    and bob's application gets no keepalive (CleanHandover holds on the
+    wire). legacy: the forged pongs retire each ping as it leaves, the
+    drain is over at once with alice's real pings still on the path, and
+    they land on bob's handed-over socket, in his application. control:
+    legacy, nobody forging: a clean drain.
+    """
+    key = KEY if mode == "keyed" else None
+    nonce = 0xB1
+
+    async def main() -> None:
+        from tests.aio.test_lease import Collect
+
+        late: list[str] = []
+
+        def watch(who: str) -> Callable[[str, int, bytes, Addr, str], None]:
+            def observe(direction: str, n: int, data: bytes, addr: Addr, state: str) -> None:
+                if direction == "recv" and n == nonce and state in ("Locked", "InUse"):
+                    late.append(who)
+            return observe
+
+        alice = AsyncPairPool("alice", DRAIN_CFG, wire_observer=watch("alice"))
+        bob = AsyncPairPool("bob", DRAIN_CFG, wire_observer=watch("bob"))
+        async with alice, bob, TcpSignallingServer(bob.serve_handover, identity="bob",
+                                                   secrets={"alice": K_ALICE}) as server:
+            alice.signalling = TcpSignalling("alice", {"bob": server.address}, secrets={"bob": K_ALICE})
+            sa, sb = bound_socket(), bound_socket()
+            path = OnPath(sa.getsockname(), sb.getsockname(), nonce, key, forge=mode != "control")
+            to_bob, to_alice = await path.start()
+            ea = await alice.add(EndpointPair(Endpoint("alice", *sa.getsockname()), Endpoint("bob", *to_bob), nonce),
+                                 is_pinger=True, sock=sa, key=key)
+            eb = await bob.add(EndpointPair(Endpoint("alice", *to_alice), Endpoint("bob", *sb.getsockname()), nonce),
+                               is_pinger=False, sock=sb, key=key)
+            await wait_for(alice, lambda: ea.state == eb.state == "Idle" and ea.stats.received >= 3)
+            drain = Drain(nonce, path)
+            alice.on_event(drain)
+            lease = await alice.take(nonce)
+            peer_lease = await bob.accept()
+            app = Collect()
+            peer_lease.set_protocol(app)  # bob's application: gets whatever the pool does not keep
+            while path.in_flight:
+                await asyncio.sleep(PATH_DELAY / 4)  # whatever was on the path lands
+            await asyncio.sleep(0.05)
+            keepalives = [d for d, _ in app.got if is_ping(d, nonce)]
+            assert drain.took is not None and drain.in_flight_at_lock is not None
+            if mode == "legacy":
+                assert drain.in_flight_at_lock > 0  # locked with real pings still on the path
+                assert keepalives  # ... and they reached bob's application over the handed-over socket
+            else:
+                assert drain.in_flight_at_lock == 0
+                assert keepalives == [] and late == []
+            if mode == "keyed":
+                assert path.forged > 0 and ea.stats.drops[DropReason.BAD_MAC] > 0
+                assert ea.stats.drops[DropReason.FORMAT_MISMATCH] > 0
+            note(f"drain/{mode}", f"drain {drain.took * 1000:.0f} ms (path delay {PATH_DELAY * 1000:.0f} ms, "
+                 f"ping every {DRAIN_CFG.ping_interval * 1000:.0f} ms); {drain.in_flight_at_lock} ping(s) on the "
+                 f"path at lock, {len(keepalives)} delivered to bob's application; {path.forged} forged")
+            lease.close()
+            peer_lease.close()
+            path.close()
+            assert isinstance(alice.signalling, TcpSignalling)
+            await alice.signalling.close()
+
+    aio_run(main(), BOUND)
