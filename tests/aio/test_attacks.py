@@ -46,6 +46,7 @@ from natpool.signalling import SignalChannel
 from natpool.wire import signal as wire
 from natpool.wire.frame import Frame, Kind, encode
 from natpool.wire.keepalive import KeepaliveKey
+from natpool.wire.keys import SIGNAL, derive
 from natpool.wire.signal import Signal, SignalType
 from tests.support.aio import bound_socket
 from tests.support.aio import run as aio_run
@@ -379,5 +380,230 @@ def test_a_forged_pong_from_the_path_during_a_drain(mode: str) -> None:
             path.close()
             assert isinstance(alice.signalling, TcpSignalling)
             await alice.signalling.close()
+
+    aio_run(main(), BOUND)
+
+
+# === c) signalling bound to the pair's peer =======================================================
+
+SIG_CFG = PairConfig(ping_interval=0.02, no_inbound_timeout=4.0, ping_lifespan=0.5, lock_timeout=1.0)
+
+
+class Tap:
+    """alice's signalling, with an eavesdropper on her connections: every signal she sends, recorded."""
+
+    def __init__(self, inner: TcpSignalling) -> None:
+        self.inner = inner
+        self.sent: list[bytes] = []
+
+    async def open(self, peer_identity: str) -> SignalChannel:
+        return _TappedChannel(await self.inner.open(peer_identity), self.sent)
+
+
+class _TappedChannel:
+    def __init__(self, inner: SignalChannel, log: list[bytes]) -> None:
+        self.inner, self.log = inner, log
+        self.peer_identity = inner.peer_identity
+
+    async def send(self, data: bytes) -> None:
+        self.log.append(data)
+        await self.inner.send(data)
+
+    async def recv(self) -> bytes:
+        return await self.inner.recv()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass
+class Net:
+    alice: AsyncPairPool
+    bob: AsyncPairPool
+    bob_server: TcpSignallingServer
+    alice_server: TcpSignallingServer
+    secure: bool
+    gate: asyncio.Event  # alice's server answers bob's sessions only while set
+
+    def as_(self, who: str, secret: bytes | None = None, persistent: bool = True) -> TcpSignalling:
+        """A client of bob's server claiming to be ``who`` (with ``secret``, or none)."""
+        return TcpSignalling(who, {"bob": self.bob_server.address}, persistent=persistent,
+                             secrets=None if secret is None else {"bob": secret})
+
+
+@contextlib.asynccontextmanager
+async def net(secure: bool) -> AsyncIterator[Net]:
+    """alice and bob, each serving handovers over TCP, with per-peer secrets (secure) or none (tests-only mode)."""
+    alice, bob = AsyncPairPool("alice", SIG_CFG), AsyncPairPool("bob", SIG_CFG)
+    gate = asyncio.Event()
+    gate.set()
+
+    async def alice_serves(ch: IncomingChannel) -> None:
+        await gate.wait()
+        await alice.serve_handover(ch)
+
+    bob_kw: dict[str, Any] = {"identity": "bob", "secrets": SECRETS} if secure else {}
+    alice_kw: dict[str, Any] = {"identity": "alice", "secrets": {"bob": K_ALICE}} if secure else {}
+    async with alice, bob, TcpSignallingServer(bob.serve_handover, **bob_kw) as bob_server, \
+            TcpSignallingServer(alice_serves, **alice_kw) as alice_server:
+        alice.signalling = TcpSignalling("alice", {"bob": bob_server.address},
+                                         secrets={"bob": K_ALICE} if secure else None)
+        bob.signalling = TcpSignalling("bob", {"alice": alice_server.address},
+                                       secrets={"alice": K_ALICE} if secure else None)
+        try:
+            yield Net(alice, bob, bob_server, alice_server, secure, gate)
+        finally:
+            for pool in (alice, bob):
+                sig = pool.signalling
+                if isinstance(sig, TcpSignalling):
+                    await sig.close()
+                elif isinstance(sig, Tap):
+                    await sig.inner.close()
+
+
+def forged_lock(nonce: int, keyed: bool, sid: bytes) -> tuple[bytes, bytes]:
+    """mallory's LOCK for ``nonce``: legacy (anyone can make it), or signed under her guess at the key."""
+    ri = os.urandom(wire.RAND_SIZE)
+    if not keyed:
+        return wire.encode(Signal(SignalType.LOCK, nonce, sid, 1)), ri
+    return wire.encode_signed(SignalType.LOCK, nonce, sid, 1, None, ri, wire.NO_RAND, derive(WRONG, SIGNAL),
+                              False)[1], ri
+
+
+async def steal(sig: TcpSignalling, nonce: int, lock: bytes | None = None, keyed: bool = False,
+                hang_up_after_lock: bool = False) -> list[str]:
+    """mallory runs the initiator's half by hand: LOCK (forged or ``lock``, a recording), then TAKE; her replies."""
+    try:
+        ch = await sig.open("bob")
+    except ChannelBroken:
+        return ["refused hello"]
+    got: list[str] = []
+    try:
+        sid = os.urandom(wire.SID_SIZE)
+        ri = os.urandom(wire.RAND_SIZE)
+        if lock is None:
+            lock, ri = forged_lock(nonce, keyed, sid)
+        else:
+            recorded = wire.decode(lock)
+            sid, ri = recorded.sid, recorded.ri or ri
+        await ch.send(lock)
+        reply = wire.decode(await asyncio.wait_for(ch.recv(), 3 * SIG_CFG.lock_timeout))
+        got.append(reply.type.name)
+        if reply.type is not SignalType.LOCKED or hang_up_after_lock:
+            return got
+        if reply.signed:  # she cannot sign: her guess at the key, bound to the responder's fresh random
+            assert reply.rr is not None
+            take = wire.encode_signed(SignalType.TAKE, nonce, sid, 2, None, ri, reply.rr, derive(WRONG, SIGNAL),
+                                      False)[1]
+        else:
+            take = wire.encode(Signal(SignalType.TAKE, nonce, sid, 2))
+        await ch.send(take)
+        got.append(wire.decode(await asyncio.wait_for(ch.recv(), 3 * SIG_CFG.lock_timeout)).type.name)
+    except (ChannelBroken, TimeoutError):
+        got.append("closed")
+    finally:
+        await ch.close()
+    return got
+
+
+async def settle(pool: AsyncPairPool, entry: PairEntry) -> None:
+    """Until ``entry`` is back in Idle (or gone) and no session on this pool runs any more."""
+    while entry.state not in ("Idle", "Expired", "InUse") or pool.node.sessions():
+        await asyncio.sleep(SIG_CFG.ping_interval)
+
+
+@pytest.mark.parametrize("config", ["secrets/as-mallory", "secrets/as-alice-without-her-secret",
+                                    "none/as-mallory", "none/as-alice", "none/keyed-pair"])
+def test_a_third_partys_lock_and_take_over_tcp(config: str) -> None:
+    """mallory opens a session to bob for alice and bob's pair and runs LOCK/TAKE herself.
+
+    With secrets bob's server verifies who is calling: as herself she is
+    refused by the responder (UNEXPECTED_PEER, answered like an unknown
+    pair, nothing claimed); as "alice" without alice's secret her hello is
+    refused. Without secrets (the tests-only mode) the claim is believed
+    and, on a legacy pair, mallory gets bob's lease, whatever name she
+    gives. A keyed pair stops her even then: her LOCK does not verify.
+    Every refused attack leaves the pair Idle and alice's real take works.
+    """
+    secure = config.startswith("secrets")
+    keyed = config.endswith("keyed-pair")
+    nonce = 0xC1
+
+    async def main() -> None:
+        async with net(secure) as n:
+            ea, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None)
+            if config == "secrets/as-mallory":
+                mallory = n.as_("mallory", K_MALLORY)
+            elif config == "secrets/as-alice-without-her-secret":
+                mallory = n.as_("alice", K_MALLORY)
+            else:
+                mallory = n.as_("alice" if config == "none/as-alice" else "mallory")
+            got = await steal(mallory, nonce, keyed=keyed)
+            await mallory.close()
+            await settle(n.bob, eb)
+            while secure and not n.bob_server.stats.hellos_refused and got == ["refused hello"]:
+                await asyncio.sleep(0.01)  # the server notices the client's hang-up
+            if config.startswith("none/as-"):  # the documented weakness of the unauthenticated mode
+                assert got == ["LOCKED", "TAKEN"]
+                stolen = await n.bob.accept()
+                assert stolen.nonce == nonce and n.bob.handover_outcomes["lease"] == 1
+                stolen.close()
+                note(f"third-party/{config}", f"{got}: bob's application got a lease for mallory")
+                return
+            assert n.bob.handover_outcomes["lease"] == 0 and eb.state == "Idle"
+            if config == "secrets/as-mallory":
+                assert got == ["ABORT"] and n.bob.core.drops[DropReason.UNEXPECTED_PEER] == 1
+            elif config == "secrets/as-alice-without-her-secret":
+                # mallory cannot prove the secret, and bob's proof does not verify under hers either
+                assert got == ["refused hello"] and n.bob_server.stats.hellos_refused == 1
+                assert mallory.drops[DropReason.BAD_MAC] + n.bob_server.drops[DropReason.BAD_MAC] >= 1
+                assert n.bob_server.stats.authenticated == 0
+            else:
+                assert got == ["closed"] and n.bob.core.drops[DropReason.BAD_MAC] == 1  # refused in silence
+            lease = await n.alice.take(nonce)  # the pair is intact: the real peer still gets it
+            peer_lease = await n.bob.accept()
+            note(f"third-party/{config}", f"{got}: no lease for mallory, alice's take then succeeded")
+            lease.close()
+            peer_lease.close()
+
+    aio_run(main(), BOUND)
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["secrets", "no-secrets"])
+def test_one_connection_and_one_session_per_pair_against_every_pair(secure: bool) -> None:
+    """mallory, over one connection to bob, opens a session per pair at once and tries to take them all.
+
+    secrets (she is a known peer, just not the pairs' peer): every session is
+    refused, no pair is locked, stolen or lost, and alice takes each one
+    afterwards. no secrets (legacy pairs): she steals every pair.
+    """
+    pairs = 6
+
+    async def main() -> None:
+        async with net(secure) as n:
+            entries = [await add_pair(n.alice, n.bob, 0xC10 + i, None) for i in range(pairs)]
+            mallory = n.as_("mallory", K_MALLORY if secure else None)
+            began = n.bob.now()
+            results = await asyncio.gather(*(steal(mallory, 0xC10 + i) for i in range(pairs)))
+            took = n.bob.now() - began
+            await mallory.close()
+            for _, eb in entries:
+                await settle(n.bob, eb)
+            if not secure:
+                assert results == [["LOCKED", "TAKEN"]] * pairs
+                assert n.bob.handover_outcomes["lease"] == pairs
+                for _ in range(pairs):
+                    (await n.bob.accept()).close()
+                note("per-pair-flood/no-secrets", f"{pairs}/{pairs} pairs stolen over one connection in {took:.2f}s")
+                return
+            assert results == [["ABORT"]] * pairs
+            assert n.bob.core.drops[DropReason.UNEXPECTED_PEER] == pairs and n.bob.handover_outcomes["lease"] == 0
+            assert all(ea.state == eb.state == "Idle" for ea, eb in entries)
+            for _ in range(pairs):
+                lease = await n.alice.take_any("bob")
+                (await n.bob.accept()).close()
+                lease.close()
+            note("per-pair-flood/secrets", f"0/{pairs} pairs locked or stolen ({took:.2f}s); "
+                 f"alice then took all {pairs}")
 
     aio_run(main(), BOUND)
