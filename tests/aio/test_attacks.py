@@ -424,6 +424,7 @@ class Net:
     alice_server: TcpSignallingServer
     secure: bool
     gate: asyncio.Event  # alice's server answers bob's sessions only while set
+    bob_gate: asyncio.Event  # bob's server answers sessions only while set
 
     def as_(self, who: str, secret: bytes | None = None, persistent: bool = True) -> TcpSignalling:
         """A client of bob's server claiming to be ``who`` (with ``secret``, or none)."""
@@ -435,23 +436,28 @@ class Net:
 async def net(secure: bool) -> AsyncIterator[Net]:
     """alice and bob, each serving handovers over TCP, with per-peer secrets (secure) or none (tests-only mode)."""
     alice, bob = AsyncPairPool("alice", SIG_CFG), AsyncPairPool("bob", SIG_CFG)
-    gate = asyncio.Event()
+    gate, bob_gate = asyncio.Event(), asyncio.Event()
     gate.set()
+    bob_gate.set()
 
     async def alice_serves(ch: IncomingChannel) -> None:
         await gate.wait()
         await alice.serve_handover(ch)
 
+    async def bob_serves(ch: IncomingChannel) -> None:
+        await bob_gate.wait()
+        await bob.serve_handover(ch)
+
     bob_kw: dict[str, Any] = {"identity": "bob", "secrets": SECRETS} if secure else {}
     alice_kw: dict[str, Any] = {"identity": "alice", "secrets": {"bob": K_ALICE}} if secure else {}
-    async with alice, bob, TcpSignallingServer(bob.serve_handover, **bob_kw) as bob_server, \
+    async with alice, bob, TcpSignallingServer(bob_serves, **bob_kw) as bob_server, \
             TcpSignallingServer(alice_serves, **alice_kw) as alice_server:
         alice.signalling = TcpSignalling("alice", {"bob": bob_server.address},
                                          secrets={"bob": K_ALICE} if secure else None)
         bob.signalling = TcpSignalling("bob", {"alice": alice_server.address},
                                        secrets={"alice": K_ALICE} if secure else None)
         try:
-            yield Net(alice, bob, bob_server, alice_server, secure, gate)
+            yield Net(alice, bob, bob_server, alice_server, secure, gate, bob_gate)
         finally:
             for pool in (alice, bob):
                 sig = pool.signalling
@@ -605,5 +611,158 @@ def test_one_connection_and_one_session_per_pair_against_every_pair(secure: bool
                 lease.close()
             note("per-pair-flood/secrets", f"0/{pairs} pairs locked or stolen ({took:.2f}s); "
                  f"alice then took all {pairs}")
+
+    aio_run(main(), BOUND)
+
+
+async def record_lock(n: Net, nonce: int) -> bytes:
+    """alice's LOCK for ``nonce`` as an eavesdropper on her connection records it, the pair left Idle.
+
+    alice starts a take while bob's server holds her session, and cancels it
+    (ABORT(CANCELLED): both entries return to Idle, nothing handed over).
+    """
+    assert isinstance(n.alice.signalling, TcpSignalling)
+    tap = Tap(n.alice.signalling)
+    n.alice.signalling = tap  # type: ignore[assignment]
+    n.bob_gate.clear()
+    take = asyncio.ensure_future(n.alice.take(nonce))
+    while not tap.sent:
+        await asyncio.sleep(0.005)
+    take.cancel()
+    with contextlib.suppress(asyncio.CancelledError, HandoverError):
+        await take
+    n.bob_gate.set()
+    n.alice.signalling = tap.inner
+    lock = tap.sent[0]
+    assert wire.decode(lock).type is SignalType.LOCK
+    for pool in (n.alice, n.bob):
+        await settle(pool, pool.get(nonce))
+    assert n.alice.get(nonce).state == n.bob.get(nonce).state == "Idle"
+    return lock
+
+
+@pytest.mark.parametrize("mode", ["secrets", "none/legacy", "none/keyed-forged", "none/keyed-replayed"])
+def test_a_third_partys_lock_during_a_local_take(mode: str) -> None:
+    """bob (the ponger) is taking; alice has not answered yet; mallory's LOCK for the pair reaches bob.
+
+    The tie-break (rule 5) lets the pinger's session win: it must only ever
+    yield to the pair's real peer. secrets: mallory is refused
+    (UNEXPECTED_PEER) and bob's take completes with alice. none/legacy: her
+    LOCK wins the tie-break, bob's take fails PairBusy and mallory gets
+    bob's lease. none/keyed-forged: her LOCK does not verify; bob's take
+    completes. none/keyed-replayed (a LOCK of alice's recorded earlier):
+    it verifies, so bob yields and his take fails PairBusy, but mallory
+    cannot make the TAKE: no lease, and the pair returns to Idle (a
+    stale LOCK costs one take, never the pair).
+    """
+    secure = mode == "secrets"
+    keyed = "keyed" in mode
+    nonce = 0xC2
+
+    async def main() -> None:
+        async with net(secure) as n:
+            ea, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None)  # alice pings
+            recorded = await record_lock(n, nonce) if mode == "none/keyed-replayed" else None
+            n.gate.clear()  # alice's server holds bob's session: bob is Locking, his entry InLocking
+            take = asyncio.ensure_future(n.bob.take(nonce))
+            while not (eb.state == "InLocking" and n.alice_server.stats.open_connections >= 1):
+                await asyncio.sleep(0.005)
+            mallory = n.as_("mallory", K_MALLORY if secure else None)
+            got = await steal(mallory, nonce, lock=recorded, keyed=keyed)
+            await mallory.close()
+            n.gate.set()
+            outcome: object
+            try:
+                outcome = await take
+            except HandoverError as exc:
+                outcome = exc
+            if isinstance(outcome, natpool.Lease):
+                peer_lease = await n.alice.accept()
+                outcome.close()
+                peer_lease.close()
+            await settle(n.bob, eb)
+            await settle(n.alice, ea)
+            if mode == "none/legacy":
+                assert got == ["LOCKED", "TAKEN"] and isinstance(outcome, PairBusy)
+                stolen = await n.bob.accept()
+                assert stolen.nonce == nonce and n.bob.handover_outcomes["lease"] == 1
+                stolen.close()
+            elif mode == "none/keyed-replayed":
+                # her TAKE is dropped; bob's responder times out (lock_timeout) and aborts
+                assert got == ["LOCKED", "ABORT"] and isinstance(outcome, PairBusy)
+                assert n.bob.handover_outcomes["lease"] == 0 and eb.state == "Idle" and ea.state == "Idle"
+                assert n.bob.core.drops[DropReason.BAD_MAC] >= 1  # her TAKE
+            else:
+                assert isinstance(outcome, natpool.Lease)  # the real peer's session went through
+                assert n.bob.handover_outcomes["lease"] == 1 and n.alice.handover_outcomes["lease"] == 1
+                want = (["ABORT"], DropReason.UNEXPECTED_PEER) if secure else (["closed"], DropReason.BAD_MAC)
+                assert got == want[0] and n.bob.core.drops[want[1]] == 1
+            note(f"tie-break/{mode}", f"mallory {got}; bob's take: {type(outcome).__name__}; "
+                 f"leases at bob {n.bob.handover_outcomes['lease']}")
+
+    aio_run(main(), BOUND)
+
+
+@pytest.mark.parametrize("move", ["take", "hang-up"])
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "legacy"])
+def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: str) -> None:
+    """alice's (the ponger's) take ends BUSY; later mallory replays its LOCK to bob, the pinger, over TCP.
+
+    No secrets (the replay comes over an unauthenticated connection, under
+    any name). keyed: bob drains and answers LOCKED with a fresh random;
+    mallory cannot sign the TAKE, so ``take``: no lease; ``hang-up`` (one
+    LOCK, then disconnect): bob's entry goes back to Idle, never Locked
+    or expired. legacy: ``take`` yields bob's lease to mallory (the
+    documented weakness); ``hang-up`` still leaves the pair Idle (a pinger
+    responder stays InLocking until TAKE). Either way, where the pair is
+    left Idle alice's next take works.
+    """
+    nonce = 0xC3
+
+    async def main() -> None:
+        async with net(False) as n:
+            ea, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None, alice_pings=False)
+            # alice's take meets bob's own take (the pinger's session wins): alice gets BUSY
+            tap = Tap(n.alice.signalling)  # type: ignore[arg-type]
+            n.alice.signalling = tap  # type: ignore[assignment]
+            n.gate.clear()
+            bobs = asyncio.ensure_future(n.bob.take(nonce))
+            while eb.state != "InLocking":
+                await asyncio.sleep(0.005)
+            with pytest.raises(PairBusy):
+                await n.alice.take(nonce)
+            bobs.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bobs
+            n.gate.set()
+            n.alice.signalling = tap.inner
+            await settle(n.bob, eb)
+            await settle(n.alice, ea)
+            assert ea.state == eb.state == "Idle"
+            (lock,) = [d for d in tap.sent if wire.decode(d).type is SignalType.LOCK]
+            # later: the replay
+            states: list[str] = []
+            n.bob.on_event(lambda ev: states.append(ev.target) if isinstance(ev, StateChanged) else None)
+            mallory = n.as_("alice")
+            got = await steal(mallory, nonce, lock=lock, hang_up_after_lock=move == "hang-up")
+            await mallory.close()
+            await settle(n.bob, eb)
+            if not keyed and move == "take":
+                assert got == ["LOCKED", "TAKEN"]
+                stolen = await n.bob.accept()
+                assert stolen.nonce == nonce
+                stolen.close()
+                note(f"busy-replay/legacy/{move}", f"{got}: bob's lease went to the replayer")
+                return
+            assert got == (["LOCKED"] if move == "hang-up" else ["LOCKED", "ABORT"])  # ABORT(TIMEOUT)
+            assert n.bob.handover_outcomes["lease"] == 0 and eb.state == "Idle"
+            assert "InLocking" in states and "Locked" not in states and "Expired" not in states
+            if keyed and move == "take":
+                assert n.bob.core.drops[DropReason.BAD_MAC] >= 1
+            lease = await n.alice.take(nonce)
+            (await n.bob.accept()).close()
+            lease.close()
+            note(f"busy-replay/{'keyed' if keyed else 'legacy'}/{move}",
+                 f"{got}: no lease, bob's entry back to Idle (never Locked or Expired); alice's take then worked")
 
     aio_run(main(), BOUND)
