@@ -537,7 +537,7 @@ def test_a_third_partys_lock_and_take_over_tcp(config: str) -> None:
 
     async def main() -> None:
         async with net(secure) as n:
-            ea, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None)
+            _, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None)
             if config == "secrets/as-mallory":
                 mallory = n.as_("mallory", K_MALLORY)
             elif config == "secrets/as-alice-without-her-secret":
@@ -623,7 +623,7 @@ async def record_lock(n: Net, nonce: int) -> bytes:
     """
     assert isinstance(n.alice.signalling, TcpSignalling)
     tap = Tap(n.alice.signalling)
-    n.alice.signalling = tap  # type: ignore[assignment]
+    n.alice.signalling = tap
     n.bob_gate.clear()
     take = asyncio.ensure_future(n.alice.take(nonce))
     while not tap.sent:
@@ -690,7 +690,7 @@ def test_a_third_partys_lock_during_a_local_take(mode: str) -> None:
             elif mode == "none/keyed-replayed":
                 # her TAKE is dropped; bob's responder times out (lock_timeout) and aborts
                 assert got == ["LOCKED", "ABORT"] and isinstance(outcome, PairBusy)
-                assert n.bob.handover_outcomes["lease"] == 0 and eb.state == "Idle" and ea.state == "Idle"
+                assert n.bob.handover_outcomes["lease"] == 0 and (ea.state, eb.state) == ("Idle", "Idle")
                 assert n.bob.core.drops[DropReason.BAD_MAC] >= 1  # her TAKE
             else:
                 assert isinstance(outcome, natpool.Lease)  # the real peer's session went through
@@ -724,7 +724,7 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
             ea, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None, alice_pings=False)
             # alice's take meets bob's own take (the pinger's session wins): alice gets BUSY
             tap = Tap(n.alice.signalling)  # type: ignore[arg-type]
-            n.alice.signalling = tap  # type: ignore[assignment]
+            n.alice.signalling = tap
             n.gate.clear()
             bobs = asyncio.ensure_future(n.bob.take(nonce))
             while eb.state != "InLocking":
@@ -738,7 +738,7 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
             n.alice.signalling = tap.inner
             await settle(n.bob, eb)
             await settle(n.alice, ea)
-            assert ea.state == eb.state == "Idle"
+            assert (ea.state, eb.state) == ("Idle", "Idle")  # read afresh (mypy narrowed them above)
             (lock,) = [d for d in tap.sent if wire.decode(d).type is SignalType.LOCK]
             # later: the replay
             states: list[str] = []
@@ -755,7 +755,7 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
                 note(f"busy-replay/legacy/{move}", f"{got}: bob's lease went to the replayer")
                 return
             assert got == (["LOCKED"] if move == "hang-up" else ["LOCKED", "ABORT"])  # ABORT(TIMEOUT)
-            assert n.bob.handover_outcomes["lease"] == 0 and eb.state == "Idle"
+            assert n.bob.handover_outcomes["lease"] == 0 and str(eb.state) == "Idle"
             assert "InLocking" in states and "Locked" not in states and "Expired" not in states
             if keyed and move == "take":
                 assert n.bob.core.drops[DropReason.BAD_MAC] >= 1
@@ -766,3 +766,123 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
                  f"{got}: no lease, bob's entry back to Idle (never Locked or Expired); alice's take then worked")
 
     aio_run(main(), BOUND)
+
+
+# === d) abuse: reflection, connection floods, logs ================================================
+
+REFLECT_CFG = PairConfig(ping_interval=0.1, no_inbound_timeout=3.0, ping_lifespan=0.5, lock_timeout=1.0)
+
+
+@pytest.mark.parametrize("mode", ["keyed", "legacy"])
+def test_forged_pings_are_not_reflected_one_to_one(mode: str) -> None:
+    """The pinger is dead; from its freed port the attacker fires a burst of forged pings at the ponger.
+
+    legacy: answered within the pong budget only (PONG_BURST at once, then
+    PONGS_PER_INTERVAL per ``ping_interval``), the rest RATE_LIMITED.
+    keyed: none is answered (BAD_MAC / FORMAT_MISMATCH): no reflection at all.
+    """
+    from natpool.core.entry import PONG_BURST, PONGS_PER_INTERVAL
+
+    key = KEY if mode == "keyed" else None
+    nonce = 0xD1
+    burst = 400
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with AsyncPairPool("alice", REFLECT_CFG) as alice, AsyncPairPool("bob", REFLECT_CFG) as bob:
+            ea, eb = await add_pair(alice, bob, nonce, key)  # alice pings, bob answers
+            alice_addr = ea.local.addr
+            await alice.remove(nonce)
+            attacker = await bind_when_free(alice_addr)
+            answered = eb.stats.sent
+            began = bob.now()
+            forged = [encode(Frame(nonce, Kind.PING))] if key is None else forged_frames(nonce, key, Kind.PING)
+            drops = eb.stats.drops
+            seen = sum(drops.values()) + eb.stats.received
+            for i in range(burst):  # in chunks a socket buffer holds: each one lands
+                attacker.sendto(forged[i % len(forged)], eb.local.addr)
+                if i % 50 == 49:
+                    while sum(drops.values()) + eb.stats.received < seen + i + 1:
+                        await asyncio.sleep(0.001)
+            elapsed = bob.now() - began
+            pongs = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    await asyncio.wait_for(loop.sock_recvfrom(attacker, 2048), 0.05)
+                    pongs += 1
+            attacker.close()
+            reflected = eb.stats.sent - answered
+            if key is None:
+                budget = PONG_BURST + PONGS_PER_INTERVAL * (elapsed / REFLECT_CFG.ping_interval + 1)
+                assert 0 < reflected <= budget and drops[DropReason.RATE_LIMITED] >= burst - budget
+            else:
+                assert reflected == 0 and drops[DropReason.BAD_MAC] + drops[DropReason.FORMAT_MISMATCH] >= burst
+            assert pongs <= reflected
+            note(f"reflection/{mode}", f"{reflected} pongs for {burst} forged pings "
+                 f"({reflected / burst:.3f} per ping) in {elapsed * 1000:.0f} ms; "
+                 f"RATE_LIMITED {drops[DropReason.RATE_LIMITED]}")
+
+    aio_run(main(), BOUND)
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["secrets", "no-secrets"])
+def test_a_connection_flood_does_not_stop_a_real_take_and_logs_no_warning(
+        secure: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Hundreds of connections to bob's server: idle ones, garbage, bad hellos, forged signals; then alice's take.
+
+    With and without secrets the server's caps hold (refused at once,
+    counted), the take between the real peers still goes through, and no
+    record at WARNING or above is logged: the bad input is at DEBUG, with
+    rate-limited INFO summaries (at most one per DROP_SUMMARY_INTERVAL from
+    each DropLog).
+
+    The flood comes from another address than alice's: the cap on pending
+    hellos is per address, so idle connections from alice's own address
+    (her NAT, say) hold her off until ``hello_timeout`` closes them.
+    """
+    nonce = 0xD2
+
+    async def main() -> None:
+        async with net(secure) as n:
+            await add_pair(n.alice, n.bob, nonce, KEY)
+            address = n.bob_server.address
+            idle = []
+            flood_from = ("127.0.0.2", 0)  # another host than alice's (a flood from hers: see the note below)
+            for payload in (b"\x00\x00\x00\x05hello", b"\xff" * 64, b"\x00\x00\x00\x40" + b"\x01" * 64):
+                for _ in range(20):  # garbage and bad hellos, each on its own connection
+                    with contextlib.suppress(OSError):
+                        reader, writer = await asyncio.open_connection(*address, local_addr=flood_from)
+                        writer.write(payload)
+                        with contextlib.suppress(ConnectionError, TimeoutError):
+                            await asyncio.wait_for(reader.read(), 2.0)
+                        writer.close()
+            for _ in range(40):  # connections that never say hello
+                with contextlib.suppress(OSError):
+                    idle.append(await asyncio.open_connection(*address, local_addr=flood_from))
+            for _ in range(20):  # forged signals for the keyed pair, from a client that gets through
+                mallory = n.as_("mallory", K_MALLORY if secure else None)
+                await steal(mallory, nonce, keyed=True)
+                await mallory.close()
+            stats = n.bob_server.stats
+            assert stats.refused_host > 0  # the per-address cap of pending hellos
+            assert stats.hellos_refused >= 60 and stats.authenticated + stats.unauthenticated >= 20
+            lease = await n.alice.take(nonce)
+            (await n.bob.accept()).close()
+            lease.close()
+            for _, writer in idle:
+                writer.close()
+            drops = n.bob.core.drops[DropReason.UNEXPECTED_PEER if secure else DropReason.BAD_MAC]
+            assert drops == 20
+            note(f"tcp-flood/{'secrets' if secure else 'no-secrets'}",
+                 f"refused_host {stats.refused_host}, hellos_refused {stats.hellos_refused}, "
+                 f"server drops {dict((k.name, v) for k, v in n.bob_server.drops.items())}, "
+                 f"20 forged sessions refused; the real take went through")
+
+    with caplog.at_level(logging.DEBUG, logger="natpool"):
+        aio_run(main(), BOUND)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == []
+    infos = [r for r in caplog.records if r.levelno == logging.INFO and "dropped" in r.getMessage()]
+    assert len(infos) <= 3  # one first summary per DropLog at most (server, mallory's clients), not one per input
+    note(f"tcp-flood-logs/{'secrets' if secure else 'no-secrets'}",
+         f"{sum(r.levelno == logging.DEBUG for r in caplog.records)} DEBUG, {len(infos)} INFO summary, 0 WARNING")
