@@ -704,8 +704,8 @@ def test_a_third_partys_lock_during_a_local_take(mode: str) -> None:
 
 
 @pytest.mark.parametrize("move", ["take", "hang-up"])
-@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "legacy"])
-def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: str) -> None:
+@pytest.mark.parametrize("config", ["keyed", "legacy", "legacy+secrets"])
+def test_a_busy_session_replayed_later_at_a_pinger_responder(config: str, move: str) -> None:
     """alice's (the ponger's) take ends BUSY; later mallory replays its LOCK to bob, the pinger, over TCP.
 
     No secrets (the replay comes over an unauthenticated connection, under
@@ -714,13 +714,16 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
     LOCK, then disconnect): bob's entry goes back to Idle, never Locked
     or expired. legacy: ``take`` yields bob's lease to mallory (the
     documented weakness); ``hang-up`` still leaves the pair Idle (a pinger
-    responder stays InLocking until TAKE). Either way, where the pair is
-    left Idle alice's next take works.
+    responder stays InLocking until TAKE). legacy+secrets: the replay comes
+    over mallory's own authenticated connection and is refused before
+    anything is claimed (UNEXPECTED_PEER). Where the pair is left Idle
+    alice's next take works.
     """
     nonce = 0xC3
+    keyed, secure = config == "keyed", config.endswith("secrets")
 
     async def main() -> None:
-        async with net(False) as n:
+        async with net(secure) as n:
             ea, eb = await add_pair(n.alice, n.bob, nonce, KEY if keyed else None, alice_pings=False)
             # alice's take meets bob's own take (the pinger's session wins): alice gets BUSY
             tap = Tap(n.alice.signalling)  # type: ignore[arg-type]
@@ -743,10 +746,15 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
             # later: the replay
             states: list[str] = []
             n.bob.on_event(lambda ev: states.append(ev.target) if isinstance(ev, StateChanged) else None)
-            mallory = n.as_("alice")
+            mallory = n.as_("mallory", K_MALLORY) if secure else n.as_("alice")
             got = await steal(mallory, nonce, lock=lock, hang_up_after_lock=move == "hang-up")
             await mallory.close()
             await settle(n.bob, eb)
+            if secure:
+                assert got == ["ABORT"] and n.bob.core.drops[DropReason.UNEXPECTED_PEER] == 1
+                assert states == [] and n.bob.handover_outcomes["lease"] == 0
+                note(f"busy-replay/{config}/{move}", f"{got}: refused, nothing claimed")
+                return
             if not keyed and move == "take":
                 assert got == ["LOCKED", "TAKEN"]
                 stolen = await n.bob.accept()
@@ -762,7 +770,7 @@ def test_a_busy_session_replayed_later_at_a_pinger_responder(keyed: bool, move: 
             lease = await n.alice.take(nonce)
             (await n.bob.accept()).close()
             lease.close()
-            note(f"busy-replay/{'keyed' if keyed else 'legacy'}/{move}",
+            note(f"busy-replay/{config}/{move}",
                  f"{got}: no lease, bob's entry back to Idle (never Locked or Expired); alice's take then worked")
 
     aio_run(main(), BOUND)
