@@ -894,3 +894,54 @@ def test_a_connection_flood_does_not_stop_a_real_take_and_logs_no_warning(
     assert len(infos) <= 3  # one first summary per DropLog at most (server, mallory's clients), not one per input
     note(f"tcp-flood-logs/{'secrets' if secure else 'no-secrets'}",
          f"{sum(r.levelno == logging.DEBUG for r in caplog.records)} DEBUG, {len(infos)} INFO summary, 0 WARNING")
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["secrets", "no-secrets"])
+def test_the_per_peer_caps_can_be_filled_in_a_peers_name_only_without_secrets(secure: bool) -> None:
+    """mallory holds connections open to bob's server under alice's name, up to the per-peer cap.
+
+    The per-peer caps count by identity: the verified one with secrets, the
+    claimed one without. no-secrets: mallory fills alice's quota and alice's
+    own connection is refused. secrets: mallory cannot say hello as alice,
+    and alice gets through.
+    """
+    cap = 3
+
+    async def main() -> None:
+        got: list[str | None] = []
+
+        async def handler(ch: IncomingChannel) -> None:
+            with contextlib.suppress(ChannelBroken):
+                got.append(ch.peer_identity)
+                await ch.send(await ch.recv())
+                await ch.recv()  # held open until the client closes
+
+        kw: dict[str, Any] = {"identity": "bob", "secrets": SECRETS} if secure else {}
+        async with TcpSignallingServer(handler, max_connections_per_peer=cap, **kw) as server:
+            squatter = TcpSignalling("alice", {"bob": server.address}, persistent=False,
+                                     secrets={"bob": K_MALLORY} if secure else None)
+            held = []
+            for _ in range(cap):
+                with contextlib.suppress(ChannelBroken):
+                    ch = await squatter.open("bob")
+                    await ch.send(b"x")
+                    await ch.recv()
+                    held.append(ch)
+            alice = TcpSignalling("alice", {"bob": server.address}, persistent=False,
+                                  secrets={"bob": K_ALICE} if secure else None)
+            real: bytes | None = None
+            with contextlib.suppress(ChannelBroken):
+                ch = await alice.open("bob")
+                await ch.send(b"real")
+                real = await ch.recv()
+                await ch.close()
+            for ch in held:
+                await ch.close()
+            if secure:
+                assert held == [] and real == b"real"
+            else:
+                assert len(held) == cap and real is None and server.stats.refused_peer == 1
+            note(f"per-peer-caps/{'secrets' if secure else 'no-secrets'}",
+                 f"{len(held)} connections held in alice's name; alice's own {'got through' if real else 'refused'}")
+
+    aio_run(main(), BOUND)
