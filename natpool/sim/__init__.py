@@ -23,8 +23,9 @@ Scripted faults on a timed run: ``sim.network.fate`` (copies per datagram),
 ``sim.signalling.on_open`` to set a channel's ``intercept`` (rewrite, replay,
 swallow, or break instead of carrying a message) and ``on_deliver`` (break
 right after a message), ``sim.signalling.inject`` (a forger), ``node.serve``
-(answer a channel the test opened), ``sim.checks`` (invariants after every
-event); records: ``sim.log``, ``sim.signalling.log``, ``in_transit`` counters.
+(answer a channel the test opened; ``anonymous=True``: as a transport that
+cannot name the peer), ``node.cancel`` (the application gives up a take),
+``sim.checks`` (invariants after every event); records: ``sim.log``, ``sim.signalling.log``, ``in_transit`` counters.
 """
 
 from natpool.sim.bench import SimBenchResult, bench_ratio

@@ -236,6 +236,16 @@ class SimNode:
         end = next(link.end for link in reversed(self.links) if link.session is session)
         return TakeHandle(self, now, session, end)
 
+    def cancel(self, handle: TakeHandle) -> None:
+        """The application gives up on a take (``Node.cancel``): ABORT(CANCELLED) where the handshake allows.
+
+        A no-op once the take's session has ended (its channel is closed then).
+        """
+        channel = next((ch for ch, end in self._ends.items() if end is handle.end), None)
+        if channel is not None:
+            self.node.cancel(channel, self.sim.now())
+            self.pump()
+
     def release(self, lease: Lease) -> None:
         """The application is done with ``lease``: its entry expires (CLOSED) and the socket closes."""
         lease.release(self.sim.now())
@@ -245,14 +255,19 @@ class SimNode:
         """Every lease a session of this node produced (either role)."""
         return [link.session.outcome for link in self.links if isinstance(link.session.outcome, Lease)]
 
-    def serve(self, end: ChannelEnd) -> None:
+    def serve(self, end: ChannelEnd, *, anonymous: bool = False) -> None:
         """Answer, as responder, the session whose first signal arrives on ``end``.
 
         ``take`` does this for the far end of the channel it opens; a test
         that opens a channel itself (a forged or garbage first message, a
         peer that vanishes after LOCK) hands its far end to the node here.
+
+        ``anonymous``: the channel's transport cannot name its peer
+        (``SignalChannel.peer_identity`` None), so the node gets no peer
+        identity for it and the responder checks none — the documented
+        legacy behaviour. By default the node learns who opened the channel.
         """
-        end.on_receive = partial(self._accept, end)
+        end.on_receive = partial(self._accept, end, anonymous=anonymous)
 
     def _open(self, channel: int, peer: str) -> None:
         """The node asked for a channel to ``peer`` (a take): open one; the far end accepts on its first signal."""
@@ -269,10 +284,10 @@ class SimNode:
         end.on_receive = partial(self._on_signal, channel)
         end.on_closed = partial(self._on_channel_closed, channel)
 
-    def _accept(self, end: ChannelEnd, data: bytes) -> None:
+    def _accept(self, end: ChannelEnd, data: bytes, anonymous: bool = False) -> None:
         """First signal on an incoming channel: give it a channel id; the node opens a responder session."""
-        # The simulated channel knows its true sender: the node that opened it.
-        channel = self.node.new_channel_id(end.peer.owner)
+        # The simulated channel knows its true sender: the node that opened it (unless ``serve`` hid it).
+        channel = self.node.new_channel_id(None if anonymous else end.peer.owner)
         self._bind_end(channel, end)
         self.node.receive_signal(channel, data, self.sim.now())
         self.pump()

@@ -1,23 +1,31 @@
-"""Peer binding and signed, fresh signals (issue 10 item 4) on the sans-IO sessions.
+"""Peer binding and signed, fresh signals (issue 10 item 4), message by message, on :mod:`natpool.sim`.
 
-Two real :class:`PairPool` s; datagrams and signals are carried by hand
-(instantly, in order), so a test can record, replay, forge and drop any
-signal exactly where it wants. Time only moves when a test moves it.
+alice and bob share one pair; mallory is a third node on the same simulated
+signalling service. Signalling is manual (``signalling_manual=True``): every
+message waits in ``sim.signalling.in_flight`` until the test delivers it, so
+a test records, replays, forges (a channel's ``intercept``, a raw channel it
+opens and hands to bob with ``serve``) and withholds any signal exactly where
+it wants. Datagrams cross an instant link (no delay) and only move when the
+virtual clock does (:func:`udp`), so a drain completes as soon as the test
+lets the keepalive frames through. No time passes unless a test moves it.
+
+The timed, whole-take versions of these attacks live in tests/sim/test_sim_auth.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 
 from natpool.config import PairConfig
-from natpool.core.entry import PairEntry
-from natpool.core.handover import InitiatorSession, ResponderSession, Session
+from natpool.core.handover import InitiatorSession, Session
 from natpool.core.lease import Lease
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, HandoverError, InvalidKey, PairBusy, PeerRefused
+from natpool.sim import Channel, ChannelEnd, NetConfig, SimNode, Simulation, TakeHandle
 from natpool.wire import signal as wire
 from natpool.wire.keys import SIGNAL, derive
 from natpool.wire.signal import NO_RAND, AbortReason, Signal, SignalType
@@ -26,72 +34,86 @@ A, B, M = "alice", "bob", "mallory"
 NONCE = 0xC0FFEE
 KEY = bytes(range(32))
 CFG = PairConfig(ping_interval=1.0, no_inbound_timeout=30.0, ping_lifespan=1.0, lock_timeout=5.0)
+INSTANT = NetConfig(delay_min=0.0, delay_max=0.0)
 
 
-class Pair2:
-    """alice and bob holding one pair (``pinger`` pings), optionally keyed; a clock that tests move."""
-
-    def __init__(self, key: bytes | None = KEY, pinger: str = A) -> None:
-        self.now = 0.0
-        self.pools = {n: PairPool(n, CFG) for n in (A, B)}
-        self.pair = EndpointPair(Endpoint(A, "10.0.0.1", 40000), Endpoint(B, "10.0.0.2", 40000), NONCE)
-        for n, pool in self.pools.items():
-            pool.add(self.pair, n == pinger, self.now, key=key)
-        self.udp()
-
-    def entry(self, node: str) -> PairEntry:
-        return self.pools[node].get(NONCE)
-
-    def udp(self) -> None:
-        """Deliver keepalive frames both ways until none is left (the drain completes at once)."""
-        moved = True
-        while moved:
-            moved = False
-            for node, pool in self.pools.items():
-                other = B if node == A else A
-                for nonce, data, _addr in pool.datagrams_to_send(self.now):
-                    moved = True
-                    self.pools[other].receive_datagram(nonce, data, pool.get(nonce).local.addr, self.now)
-
-    def advance(self, dt: float, *sessions: Session) -> None:
-        self.now += dt
-        for pool in self.pools.values():
-            pool.handle_timer(self.now)
-        for s in sessions:
-            s.handle_timer(self.now)
-        self.udp()
-
-    def take(self, node: str) -> InitiatorSession:
-        return self.pools[node].start_take(NONCE, None, self.now)
-
-    def accept(self, node: str, data: bytes, peer: str | None) -> ResponderSession:
-        resp = self.pools[node].accept_session(data, self.now, peer=peer)
-        self.udp()
-        return resp
-
-    def run(self, ini: InitiatorSession, resp: ResponderSession) -> list[bytes]:
-        """Shuttle signals between the two sessions until both are quiet; returns everything sent, in order."""
-        log: list[bytes] = []
-        moved = True
-        while moved:
-            moved = False
-            self.udp()
-            for src, dst in ((ini, resp), (resp, ini)):
-                for data in src.signals_to_send():
-                    moved = True
-                    log.append(data)
-                    dst.receive_signal(data, self.now)
-        return log
+def new_sim() -> tuple[Simulation, SimNode, SimNode, SimNode]:
+    sim = Simulation(11, INSTANT, config=CFG, signalling_manual=True)
+    return sim, sim.add_node(A), sim.add_node(B), sim.add_node(M)
 
 
-def lock_of(ini: InitiatorSession) -> bytes:
-    (lock,) = ini.signals_to_send()
+def setup(key: bytes | None = KEY, pinger: str = A) -> tuple[Simulation, SimNode, SimNode, SimNode]:
+    """alice and bob holding pair NONCE (``pinger`` pings, both ``key``), first keepalive exchanged; and mallory."""
+    sim, a, b, m = new_sim()
+    sim.punch(a, b, nonce=NONCE, pinger=a if pinger == A else b, key=key)
+    udp(sim)
+    return sim, a, b, m
+
+
+def udp(sim: Simulation) -> None:
+    """Deliver the datagrams due now, and what they cause (the drain completes); the clock stays."""
+    sim.run_for(0.0)
+
+
+def deliver(sim: Simulation, channel: Channel, to: str | None = None, count: int | None = None) -> list[bytes]:
+    """Deliver what waits on ``channel`` in FIFO order (only towards node ``to``; at most ``count`` messages).
+
+    Replies made meanwhile are delivered too (unless ``to`` excludes them);
+    close notices are delivered as they come up. Returns the messages, in order.
+    """
+    sig = sim.signalling
+    out: list[bytes] = []
+    while count is None or len(out) < count:
+        i = next((i for i in sig.deliverable()
+                  if sig.in_flight[i].channel is channel and to in (None, sig.in_flight[i].to.owner)), None)
+        if i is None:
+            break
+        data = sig.in_flight[i].data
+        sig.deliver(i)
+        if data is not None:
+            out.append(data)
+    return out
+
+
+def waiting(sim: Simulation, channel: Channel, to: str) -> list[bytes]:
+    """The messages on their way to node ``to`` on ``channel``, oldest first."""
+    return [p.data for p in sim.signalling.in_flight if p.channel is channel and p.to.owner == to and p.data]
+
+
+def opened(sim: Simulation, sender: SimNode, to: SimNode, anonymous: bool = False) -> tuple[ChannelEnd, ChannelEnd]:
+    """A channel from ``sender`` that ``to`` serves as responder; returns (sender's end, ``to``'s end)."""
+    end, far = sim.signalling.open(sender, to)
+    to.serve(far, anonymous=anonymous)
+    return end, far
+
+
+def served(node: SimNode, end: ChannelEnd) -> Session:
+    """The responder session ``node`` opened for the first message on ``end``."""
+    (session,) = [link.session for link in node.links if link.end is end]
+    return session
+
+
+def take(node: SimNode) -> tuple[TakeHandle, InitiatorSession, Channel]:
+    handle = node.take(NONCE)
+    assert handle.session is not None and handle.end is not None
+    return handle, handle.session, handle.end.channel
+
+
+def responder(handle: TakeHandle) -> Session:
+    session = handle.responder
+    assert session is not None
+    return session
+
+
+def lock_of(sim: Simulation, channel: Channel) -> bytes:
+    """The LOCK waiting on ``channel`` (a recording of it: nothing is delivered)."""
+    (lock,) = waiting(sim, channel, B)
     assert wire.decode(lock).type is SignalType.LOCK
     return lock
 
 
-def sent_types(session: Session) -> list[str]:
-    return [s.type.name for s in session.sent]
+def no_transitions(node: SimNode) -> bool:
+    return not [c for c in node.transitions() if c.nonce == NONCE]
 
 
 # --- peer binding ---------------------------------------------------------------------------
@@ -99,47 +121,61 @@ def sent_types(session: Session) -> list[str]:
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["legacy", "keyed"])
 def test_lock_from_a_third_party_is_refused_and_claims_nothing(key: bytes | None) -> None:
-    net = Pair2(key)
-    lock = lock_of(net.take(A))  # the real peer's LOCK bytes, delivered on mallory's channel
-    net.entry(A).abort_lock(net.now)  # alice's take is not the point here
-    resp = net.accept(B, lock, peer=M)
-    assert resp.done and isinstance(resp.outcome, HandoverError) and not isinstance(resp.outcome, Lease)
-    assert net.entry(B).state == "Idle" and net.pools[B].handovers.owner(NONCE) is None
-    assert net.pools[B].drops[DropReason.UNEXPECTED_PEER] == 1
-    # answered as for an unknown nonce (legacy format: mallory holds no key of this pair)
-    (reply,) = resp.signals_to_send()
-    assert wire.decode(reply) == Signal(SignalType.ABORT, NONCE, resp.sid, 1, AbortReason.UNKNOWN_PAIR)
+    sim, a, b, m = setup(key)
+    handle, _ini, ch = take(a)
+    lock = lock_of(sim, ch)  # the real peer's LOCK bytes, recorded; alice's channel is never delivered
+    a.cancel(handle)  # alice's take is not the point here
+    end, far = opened(sim, m, b)
+    end.send(lock)
+    deliver(sim, end.channel)
+    resp = served(b, far)
+    assert resp.done and isinstance(resp.outcome, HandoverError)
+    assert b.state(NONCE) == "Idle" and b.pool.handovers.owner(NONCE) is None and no_transitions(b)
+    assert b.pool.drops == {DropReason.UNEXPECTED_PEER: 1}
+    # answered as for an unknown nonce (legacy format: mallory holds no key of this pair), then closed
+    assert [wire.decode(d) for d in end.received] == [
+        Signal(SignalType.ABORT, NONCE, resp.sid, 1, AbortReason.UNKNOWN_PAIR)]
+    assert end.closed_by_peer
     # the same LOCK on a channel whose peer is alice is served
-    again = net.accept(B, lock, peer=A)
-    assert not again.done and net.entry(B).state == "InLocking"
+    end2, far2 = opened(sim, a, b)
+    end2.send(lock)
+    deliver(sim, end2.channel)
+    again = served(b, far2)
+    assert not again.done and b.state(NONCE) == "InLocking" and b.pool.handovers.owner(NONCE) is again
 
 
 def test_third_party_lock_during_a_local_take_does_not_win_the_tie_break() -> None:
     """bob (ponger) takes; mallory's LOCK for the pair arrives meanwhile: refused, bob's take goes on."""
-    net = Pair2(key=None)
-    bob = net.take(B)
-    bob_lock = lock_of(bob)
-    forged = wire.encode(Signal(SignalType.LOCK, NONCE, b"\x66" * 16, 1))
-    intruder = net.accept(B, forged, peer=M)
+    sim, a, b, m = setup(key=None)
+    bob, bob_ini, bob_ch = take(b)
+    end, far = opened(sim, m, b)
+    end.send(wire.encode(Signal(SignalType.LOCK, NONCE, b"\x66" * 16, 1)))
+    deliver(sim, end.channel)
+    intruder = served(b, far)
     assert intruder.done and isinstance(intruder.outcome, HandoverError)
-    assert not bob.done and bob.state == "Locking" and net.pools[B].handovers.owner(NONCE) is bob
-    assert net.pools[B].drops[DropReason.UNEXPECTED_PEER] == 1
-    alice = net.accept(A, bob_lock, peer=B)
-    net.run(bob, alice)
-    assert isinstance(bob.outcome, Lease) and isinstance(alice.outcome, Lease)
+    assert not bob.done and bob_ini.state == "Locking" and b.pool.handovers.owner(NONCE) is bob_ini
+    assert b.pool.drops == {DropReason.UNEXPECTED_PEER: 1}
+    deliver(sim, bob_ch)
+    assert isinstance(bob.lease, Lease) and isinstance(responder(bob).outcome, Lease)
+    assert [le.role for le in a.leases()] == ["responder"]
     # control: the real peer's LOCK does win the tie-break over bob's pending take
-    net2 = Pair2(key=None)
-    bob2 = net2.take(B)
-    alice2 = net2.take(A)
-    winner = net2.accept(B, lock_of(alice2), peer=A)
-    assert isinstance(bob2.outcome, PairBusy) and net2.pools[B].handovers.owner(NONCE) is winner
+    sim2, a2, b2, _m2 = setup(key=None)
+    bob2, _, _ = take(b2)
+    alice2, _, alice2_ch = take(a2)
+    deliver(sim2, alice2_ch, to=B, count=1)
+    winner = responder(alice2)
+    assert isinstance(bob2.outcome, PairBusy) and b2.pool.handovers.owner(NONCE) is winner
+    assert b2.pool.drops == {}
 
 
 def test_peer_none_keeps_the_legacy_behaviour() -> None:
-    """A signalling layer that cannot name the peer (peer=None) is not checked (documented as such)."""
-    net = Pair2(key=None)
-    resp = net.accept(B, lock_of(net.take(A)), peer=None)
-    assert not resp.done and net.entry(B).state == "InLocking"
+    """A signalling layer that cannot name the peer (peer_identity None) is not checked (documented as such)."""
+    sim, _a, b, m = setup(key=None)
+    end, far = opened(sim, m, b, anonymous=True)  # mallory's channel, but bob cannot tell whose it is
+    end.send(wire.encode(Signal(SignalType.LOCK, NONCE, b"\x66" * 16, 1)))
+    deliver(sim, end.channel)
+    assert not served(b, far).done and b.state(NONCE) == "InLocking"
+    assert b.pool.drops == {}
 
 
 # --- signed signals ---------------------------------------------------------------------------
@@ -147,78 +183,94 @@ def test_peer_none_keeps_the_legacy_behaviour() -> None:
 
 @pytest.mark.parametrize("pinger", [A, B], ids=["initiator-pinger", "initiator-ponger"])
 def test_keyed_take_signs_every_signal_and_hands_over(pinger: str) -> None:
-    net = Pair2(KEY, pinger=pinger)
-    ini = net.take(A)
-    resp = net.accept(B, lock_of(ini), peer=A)
-    log = net.run(ini, resp)
+    sim, a, b, _m = setup(KEY, pinger=pinger)
+    handle, ini, ch = take(a)
+    log = deliver(sim, ch)
+    resp = responder(handle)
     assert isinstance(ini.outcome, Lease) and isinstance(resp.outcome, Lease)
-    assert [wire.decode(d).type.name for d in log] == ["LOCKED", "TAKE", "TAKEN"]
+    assert [wire.decode(d).type.name for d in log] == ["LOCK", "LOCKED", "TAKE", "TAKEN"]
+    assert [r.data for r in sim.signalling.sent_on(ch)] == log  # nothing else was sent
     sigs = [*ini.sent, *resp.sent]
     assert all(s.signed and len(wire.encode(s)) == wire.SIGNED_SIZE for s in sigs)
     assert {s.ri for s in sigs} == {ini.sent[0].ri}  # one initiator random, echoed by everyone
     assert ini.sent[0].rr == NO_RAND and {s.rr for s in resp.sent} == {s.rr for s in ini.sent[1:]}
-    assert net.pools[A].drops == net.pools[B].drops == {}
+    assert a.pool.drops == b.pool.drops == {}
 
 
 def test_a_pinger_responder_stays_in_locking_until_take() -> None:
     """Freshness: LOCKED goes out once drained, but the pinger locks only on TAKE (spec/handover.md)."""
-    net = Pair2(KEY, pinger=B)
-    ini = net.take(A)
-    resp = net.accept(B, lock_of(ini), peer=A)
-    (locked,) = resp.signals_to_send()
+    sim, a, b, _m = setup(KEY, pinger=B)
+    handle, _ini, ch = take(a)
+    sent_before = len(sim.sent_by(B))
+    deliver(sim, ch, to=B, count=1)  # LOCK
+    (locked,) = waiting(sim, ch, A)
     assert wire.decode(locked).type is SignalType.LOCKED
-    assert net.entry(B).state == "InLocking" and net.entry(B).drained and not net.pools[B].datagrams_to_send(net.now)
-    ini.receive_signal(locked, net.now)
-    (take,) = ini.signals_to_send()
-    resp.receive_signal(take, net.now)
-    assert net.entry(B).state == "InUse" and isinstance(resp.outcome, Lease)  # locked on TAKE (settle_time 0)
+    udp(sim)
+    assert b.state(NONCE) == "InLocking" and b.entry(NONCE).drained and len(sim.sent_by(B)) == sent_before
+    deliver(sim, ch, to=A, count=1)  # LOCKED: alice answers TAKE
+    (take_sig,) = waiting(sim, ch, B)
+    assert wire.decode(take_sig).type is SignalType.TAKE and b.state(NONCE) == "InLocking"
+    deliver(sim, ch, to=B, count=1)
+    resp = responder(handle)
+    assert b.state(NONCE) == "InUse" and isinstance(resp.outcome, Lease)  # locked on TAKE (settle_time 0)
 
 
 @pytest.mark.parametrize("pinger", [A, B], ids=["responder-ponger", "responder-pinger"])
 def test_replayed_lock_and_disconnect_leave_the_pair_idle(pinger: str) -> None:
     """A recorded LOCK, replayed by someone on the real peer's channel, then a disconnect: the pair stays."""
-    net = Pair2(KEY, pinger=pinger)
-    ini = net.take(A)
-    lock = lock_of(ini)
-    ini.cancel(net.now)  # the recorded session never reached bob
-    net.udp()
-    assert net.entry(A).state == "Idle"
-    replay = net.accept(B, lock, peer=A)
-    assert not replay.done and net.entry(B).state == "InLocking"
-    assert [wire.decode(d).type for d in replay.signals_to_send()] == [SignalType.LOCKED]
-    replay.channel_closed(net.now)
-    assert net.entry(B).state == "Idle"
+    sim, a, b, _m = setup(KEY, pinger=pinger)
+    handle, _ini, ch = take(a)
+    lock = lock_of(sim, ch)
+    a.cancel(handle)  # the recorded session never reached bob (its channel is never delivered)
+    udp(sim)
+    assert a.state(NONCE) == "Idle"
+    end, far = opened(sim, a, b)  # appears to come from alice
+    end.send(lock)
+    deliver(sim, end.channel)
+    replay = served(b, far)
+    assert not replay.done and b.state(NONCE) == "InLocking"
+    assert [wire.decode(d).type for d in end.received] == [SignalType.LOCKED]
+    end.close()  # the replayer disconnects
+    deliver(sim, end.channel)
+    assert replay.done and b.state(NONCE) == "Idle"
     # and by timeout instead of a disconnect
-    replay2 = net.accept(B, lock, peer=A)
-    net.advance(CFG.lock_timeout + 0.1, replay2)
-    assert replay2.done and net.entry(B).state == "Idle"
-    assert net.entry(A).state == "Idle"
-    assert not [e for p in net.pools.values() for e in p.entries() if e.state != "Idle"]
+    end2, far2 = opened(sim, a, b)
+    end2.send(lock)
+    deliver(sim, end2.channel)
+    replay2 = served(b, far2)
+    sim.run_for(CFG.lock_timeout + 0.1)
+    assert replay2.done and not isinstance(replay2.outcome, Lease) and b.state(NONCE) == "Idle"
+    assert a.state(NONCE) == "Idle" and a.expiries() == b.expiries() == {}
+    assert a.leases() == b.leases() == []
 
 
 def test_a_busy_session_replayed_later_yields_no_lease() -> None:
     """Issue 10's attack: a session that ended BUSY, replayed later, produced a lease. Not with a key."""
-    net = Pair2(KEY)
+    sim, a, b, _m = setup(KEY)
     # an earlier successful session, fully recorded (the attacker has its TAKE too)
-    ini0 = net.take(A)
-    resp0 = net.accept(B, lock_of(ini0), peer=A)
-    net.run(ini0, resp0)
+    handle0, ini0, ch0 = take(a)
+    deliver(sim, ch0)
     old_take = next(wire.encode(s) for s in ini0.sent if s.type is SignalType.TAKE)
-    for session in (ini0, resp0):
-        assert isinstance(session.outcome, Lease)
-        session.outcome.release(net.now)
-    net = Pair2(KEY)  # a fresh pair (same key, same nonce: the worst case for replays)
-    net.entry(B).begin_lock(net.now)  # bob's side is busy: the session ends BUSY
-    ini = net.take(A)
-    lock = lock_of(ini)
-    busy = net.accept(B, lock, peer=A)
-    net.run(ini, busy)
-    assert isinstance(ini.outcome, PairBusy) and [s.type for s in busy.sent] == [SignalType.BUSY]
-    net.entry(B).abort_lock(net.now)
-    assert net.entry(A).state == net.entry(B).state == "Idle"
+    resp0 = responder(handle0)
+    assert isinstance(ini0.outcome, Lease) and isinstance(resp0.outcome, Lease)
+    a.release(ini0.outcome)
+    b.release(resp0.outcome)
+    sim, a, b, _m = setup(KEY)  # a fresh pair (same key, same nonce: the worst case for replays)
+    claimed = b.claim(NONCE)  # bob's side is busy: the session ends BUSY
+    handle, _ini, ch = take(a)
+    lock = lock_of(sim, ch)
+    deliver(sim, ch)
+    busy = responder(handle)
+    assert isinstance(handle.outcome, PairBusy) and [s.type for s in busy.sent] == [SignalType.BUSY]
+    claimed.abort_lock(sim.now())
+    b.pump()
+    assert a.state(NONCE) == b.state(NONCE) == "Idle"
     # later: the attacker replays the BUSY session's LOCK, then every TAKE it can make
-    replay = net.accept(B, lock, peer=A)
-    (locked,) = (wire.decode(d) for d in replay.signals_to_send())
+    end, far = opened(sim, a, b)
+    end.send(lock)
+    deliver(sim, end.channel)
+    replay = served(b, far)
+    (locked,) = (wire.decode(d) for d in end.received)
     assert locked.type is SignalType.LOCKED and locked.rr != NO_RAND
     old = wire.decode(old_take)
     lock_sig = wire.decode(lock)
@@ -233,84 +285,92 @@ def test_a_busy_session_replayed_later_yields_no_lease() -> None:
                               derive(KEY, SIGNAL), by_responder=True)),  # right key, wrong direction
     ]
     for data in attempts:
-        replay.receive_signal(data, net.now)
-    assert not replay.done and net.entry(B).state == "InLocking"
+        end.send(data)
+    assert deliver(sim, end.channel) == attempts
+    assert not replay.done and b.state(NONCE) == "InLocking"
     assert replay.drops == {DropReason.REPLAY: 1, DropReason.BAD_MAC: 4}
-    net.advance(CFG.lock_timeout + 0.1, replay)
-    assert isinstance(replay.outcome, HandoverError) and not isinstance(replay.outcome, Lease)
-    assert net.entry(B).state == "Idle"
-
-
-def test_without_a_key_the_same_replay_yields_a_lease() -> None:
-    """The control of the test above: legacy signals are unauthenticated (README says so)."""
-    net = Pair2(key=None)
-    ini = net.take(A)
-    lock = lock_of(ini)
-    ini.cancel(net.now)
-    net.udp()
-    replay = net.accept(B, lock, peer=A)
-    replay.signals_to_send()
-    replay.receive_signal(wire.encode(Signal(SignalType.TAKE, NONCE, wire.decode(lock).sid, 2)), net.now)
-    net.advance(0.0, replay)
-    assert isinstance(replay.outcome, Lease)
+    assert b.pool.drops == replay.drops
+    sim.run_for(CFG.lock_timeout + 0.1)
+    assert isinstance(replay.outcome, HandoverError) and b.leases() == []
+    assert b.state(NONCE) == "Idle" and b.expiries() == {}
 
 
 def test_forged_and_replayed_signals_are_dropped_and_the_take_still_succeeds() -> None:
-    net = Pair2(KEY)
-    ini = net.take(A)
-    lock = lock_of(ini)
-    resp = net.accept(B, lock, peer=A)
-    (locked,) = resp.signals_to_send()
-    lsig = wire.decode(locked)
-    forged_to_ini = [
-        wire.encode(Signal(SignalType.LOCKED, NONCE, ini.sid, 1)),  # unsigned
-        locked[:-1] + bytes([locked[-1] ^ 1]),  # MAC bit flip
-        wire.encode(wire.sign(replace(lsig, rr=b"\x01" * 8, mac=b""), derive(KEY[::-1], SIGNAL), True)),  # other key
-        wire.encode(Signal(SignalType.ABORT, NONCE, ini.sid, 1, AbortReason.UNKNOWN_PAIR)),  # unsigned "gone"
-        lock,  # reflected: its own LOCK (direction)
-        b"\x92" + b"\x00" * 20,  # malformed
-    ]
-    for data in forged_to_ini:
-        ini.receive_signal(data, net.now)
+    sim, a, b, _m = setup(KEY)
+    recorded: dict[SignalType, bytes] = {}
+
+    def forger(_end: ChannelEnd, data: bytes) -> Sequence[bytes]:
+        """In the middle of alice's channel: forgeries ahead of bob's LOCKED and alice's TAKE."""
+        sig = wire.decode(data)
+        recorded[sig.type] = data
+        lock = recorded[SignalType.LOCK]
+        sid = wire.decode(lock).sid
+        if sig.type is SignalType.LOCKED:
+            return [
+                wire.encode(Signal(SignalType.LOCKED, NONCE, sid, 1)),  # unsigned
+                data[:-1] + bytes([data[-1] ^ 1]),  # MAC bit flip
+                wire.encode(wire.sign(replace(sig, rr=b"\x01" * 8, mac=b""), derive(KEY[::-1], SIGNAL), True)),
+                wire.encode(Signal(SignalType.ABORT, NONCE, sid, 1, AbortReason.UNKNOWN_PAIR)),  # unsigned "gone"
+                lock,  # reflected: alice's own LOCK (direction)
+                b"\x92" + b"\x00" * 20,  # malformed
+                data,
+                data,  # a duplicate of a valid one: REPLAY
+            ]
+        if sig.type is SignalType.TAKE:
+            # the LOCK again, inside the session (a replay), and an unsigned ABORT
+            return [lock, wire.encode(Signal(SignalType.ABORT, NONCE, sid, 9, AbortReason.CANCELLED)), data]
+        return [data]
+
+    def install(channel: Channel) -> None:
+        channel.intercept = forger
+
+    sim.signalling.on_open = install
+    handle, ini, ch = take(a)
+    sim.signalling.on_open = None
+    deliver(sim, ch, to=B, count=1)  # LOCK: bob answers LOCKED, the forger sends six messages ahead of it
+    resp = responder(handle)
+    assert len(deliver(sim, ch, to=A, count=6)) == 6
     assert not ini.done and ini.state == "Locking"
     assert ini.drops == {DropReason.BAD_MAC: 5, DropReason.MALFORMED: 1}
-    ini.receive_signal(locked, net.now)
-    ini.receive_signal(locked, net.now)  # a duplicate of a valid one: REPLAY, dropped
+    deliver(sim, ch, to=A, count=2)  # LOCKED (alice answers TAKE) and its duplicate
     assert ini.drops[DropReason.REPLAY] == 1 and not ini.done
-    (take,) = ini.signals_to_send()
-    resp.receive_signal(lock, net.now)  # the LOCK again, inside the session: a replay
-    resp.receive_signal(wire.encode(Signal(SignalType.ABORT, NONCE, ini.sid, 9, AbortReason.CANCELLED)), net.now)
+    assert len(deliver(sim, ch, to=B, count=2)) == 2  # the replayed LOCK and the unsigned ABORT, before TAKE
     assert not resp.done and resp.drops == {DropReason.REPLAY: 1, DropReason.BAD_MAC: 1}
-    resp.receive_signal(take, net.now)
-    net.run(ini, resp)
+    deliver(sim, ch)
     assert isinstance(ini.outcome, Lease) and isinstance(resp.outcome, Lease)
-    assert net.pools[A].handovers.drops[DropReason.BAD_MAC] == 5
+    assert a.pool.handovers.drops == {DropReason.BAD_MAC: 5, DropReason.MALFORMED: 1, DropReason.REPLAY: 1}
+    assert b.pool.handovers.drops == {DropReason.REPLAY: 1, DropReason.BAD_MAC: 1}
+    assert [wire.decode(r.data).type.name for r in sim.signalling.sent_on(ch)] == ["LOCK", "LOCKED", "TAKE", "TAKEN"]
 
 
 def test_a_signed_abort_from_the_initiator_before_any_answer_is_accepted() -> None:
     """The initiator may give up before LOCKED reaches it: its ABORT lacks rr and must still end the session."""
-    net = Pair2(KEY)
-    ini = net.take(A)
-    lock = lock_of(ini)
-    resp = net.accept(B, lock, peer=A)
-    resp.signals_to_send()  # LOCKED, not delivered
-    ini.cancel(net.now)
-    (abort,) = ini.signals_to_send()
-    assert wire.decode(abort).rr == NO_RAND
-    resp.receive_signal(abort, net.now)
-    assert isinstance(resp.outcome, PeerRefused) and net.entry(B).state == "Idle"
+    sim, a, b, _m = setup(KEY)
+    handle, _ini, ch = take(a)
+    deliver(sim, ch, to=B, count=1)  # LOCK; bob's LOCKED stays on its way
+    resp = responder(handle)
+    assert [wire.decode(d).type for d in waiting(sim, ch, A)] == [SignalType.LOCKED]
+    a.cancel(handle)
+    (abort,) = waiting(sim, ch, B)
+    assert wire.decode(abort).type is SignalType.ABORT and wire.decode(abort).rr == NO_RAND
+    deliver(sim, ch, to=B, count=1)
+    assert isinstance(resp.outcome, PeerRefused) and b.state(NONCE) == "Idle"
+    assert a.state(NONCE) == "Idle" and resp.drops == {}
 
 
 @pytest.mark.parametrize("key_a, key_b", [(KEY, None), (None, KEY), (KEY, KEY[::-1])],
                          ids=["signed-to-unkeyed", "unsigned-to-keyed", "key-mismatch"])
 def test_a_lock_in_the_wrong_format_or_key_is_refused_in_silence(key_a: bytes | None, key_b: bytes | None) -> None:
-    net = Pair2(key_b)
-    ini_pool = PairPool(A, CFG)
-    ini_pool.add(net.pair, True, net.now, key=key_a)
-    lock = lock_of(ini_pool.start_take(NONCE, None, net.now))
-    resp = net.accept(B, lock, peer=A)
-    assert resp.done and isinstance(resp.outcome, HandoverError) and resp.signals_to_send() == []
-    assert net.entry(B).state == "Idle" and net.pools[B].drops == {DropReason.BAD_MAC: 1}
+    sim, a, b, _m = new_sim()
+    pair = EndpointPair(a.endpoint(), b.endpoint(), NONCE)
+    a.add(pair, is_pinger=True, key=key_a)
+    b.add(pair, is_pinger=False, key=key_b)  # the clock never runs: no keepalive frame is exchanged
+    handle, _ini, ch = take(a)
+    assert len(deliver(sim, ch)) == 1  # the LOCK, and nothing back
+    resp = responder(handle)
+    assert resp.done and isinstance(resp.outcome, HandoverError)
+    assert [r.sender for r in sim.signalling.sent_on(ch)] == [A] and handle.end is not None and handle.end.closed
+    assert b.state(NONCE) == "Idle" and no_transitions(b) and b.pool.drops == {DropReason.BAD_MAC: 1}
 
 
 @pytest.mark.parametrize("key", [b"", b"short", bytes(15), "x" * 32])

@@ -2,7 +2,7 @@
 
 ``Network.fate`` and ``in_transit``; a channel's ``intercept`` and
 ``on_deliver`` (set from ``SimSignalling.on_open``), ``SimSignalling.log``,
-``inject`` and ``quiet``; ``SimNode.serve``; ``Simulation.checks``.
+``inject`` and ``quiet``; ``SimNode.serve`` (also ``anonymous``) and ``cancel``; ``Simulation.checks``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from natpool.errors import SignalProtocolError
+from natpool.errors import DropReason, HandoverError, SignalProtocolError
 from natpool.sim import (
     Channel,
     ChannelEnd,
@@ -26,6 +26,9 @@ from natpool.sim import (
     frame_kind,
 )
 from natpool.wire.frame import Frame, Kind, encode
+from natpool.wire.signal import AbortReason, Signal, SignalType
+from natpool.wire.signal import decode as decode_signal
+from natpool.wire.signal import encode as encode_signal
 
 Addr = tuple[str, int]
 A: Addr = ("10.0.0.1", 1000)
@@ -223,6 +226,37 @@ def test_serve_answers_a_channel_the_test_opened() -> None:
     [link] = b.links
     assert link.end is at_bob and isinstance(link.session.outcome, SignalProtocolError)
     assert mallory.closed_by_peer and b.state(pair.nonce) == "Idle"
+
+
+def test_serve_anonymous_gives_the_node_no_peer_identity() -> None:
+    """Over a transport that cannot name its peer, mallory's LOCK for alice–bob's pair is not refused by identity."""
+    sim = Simulation(1, signalling_manual=True)
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonce = sim.punch(a, b).nonce
+    lock = encode_signal(Signal(SignalType.LOCK, nonce, b"\x6d" * 16, 1))
+    for anonymous in (False, True):
+        mallory, at_bob = sim.signalling.open("mallory", b)
+        b.serve(at_bob, anonymous=anonymous)
+        mallory.send(lock)
+        sim.signalling.deliver_all()
+    named, unnamed = (link.session for link in b.links)
+    assert named.done and b.pool.drops[DropReason.UNEXPECTED_PEER] == 1
+    assert not unnamed.done and b.state(nonce) == "InLocking"
+
+
+def test_cancel_gives_up_a_take_with_abort_cancelled() -> None:
+    sim = Simulation(1, signalling_manual=True)
+    a, b = sim.add_node("alice"), sim.add_node("bob")
+    nonce = sim.punch(a, b).nonce
+    handle = a.take(nonce)
+    a.cancel(handle)
+    assert isinstance(handle.outcome, HandoverError) and a.state(nonce) == "Idle"
+    assert [decode_signal(p.data).type for p in sim.signalling.in_flight if p.data is not None] == [
+        SignalType.LOCK, SignalType.ABORT]
+    assert decode_signal(sim.signalling.in_flight[1].data or b"").reason is AbortReason.CANCELLED
+    a.cancel(handle)  # ended: a no-op
+    sim.signalling.deliver_all()
+    assert b.state(nonce) == "Idle" and all(link.session.done for link in b.links)
 
 
 def test_checks_run_after_every_event_and_stop_the_run_where_they_fail() -> None:
