@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 import natpool.fsm as fsm
 from natpool.config import PairConfig
@@ -38,6 +38,13 @@ _IDLE = ENTRY.initial
 _FINAL = ENTRY.final
 _IN_LOCKING: Final = "InLocking"
 _new_event: Final = tuple.__new__  # StateChanged / Drained without a NamedTuple's keyword-parsing ``__new__``
+
+#: How take_any's claim queues its two events: the plain tuple ``(nonce, at)`` (the payload of both) stands for
+#: ``StateChanged(nonce, Idle, InLocking, begin_lock, None, at)`` and the ``None`` right behind it for
+#: ``Drained(nonce, at)``. :meth:`PairPool.next_event` builds the events when it hands them out, so a driver
+#: sees exactly what it saw before, and ``pending_events`` counts two; building two NamedTuples costs more
+#: than the rest of the claim's bookkeeping, and the claim is the CAS every other take waits for.
+_QueuedClaim = tuple[int, float] | None
 
 #: Default bound on undrained events (``next_event``). A driver that drains after every call
 #: never comes near it (one call adds at most one event per entry it touches); past it, inputs
@@ -119,7 +126,10 @@ class PairPool:
         self._by_peer: dict[str, dict[int, PairEntry]] = {}
         # peer -> its Idle entries by nonce, longest-idle first (the value saves take_any a lookup in _entries)
         self._idle: dict[str, OrderedDict[int, PairEntry]] = {}
-        self._events: deque[EntryOutput] = deque()
+        # Undelivered events, oldest first. take_any's claim queues its two events as markers that
+        # ``next_event`` turns into the events (see _QueuedClaim): the claim holds the lock ~0.3 µs less.
+        self._events: deque[EntryOutput | _QueuedClaim] = deque()
+        self._claim_marker: tuple[int, float] = (0, 0.0)  # the last (nonce, at) next_event expanded
         self.max_pending_events = max_pending_events
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
         # Deadlines live in three containers: two FIFOs for the (common) pushes that are no earlier
@@ -255,8 +265,8 @@ class PairPool:
         entry.state = _IN_LOCKING
         entry._now = entry._lock_started = now
         events = self._events
-        events.append(_new_event(StateChanged, (nonce, _IDLE, _IN_LOCKING, "begin_lock", None, now)))
-        events.append(_new_event(Drained, (nonce, now)))
+        events.append((nonce, now))  # StateChanged(Idle -> InLocking), built by next_event (see _QueuedClaim)
+        events.append(None)  # Drained(nonce, now), likewise
         if entry._pongs:  # has_output: a drained claim has no ping queued, only pongs may wait
             self._outbox[nonce] = None
         deadline = now + self.config.lock_timeout
@@ -405,7 +415,16 @@ class PairPool:
     def next_event(self) -> EntryOutput | None:
         """Oldest undelivered event of any entry (including the final one of removed entries)."""
         with self.lock:
-            return self._events.popleft() if self._events else None
+            events = self._events
+            if not events:
+                return None
+            event = events.popleft()
+            if type(event) is tuple:  # a claim's marker (_QueuedClaim); no event is a plain tuple
+                marker = self._claim_marker = cast("tuple[int, float]", event)
+                return _new_event(StateChanged, (marker[0], _IDLE, _IN_LOCKING, "begin_lock", None, marker[1]))
+            if event is None:  # right behind its claim's marker: the claim's Drained
+                return _new_event(Drained, self._claim_marker)
+            return cast(EntryOutput, event)
 
     @property
     def pending_events(self) -> int:
