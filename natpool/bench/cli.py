@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--window", type=float, default=None, help="seconds of CPU measurement per setup")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="keepalive: interleaved raw/unkeyed/keyed rounds, median ratio (default 3, quick 1)")
     parser.add_argument("--uvloop", action="store_true",
                         help="run the keepalive and handover sections (natpool and baselines alike) on uvloop")
 
@@ -215,11 +217,17 @@ def _core_us_per_exchange(n: int, rounds: int, keyed: bool = False) -> float:
     return 1e6 * (time.process_time() - t0) / (rounds * n)
 
 
+def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (the ratios are taken per round, see _keepalive)."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def _keepalive(report: Report, args: argparse.Namespace) -> None:
     interval = 1.0
     window = args.window or (1.0 if report.quick else 5.0)
     budget = _fd_budget()
     sizes = [1000] if report.quick else [1000, 10_000]  # quick: one size; each costs ~5 s of settle + window
+    rounds = args.rounds or (1 if report.quick else 3)
     out: dict[str, Any] = {"interval_s": interval, "window_s": window, "fd_pair_budget": budget,
                            "ping_phases": "uniform over one interval, both sides (see _paced)"}
     for requested in sizes:
@@ -227,12 +235,25 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
         if n < requested:
             report.notes.append(f"keepalive: {requested} pairs with both ends need {2 * requested} sockets; "
                                 f"the open-file limit allows {n} pairs, measured those")
-        gc.collect()
-        raw = _run(args, _keepalive_raw(n, interval, window))
-        gc.collect()
-        nat = _run(args, _keepalive_natpool(n, interval, window))
-        gc.collect()
-        keyed = _run(args, _keepalive_natpool(n, interval, window, keyed=True))
+        # ABAB: raw, unkeyed and keyed runs interleaved (the order rotating each round), each ratio taken within
+        # its round and the median reported, so one loaded moment on a shared machine moves one round only.
+        setups: dict[str, Callable[[], Coroutine[Any, Any, dict[str, float]]]] = {
+            "raw": lambda: _keepalive_raw(n, interval, window),  # noqa: B023 - called within this iteration
+            "unkeyed": lambda: _keepalive_natpool(n, interval, window),  # noqa: B023
+            "keyed": lambda: _keepalive_natpool(n, interval, window, keyed=True),  # noqa: B023
+        }
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in setups}
+        kinds = list(setups)
+        for r in range(rounds):
+            for kind in kinds[r % 3:] + kinds[:r % 3]:
+                gc.collect()
+                runs[kind].append(_run(args, setups[kind]()))
+        raw = _median_run(runs["raw"])
+        nat = _median_run(runs["unkeyed"])
+        keyed = _median_run(runs["keyed"])
+        round_ratios = [u["cpu"] / b["cpu"] for b, u in zip(runs["raw"], runs["unkeyed"], strict=True) if b["cpu"] > 0]
+        keyed_round_ratios = [k["cpu"] / b["cpu"] for b, k in zip(runs["raw"], runs["keyed"], strict=True)
+                              if b["cpu"] > 0]
         core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20)
         keyed_core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20, keyed=True)
         out[str(requested)] = {
@@ -242,7 +263,9 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
             "core_only_us_per_exchange": round(core_us, 2),
             "raw_cpu_pct": round(100 * raw["cpu"], 2),
             "natpool_cpu_pct": round(100 * nat["cpu"], 2),
-            "ratio": round(nat["cpu"] / raw["cpu"], 2) if raw["cpu"] > 0 else None,
+            "rounds": rounds,
+            "ratio": round(statistics.median(round_ratios), 2) if round_ratios else None,
+            "round_ratios": [round(x, 2) for x in round_ratios],
             # Per exchange: above ``ratio`` when natpool completed fewer exchanges (the CPU ratio flatters it).
             "ratio_per_exchange": (round(nat["cpu"] * raw["exchanges_per_s"] / (raw["cpu"] * nat["exchanges_per_s"]),
                                          2) if raw["cpu"] > 0 and nat["exchanges_per_s"] > 0 else None),
@@ -251,7 +274,8 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
             "natpool_alive": nat["alive"],
             # Keyed keepalives (issue 10): the same run with a key per pair, against the same raw baseline.
             "keyed_cpu_pct": round(100 * keyed["cpu"], 2),
-            "keyed_ratio": round(keyed["cpu"] / raw["cpu"], 2) if raw["cpu"] > 0 else None,
+            "keyed_ratio": round(statistics.median(keyed_round_ratios), 2) if keyed_round_ratios else None,
+            "keyed_round_ratios": [round(x, 2) for x in keyed_round_ratios],
             "keyed_ratio_per_exchange": (
                 round(keyed["cpu"] * raw["exchanges_per_s"] / (raw["cpu"] * keyed["exchanges_per_s"]), 2)
                 if raw["cpu"] > 0 and keyed["exchanges_per_s"] > 0 else None),
