@@ -440,9 +440,10 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
     report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + the claim stepping the compiled "
-                        "Entry table's row inline (claim_drained), its two events and the lock deadline's FIFO "
-                        "slot); its ratio is against a dict lookup, and one lifecycle transition's share (the "
-                        "general begin_lock/abort_lock path) is shown separately")
+                        "Entry table's row inline, its two events queued as markers and the lock deadline's FIFO "
+                        "slot); its ratio is against a dict lookup (median of interleaved rounds); building the "
+                        "two events when next_event hands them out is take_any_events_drain_us; one lifecycle "
+                        "transition's share (the general begin_lock/abort_lock path) is shown separately")
 
 
 # --- handover latency --------------------------------------------------------------------------

@@ -244,10 +244,11 @@ class PairPool:
         """``claim_any`` body (also a session's ``take_any`` claim); the caller holds :attr:`lock`.
 
         take_any's hot path: the claim of a drained entry (every ponger, a
-        pinger between pings) is stepped by the entry itself
-        (``claim_drained``, the table's row) and indexed here as
-        :meth:`_on_claimed` would, with the peer's idle index and the nonce at
-        hand. Anything else goes through ``begin_lock``.
+        pinger between pings) steps the table's row here (what
+        ``PairEntry.claim_drained`` does) and indexes it as :meth:`_on_claimed`
+        would, with the peer's idle index and the entry at hand; its two events
+        are queued as markers (:data:`_QueuedClaim`). Pings outstanding,
+        listeners or strict mode: ``begin_lock``, the general transition.
         """
         idle = self._idle.get(peer)
         if not idle:
