@@ -32,6 +32,8 @@ from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 
 T = TypeVar("T")
+#: take_any is timed in this many rounds, each against its own dict-lookup baseline (median ratio reported).
+TAKE_ANY_ROUNDS = 5
 QUICK_BUDGET_S = 20  # what --quick promises; measured ~10 s on an idle 2-core machine (sections print their share)
 KERNEL_SLAB_EST = 2700  # bytes of kernel slab per UDP socket on this machine kind (measured-facts.md)
 
@@ -66,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--window", type=float, default=None, help="seconds of CPU measurement per setup")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="keepalive: interleaved raw/unkeyed/keyed rounds, median ratio (default 3, quick 1)")
     parser.add_argument("--uvloop", action="store_true",
                         help="run the keepalive and handover sections (natpool and baselines alike) on uvloop")
 
@@ -213,11 +217,17 @@ def _core_us_per_exchange(n: int, rounds: int, keyed: bool = False) -> float:
     return 1e6 * (time.process_time() - t0) / (rounds * n)
 
 
+def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (the ratios are taken per round, see _keepalive)."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def _keepalive(report: Report, args: argparse.Namespace) -> None:
     interval = 1.0
     window = args.window or (1.0 if report.quick else 5.0)
     budget = _fd_budget()
     sizes = [1000] if report.quick else [1000, 10_000]  # quick: one size; each costs ~5 s of settle + window
+    rounds = args.rounds or (1 if report.quick else 3)
     out: dict[str, Any] = {"interval_s": interval, "window_s": window, "fd_pair_budget": budget,
                            "ping_phases": "uniform over one interval, both sides (see _paced)"}
     for requested in sizes:
@@ -225,12 +235,25 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
         if n < requested:
             report.notes.append(f"keepalive: {requested} pairs with both ends need {2 * requested} sockets; "
                                 f"the open-file limit allows {n} pairs, measured those")
-        gc.collect()
-        raw = _run(args, _keepalive_raw(n, interval, window))
-        gc.collect()
-        nat = _run(args, _keepalive_natpool(n, interval, window))
-        gc.collect()
-        keyed = _run(args, _keepalive_natpool(n, interval, window, keyed=True))
+        # ABAB: raw, unkeyed and keyed runs interleaved (the order rotating each round), each ratio taken within
+        # its round and the median reported, so one loaded moment on a shared machine moves one round only.
+        setups: dict[str, Callable[[], Coroutine[Any, Any, dict[str, float]]]] = {
+            "raw": lambda: _keepalive_raw(n, interval, window),  # noqa: B023 - called within this iteration
+            "unkeyed": lambda: _keepalive_natpool(n, interval, window),  # noqa: B023
+            "keyed": lambda: _keepalive_natpool(n, interval, window, keyed=True),  # noqa: B023
+        }
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in setups}
+        kinds = list(setups)
+        for r in range(rounds):
+            for kind in kinds[r % 3:] + kinds[:r % 3]:
+                gc.collect()
+                runs[kind].append(_run(args, setups[kind]()))
+        raw = _median_run(runs["raw"])
+        nat = _median_run(runs["unkeyed"])
+        keyed = _median_run(runs["keyed"])
+        round_ratios = [u["cpu"] / b["cpu"] for b, u in zip(runs["raw"], runs["unkeyed"], strict=True) if b["cpu"] > 0]
+        keyed_round_ratios = [k["cpu"] / b["cpu"] for b, k in zip(runs["raw"], runs["keyed"], strict=True)
+                              if b["cpu"] > 0]
         core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20)
         keyed_core_us = _core_us_per_exchange(min(n, 2000), 5 if report.quick else 20, keyed=True)
         out[str(requested)] = {
@@ -240,7 +263,9 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
             "core_only_us_per_exchange": round(core_us, 2),
             "raw_cpu_pct": round(100 * raw["cpu"], 2),
             "natpool_cpu_pct": round(100 * nat["cpu"], 2),
-            "ratio": round(nat["cpu"] / raw["cpu"], 2) if raw["cpu"] > 0 else None,
+            "rounds": rounds,
+            "ratio": round(statistics.median(round_ratios), 2) if round_ratios else None,
+            "round_ratios": [round(x, 2) for x in round_ratios],
             # Per exchange: above ``ratio`` when natpool completed fewer exchanges (the CPU ratio flatters it).
             "ratio_per_exchange": (round(nat["cpu"] * raw["exchanges_per_s"] / (raw["cpu"] * nat["exchanges_per_s"]),
                                          2) if raw["cpu"] > 0 and nat["exchanges_per_s"] > 0 else None),
@@ -249,7 +274,8 @@ def _keepalive(report: Report, args: argparse.Namespace) -> None:
             "natpool_alive": nat["alive"],
             # Keyed keepalives (issue 10): the same run with a key per pair, against the same raw baseline.
             "keyed_cpu_pct": round(100 * keyed["cpu"], 2),
-            "keyed_ratio": round(keyed["cpu"] / raw["cpu"], 2) if raw["cpu"] > 0 else None,
+            "keyed_ratio": round(statistics.median(keyed_round_ratios), 2) if keyed_round_ratios else None,
+            "keyed_round_ratios": [round(x, 2) for x in keyed_round_ratios],
             "keyed_ratio_per_exchange": (
                 round(keyed["cpu"] * raw["exchanges_per_s"] / (raw["cpu"] * keyed["exchanges_per_s"]), 2)
                 if raw["cpu"] > 0 and keyed["exchanges_per_s"] > 0 else None),
@@ -360,12 +386,22 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
     try:
         t_dict_insert = _per_op(dict_insert, n)
         t_add = _per_op(pool_add, n)
-        t_dict_get = _per_op(dict_get, n)
+        # Interleaved rounds (lookup, take_any, lookup, ...), each ratio within its round, the median reported:
+        # one loaded moment on a shared machine then moves one round, not the figure.
+        rounds: list[tuple[float, float]] = []
+        for _ in range(TAKE_ANY_ROUNDS):
+            base = _per_op(dict_get, n)
+            rounds.append((base, _per_op(pool_take_any, claims)))
+        t_dict_get = statistics.median(b for b, _ in rounds)
+        t_take_any = statistics.median(t for _, t in rounds)
+        take_any_ratio = statistics.median(t / b for b, t in rounds)
         t_get = _per_op(pool_get, n)
-        t_take_any = _per_op(pool_take_any, claims)
         pool_take_any_hold()
         pool_take_any_each()
         t_dict_take = _per_op(dict_take, claims)
+        # The claims' events, drained as a driver does: the claim queues them, next_event builds them.
+        queued = pool.pending_events
+        t_drain = _per_op(lambda: _drain(pool), max(1, queued // 2))
     finally:
         gc.enable()
     # Break take_any down: one lifecycle transition (compiled table, events) vs the rest (lock, index).
@@ -390,8 +426,11 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "get_us": round(t_get * 1e6, 3), "dict_get_us": round(t_dict_get * 1e6, 3),
         "get_ratio": round(t_get / t_dict_get, 1),
         "take_any_us": round(t_take_any * 1e6, 3), "dict_pop_us": round(t_dict_take * 1e6, 3),
-        "take_any_ratio": round(t_take_any / t_dict_get, 1),
+        "take_any_ratio": round(take_any_ratio, 1),
+        "take_any_round_ratios": [round(t / b, 2) for b, t in rounds],
         "take_any_samples": claims,
+        # next_event for one claim's two events (StateChanged, Drained): what a driver pays later, per claim.
+        "take_any_events_drain_us": round(t_drain * 1e6, 3),
         "take_any_p50_us": round(statistics.median(per_call) * 1e6, 3),
         "take_any_p50_ratio": round(statistics.median(per_call) / t_dict_get, 1),
         "take_any_lock_hold_us": {"p50": round(statistics.median(hold) * 1e6, 2),
@@ -401,12 +440,19 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
     report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + the claim stepping the compiled "
-                        "Entry table's row inline (claim_drained), its two events and the lock deadline's FIFO "
-                        "slot); its ratio is against a dict lookup, and one lifecycle transition's share (the "
-                        "general begin_lock/abort_lock path) is shown separately")
+                        "Entry table's row inline, its two events queued as markers and the lock deadline's FIFO "
+                        "slot); its ratio is against a dict lookup (median of interleaved rounds); building the "
+                        "two events when next_event hands them out is take_any_events_drain_us; one lifecycle "
+                        "transition's share (the general begin_lock/abort_lock path) is shown separately")
 
 
 # --- handover latency --------------------------------------------------------------------------
+
+
+def _drain(pool: PairPool) -> None:
+    next_event = pool.next_event
+    while next_event() is not None:
+        pass
 
 
 def _handover(report: Report, args: argparse.Namespace) -> None:
@@ -590,7 +636,8 @@ def _print_table(report: Report) -> None:
         h = o["take_any_lock_hold_us"]
         print(f"  take_any holds the pool lock p50 {h['p50']} µs, p99 {h['p99']} µs (the CAS: idle index + "
               f"begin_lock)")
-        print(f"  take_any per call p50 {o['take_any_p50_us']} µs ({o['take_any_p50_ratio']}x lookup)")
+        print(f"  take_any per call p50 {o['take_any_p50_us']} µs ({o['take_any_p50_ratio']}x lookup); its two events "
+              f"drained later {o['take_any_events_drain_us']} µs")
         x = o["expiry"]
         print(f"  {x['entries']} expiries at once: event loop stalled {x['expiry_loop_stall_ms']} ms (quiet loop "
               f"{x['quiet_loop_max_iteration_ms']} ms); core {x['expiry_us_per_entry']} µs/expiry, "

@@ -216,6 +216,7 @@ class PairEntry:
     """
 
     __slots__ = (
+        "_armed",
         "_events",
         "_failed_round",
         "_ka",
@@ -293,6 +294,8 @@ class PairEntry:
         self._listeners = tuple(listeners)
         self._machine_binding: object = None  # natpool.fsm: the class bound here, only with listeners/strict
         self._observer = observer
+        #: The deadline the owning pool scheduled for this entry (natpool.core.pool; None: none). The pool's.
+        self._armed: float | None = None
         self._events: deque[EntryOutput] | None = None  # only without an observer
         self._now = now
         self._lock_started: float | None = None

@@ -188,6 +188,29 @@ def test_claim_any_order_after_abort_and_claim() -> None:
     assert [pool.claim_any("bob", 2.0).nonce for _ in range(2)] == [3, 1]
 
 
+def test_claim_any_events_are_the_general_claims_events() -> None:
+    """take_any's inline claim queues markers; next_event hands out the same typed events as begin_lock's."""
+    inline, general = PairPool("alice", CFG), PairPool("alice", CFG)
+    for p in (inline, general):
+        for n in (1, 2):
+            p.add(pair(n), False, 0.0)
+        drain_events(p)
+    inline.claim_any("bob", 1.5)
+    inline.claim_any("bob", 2.5)
+    assert inline.pending_events == 4  # two per claim, counted for backpressure as before
+    first, second = general.get(1), general.get(2)
+    with general.lock:
+        first.begin_lock(1.5)
+        second.begin_lock(2.5)
+    got, want = drain_events(inline), drain_events(general)
+    assert got == want == [
+        StateChanged(1, "Idle", "InLocking", "begin_lock", None, 1.5), Drained(1, 1.5),
+        StateChanged(2, "Idle", "InLocking", "begin_lock", None, 2.5), Drained(2, 2.5),
+    ]
+    assert [type(e) for e in got] == [StateChanged, Drained, StateChanged, Drained]
+    assert inline.next_event() is None
+
+
 def race(n_threads: int, work: Callable[[], PairEntry]) -> tuple[list[PairEntry], int]:
     """Start ``n_threads`` at once on ``work``; return winners and the number of PairBusy losers."""
     barrier = threading.Barrier(n_threads)
