@@ -148,9 +148,20 @@ class _Link:
             return
         self.closing = True
         self._stop_reading()
+        if self.sync:
+            self._close_now()
+            return
         if self.writer is None:
             self.writer = asyncio.ensure_future(self._write(self.gen, False))
         self._kick()
+
+    def _close_now(self) -> None:
+        """A sync link has nothing queued (its sends left already): CLOSE goes out now, no writer task to spawn."""
+        assert isinstance(self.channel, MuxChannel)
+        with contextlib.suppress(Exception):
+            self.channel.close_nowait()
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def _kick(self) -> None:
         if self.wake is not None and not self.wake.done():
@@ -297,7 +308,9 @@ class NodeChannels:
             link.closing = True
             link.queue.clear()
             link._stop_reading()
-            if link.writer is None:  # sync: nothing to flush; close (bounded) in the background
+            if link.sync:  # nothing to flush: close here
+                link._close_now()
+            elif link.writer is None:  # pragma: no cover - an async link always has its writer
                 link.writer = asyncio.ensure_future(link._write(link.gen, False))
             link._kick()
         self._node.channel_closed(channel_id, self._clock())

@@ -70,7 +70,7 @@ import logging
 import socket
 import warnings
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -899,7 +899,7 @@ class AsyncPairPool:
         """
         node, channels = self.node, self._channels
         try:
-            outcome = await asyncio.shield(ended)
+            outcome = await ended  # not shielded: a shield costs a loop iteration per take (its own callback)
         except asyncio.CancelledError:
             now = self.now()
             channels.interrupt(channel_id)
@@ -914,8 +914,8 @@ class AsyncPairPool:
             return outcome
         raise outcome
 
-    async def serve_handover(self, channel: SignalChannel) -> Lease | None:
-        """Responder entry point for one incoming channel (e.g. a ``TcpSignallingServer`` handler).
+    def serve_handover(self, channel: SignalChannel) -> Coroutine[Any, Any, Lease | None]:
+        """Responder entry point for one incoming channel (e.g. a ``TcpSignallingServer`` handler); await it.
 
         A lease this side hands out goes to ``on_lease`` or is queued for
         :meth:`accept` (and returned); a failed session returns None: the
@@ -926,7 +926,36 @@ class AsyncPairPool:
         is not left cancelled (a ``TcpSignallingServer`` connection ends
         cleanly). Cancelling the caller's task ends the session as a
         cancelled :meth:`take` does and re-raises ``CancelledError``.
+
+        Not itself a coroutine function, so that the start can be
+        synchronous: a multiplexed channel whose first signal is already
+        here (it came with the OPEN) starts its session inside this call (from
+        a running loop), and its LOCKED (or refusal) leaves in the calling
+        loop step. A mux handler that calls this from its ``on_session``
+        saves the responder one loop iteration per take; only the wait for
+        the outcome is left to the returned coroutine.
         """
+        if not self._closed and isinstance(channel, MuxChannel):
+            self._bind_loop()
+            first = channel.recv_nowait()
+            if first is not None:
+                return self._serve_started(*self._start_responder(channel, first))
+        return self._serve(channel)
+
+    def _start_responder(self, channel: SignalChannel,
+                         first: bytes) -> tuple[int, asyncio.Future[Lease | HandoverError]]:
+        """Open the responder session on ``channel`` with its first signal (it opens, or refuses), synchronously."""
+        node, channels = self.node, self._channels
+        peer = getattr(channel, "peer_identity", None)  # authenticated by the transport, or None
+        channel_id = node.new_channel_id(peer if isinstance(peer, str) else None)
+        ended = channels.expect(channel_id)
+        node.receive_signal(channel_id, first, self.now())  # the responder session opens (or refuses)
+        channels.attach(channel_id, channel)
+        self._after_input()
+        return channel_id, ended
+
+    async def _serve(self, channel: SignalChannel) -> Lease | None:
+        """The responder when the first signal is not here yet (or the pool is closed): wait for it, then start."""
         if self._closed:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -934,22 +963,13 @@ class AsyncPairPool:
         self._bind_loop()
         task = self._enter_handover()
         try:
-            # A multiplexed session's first signal usually came in with its OPEN: no timeout to arm and cancel.
-            first = channel.recv_nowait() if isinstance(channel, MuxChannel) else None
-            if first is None:
-                first = await first_signal(channel, self.config.lock_timeout)
+            first = await first_signal(channel, self.config.lock_timeout)
             if self._closed:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
                         await channel.close()
                 raise HandoverCancelled("the pool began closing before this session could claim an entry")
-            node, channels = self.node, self._channels
-            peer = getattr(channel, "peer_identity", None)  # authenticated by the transport, or None
-            channel_id = node.new_channel_id(peer if isinstance(peer, str) else None)
-            ended = channels.expect(channel_id)
-            node.receive_signal(channel_id, first, self.now())  # the responder session opens (or refuses)
-            channels.attach(channel_id, channel)
-            self._after_input()
+            channel_id, ended = self._start_responder(channel, first)
             lease = await self._outcome(channel_id, ended)
         except HandoverError as exc:
             self.handover_outcomes[type(exc).__name__] += 1
@@ -961,6 +981,26 @@ class AsyncPairPool:
             raise
         finally:
             self._leave_handover(task)
+        return self._hand_out(lease)
+
+    async def _serve_started(self, channel_id: int, ended: asyncio.Future[Lease | HandoverError]) -> Lease | None:
+        """The rest of a responder session started synchronously: wait for its outcome, hand out the lease."""
+        task = self._enter_handover()
+        try:
+            lease = await self._outcome(channel_id, ended)
+        except HandoverError as exc:
+            self.handover_outcomes[type(exc).__name__] += 1
+            return None
+        except asyncio.CancelledError:
+            self.handover_outcomes["HandoverCancelled"] += 1
+            if self._close_cancelled(task):
+                return None
+            raise
+        finally:
+            self._leave_handover(task)
+        return self._hand_out(lease)
+
+    def _hand_out(self, lease: Lease) -> Lease | None:
         self.handover_outcomes["lease"] += 1
         leased = self._detach(lease)
         if self._closed:

@@ -1073,18 +1073,30 @@ class TcpSignallingServer:
     def _on_mux_session(self, peer: str, mine: set[IncomingChannel], channel: MuxChannel) -> Awaitable[None]:
         if not self._claim_session(peer, channel, mine):
             return channel.close()  # the mux runs it: CLOSE goes out, the handler never sees the session
-        return self._handle_counted(channel, peer, mine)
-
-    async def _handle_counted(self, channel: IncomingChannel, peer: str, mine: set[IncomingChannel]) -> None:
+        # The handler is called here, in the mux's OPEN callback, not at its task's first step: a handler
+        # whose start is synchronous (AsyncPairPool.serve_handover: the responder's LOCKED) then answers
+        # in this loop step, one iteration earlier per session.
         try:
-            await self._handle(channel)
+            work = self.handler(channel)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("signalling handler failed for peer %s", channel.peer)
+            mine.discard(channel)
+            self._end_session(peer, channel)
+            return channel.close()
+        return self._handle_counted(channel, peer, mine, work)
+
+    async def _handle_counted(self, channel: IncomingChannel, peer: str, mine: set[IncomingChannel],
+                              work: Awaitable[object] | None = None) -> None:
+        try:
+            await self._handle(channel, work)
         finally:
             mine.discard(channel)
             self._end_session(peer, channel)
 
-    async def _handle(self, channel: IncomingChannel) -> None:
+    async def _handle(self, channel: IncomingChannel, work: Awaitable[object] | None = None) -> None:
         try:
-            await self.handler(channel)
+            await (self.handler(channel) if work is None else work)
             self.sessions_served += 1
         except asyncio.CancelledError:
             raise
