@@ -961,33 +961,27 @@ class AsyncPairPool:
                 await channel.close()
             return None
         self._bind_loop()
-        task = self._enter_handover()
-        try:
-            first = await first_signal(channel, self.config.lock_timeout)
-            if self._closed:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
-                        await channel.close()
-                raise HandoverCancelled("the pool began closing before this session could claim an entry")
-            channel_id, ended = self._start_responder(channel, first)
-            lease = await self._outcome(channel_id, ended)
-        except HandoverError as exc:
-            self.handover_outcomes[type(exc).__name__] += 1
-            return None
-        except asyncio.CancelledError:
-            self.handover_outcomes["HandoverCancelled"] += 1
-            if self._close_cancelled(task):
-                return None
-            raise
-        finally:
-            self._leave_handover(task)
-        return self._hand_out(lease)
+        return await self._counted(self._wait_and_start(channel))
 
     async def _serve_started(self, channel_id: int, ended: asyncio.Future[Lease | HandoverError]) -> Lease | None:
         """The rest of a responder session started synchronously: wait for its outcome, hand out the lease."""
+        return await self._counted(self._outcome(channel_id, ended))
+
+    async def _wait_and_start(self, channel: SignalChannel) -> Lease:
+        first = await first_signal(channel, self.config.lock_timeout)
+        if self._closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
+                    await channel.close()
+            raise HandoverCancelled("the pool began closing before this session could claim an entry")
+        channel_id, ended = self._start_responder(channel, first)
+        return await self._outcome(channel_id, ended)
+
+    async def _counted(self, responder: Coroutine[Any, Any, Lease]) -> Lease | None:
+        """Run a responder session's waiting part as a tracked handover: count its outcome, hand out its lease."""
         task = self._enter_handover()
         try:
-            lease = await self._outcome(channel_id, ended)
+            lease = await responder
         except HandoverError as exc:
             self.handover_outcomes[type(exc).__name__] += 1
             return None

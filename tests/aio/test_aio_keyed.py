@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
 import struct
@@ -28,7 +27,7 @@ from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import DropReason, InvalidKey
 from natpool.wire.frame import Frame, Kind, encode
 from natpool.wire.keepalive import KeepaliveKey
-from tests.support.aio import bound_socket
+from tests.support.aio import bind_when_free, bound_socket, wait_for
 from tests.support.aio import run as aio_run
 
 KEY = bytes(range(7, 39))
@@ -69,29 +68,6 @@ async def keyed_pair(alice: AsyncPairPool, bob: AsyncPairPool, nonce: int,
     ea = await alice.add(pair, is_pinger=True, sock=sa, key=key)
     eb = await bob.add(pair, is_pinger=False, sock=sb, key=key)
     return ea, eb, sa
-
-
-async def wait_for(pool: AsyncPairPool, cond: object) -> None:
-    assert callable(cond)
-    while not cond():
-        await pool.wait_changed()
-
-
-async def bind_when_free(addr: Addr) -> socket.socket:
-    """Bind the dead peer's port as soon as its socket is closed (the attacker's move)."""
-    for _ in range(200):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            s.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            await asyncio.sleep(0.005)
-            continue
-        s.setblocking(False)
-        return s
-    raise AssertionError(f"{addr} never became free")
 
 
 async def answer_every_ping(sock: socket.socket, nonce: int, recorded: Recorder, stop: asyncio.Event) -> int:

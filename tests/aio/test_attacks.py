@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -48,7 +47,7 @@ from natpool.wire.frame import Frame, Kind, encode
 from natpool.wire.keepalive import KeepaliveKey
 from natpool.wire.keys import SIGNAL, derive
 from natpool.wire.signal import Signal, SignalType
-from tests.support.aio import bound_socket
+from tests.support.aio import bind_when_free, bound_socket, wait_for
 from tests.support.aio import run as aio_run
 
 Addr = tuple[str, int]
@@ -80,28 +79,6 @@ def forged_frames(nonce: int, key: bytes | None, kind: Kind, ping: bytes | None 
             out += [ping, ping[:1] + b"\x01" + ping[2:],
                     guess.pong(nonce, int.from_bytes(ping[10:18], "big"))]
     return out
-
-
-async def wait_for(pool: AsyncPairPool, cond: Callable[[], bool]) -> None:
-    while not cond():
-        await pool.wait_changed()
-
-
-async def bind_when_free(addr: Addr) -> socket.socket:
-    """Bind the dead peer's port as soon as its socket is closed: the attacker now sends from its exact address."""
-    for _ in range(400):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            s.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            await asyncio.sleep(0.005)
-            continue
-        s.setblocking(False)
-        return s
-    raise AssertionError(f"{addr} never became free")
 
 
 async def add_pair(alice: AsyncPairPool, bob: AsyncPairPool, nonce: int, key: bytes | None,

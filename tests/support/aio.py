@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from natpool.aio.pool import AsyncPairPool
 
 
 def run(coro: Awaitable[Any], bound: float = 10.0) -> Any:
@@ -29,3 +33,26 @@ def bound_socket() -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     return s
+
+
+async def wait_for(pool: AsyncPairPool, cond: Callable[[], bool]) -> None:
+    """Wait (on the pool's own change notifications, no polling sleep) until ``cond()`` holds."""
+    while not cond():
+        await pool.wait_changed()
+
+
+async def bind_when_free(addr: tuple[str, int]) -> socket.socket:
+    """Bind a dead peer's port as soon as its socket is closed: the attacker then sends from its exact address."""
+    for _ in range(400):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            s.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            await asyncio.sleep(0.005)
+            continue
+        s.setblocking(False)
+        return s
+    raise AssertionError(f"{addr} never became free")
