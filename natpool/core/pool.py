@@ -542,22 +542,15 @@ class PairPool:
                     heapq.heapreplace(heap, (real, next(self._seq), entry))
                 else:
                     heapq.heappop(heap)
-            while fifo:
-                deadline, entry = fifo[0]
-                real = entry._armed
-                if real == deadline:
-                    break
-                fifo.popleft()
-                if real is not None and real > deadline:
-                    self._push(real, entry)
-            while fifo2:
-                deadline, entry = fifo2[0]
-                real = entry._armed
-                if real == deadline:
-                    break
-                fifo2.popleft()
-                if real is not None and real > deadline:
-                    self._push(real, entry)
+            for queue in (fifo, fifo2):  # same rule for both FIFOs: drop stale heads, re-slot moved ones
+                while queue:
+                    deadline, entry = queue[0]
+                    real = entry._armed
+                    if real == deadline:
+                        break
+                    queue.popleft()
+                    if real is not None and real > deadline:
+                        self._push(real, entry)
             # A re-slot (or a rebuild) may have changed a checked top: look again until all three hold.
             if ((not heap or heap[0][2]._armed == heap[0][0])
                     and (not fifo or fifo[0][1]._armed == fifo[0][0])
