@@ -43,7 +43,7 @@ from natpool.errors import (
 from natpool.signalling import MemoryChannel, SignalChannel, memory_channel_pair
 from natpool.wire import signal as wire
 from natpool.wire.signal import AbortReason, Signal, SignalType
-from tests.support.aio import bound_socket
+from tests.support.aio import bound_socket, loopback_pair
 from tests.support.aio import run as _run
 
 NONCE = 0xC105E
@@ -56,10 +56,7 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 def make_pair(nonce: int = NONCE) -> tuple[EndpointPair, socket.socket, socket.socket]:
-    s1, s2 = bound_socket(), bound_socket()
-    pair = EndpointPair(Endpoint("alice", "127.0.0.1", s1.getsockname()[1]),
-                        Endpoint("bob", "127.0.0.1", s2.getsockname()[1]), nonce)
-    return pair, s1, s2
+    return loopback_pair(nonce)
 
 
 def pair_only(nonce: int) -> EndpointPair:

@@ -19,7 +19,7 @@ from natpool.config import PairConfig
 from natpool.core.entry import StateChanged
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.errors import BindFailed, DropReason, DuplicateNonce, PoolClosed
-from tests.support.aio import bound_socket
+from tests.support.aio import bound_socket, loopback_pair
 from tests.support.aio import run as _run
 
 BOUND = 10.0
@@ -30,12 +30,6 @@ def run(coro: Awaitable[Any]) -> Any:
 FAST = PairConfig(ping_interval=0.01, no_inbound_timeout=5.0, ping_lifespan=1.0, lock_timeout=3.0)
 
 
-def make_pair(nonce: int) -> tuple[EndpointPair, socket.socket, socket.socket]:
-    """A pair alice<->bob on two freshly bound loopback sockets (no port races)."""
-    sa, sb = bound_socket(), bound_socket()
-    a = Endpoint("alice", "127.0.0.1", sa.getsockname()[1])
-    b = Endpoint("bob", "127.0.0.1", sb.getsockname()[1])
-    return EndpointPair(a, b, nonce), sa, sb
 
 
 async def wait_until(pool: AsyncPairPool, predicate: Callable[[], bool]) -> None:
@@ -47,7 +41,7 @@ async def wait_until(pool: AsyncPairPool, predicate: Callable[[], bool]) -> None
 def test_add_and_keepalive_exchange_over_real_udp() -> None:
     async def main() -> None:
         async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
-            pair, sa, sb = make_pair(7)
+            pair, sa, sb = loopback_pair(7)
             ea = await alice.add(pair, is_pinger=True, sock=sa)
             eb = await bob.add(pair, is_pinger=False, sock=sb)
             assert len(alice) == 1 and len(bob) == 1
@@ -64,7 +58,7 @@ def test_add_and_keepalive_exchange_over_real_udp() -> None:
 
 def test_add_binds_the_local_endpoint_itself() -> None:
     async def main() -> None:
-        pair, sa, sb = make_pair(9)
+        pair, sa, sb = loopback_pair(9)
         sa.close()  # free alice's port: the pool binds it itself
         async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
             ea = await alice.add(pair, is_pinger=True)
@@ -77,7 +71,7 @@ def test_add_binds_the_local_endpoint_itself() -> None:
 
 def test_bind_failure_leaves_the_pool_unchanged() -> None:
     async def main() -> None:
-        pair, sa, sb = make_pair(11)  # sa still holds alice's port
+        pair, sa, sb = loopback_pair(11)  # sa still holds alice's port
         sb.close()
         events: list[object] = []
         async with AsyncPairPool("alice", FAST) as alice:
@@ -114,7 +108,7 @@ def test_close_closes_every_socket_and_refuses_further_use() -> None:
         alice.on_event(lambda ev: expired.append(ev) if isinstance(ev, StateChanged) else None)
         socks = []
         for n in range(1, 6):
-            pair, sa, sb = make_pair(n)
+            pair, sa, sb = loopback_pair(n)
             socks.append(sb)
             await alice.add(pair, is_pinger=n % 2 == 0, sock=sa)
         transports = [alice.transport(n) for n in range(1, 6)]
@@ -125,7 +119,7 @@ def test_close_closes_every_socket_and_refuses_further_use() -> None:
         assert len(alice) == 0 and alice.entries() == []
         assert sorted(ev.nonce for ev in expired if ev.target == "Expired") == [1, 2, 3, 4, 5]
         with pytest.raises(PoolClosed):
-            await alice.add(make_pair(99)[0], is_pinger=True)
+            await alice.add(loopback_pair(99)[0], is_pinger=True)
         await alice.close()  # idempotent
         for s in socks:
             s.close()
@@ -138,7 +132,7 @@ def test_close_closes_every_socket_and_refuses_further_use() -> None:
 def test_garbage_datagrams_are_dropped_and_counted() -> None:
     async def main() -> None:
         async with AsyncPairPool("alice", FAST) as alice, AsyncPairPool("bob", FAST) as bob:
-            pair, sa, sb = make_pair(21)
+            pair, sa, sb = loopback_pair(21)
             ea = await alice.add(pair, is_pinger=True, sock=sa)
             await bob.add(pair, is_pinger=False, sock=sb)
             attacker = bound_socket()
@@ -169,7 +163,7 @@ def test_event_subscription_sees_expiry_and_ends_on_close() -> None:
                          lock_timeout=0.04)
         alice = AsyncPairPool("alice", cfg)
         sub = alice.subscribe()
-        pair, sa, sb = make_pair(31)
+        pair, sa, sb = loopback_pair(31)
         await alice.add(pair, is_pinger=True, sock=sa)  # nobody answers on sb
         seen: list[StateChanged] = []
         async for ev in sub:
@@ -237,7 +231,7 @@ def test_send_errors_are_reported_to_the_entry_and_expire_it() -> None:
 def test_a_ping_flood_is_absorbed_without_amplification() -> None:
     async def main() -> None:
         async with AsyncPairPool("alice", FAST) as alice:
-            pair, sa, sb = make_pair(61)
+            pair, sa, sb = loopback_pair(61)
             ea = await alice.add(pair, is_pinger=False, sock=sa)  # alice answers pings
             sb.setblocking(False)
             ping = (61).to_bytes(8, "big") + b"\x00"
@@ -261,7 +255,7 @@ def test_malformed_source_addresses_are_dropped_even_with_a_wire_observer() -> N
         seen: list[tuple[str, tuple[str, int]]] = []
         async with AsyncPairPool("alice", FAST) as alice:
             alice.wire_observer = lambda direction, _n, _d, addr, _s: seen.append((direction, addr))
-            pair, sa, sb = make_pair(23)
+            pair, sa, sb = loopback_pair(23)
             sb.close()
             entry = await alice.add(pair, is_pinger=False, sock=sa)
             protocol = alice.transport(23).get_protocol()
@@ -289,7 +283,7 @@ def test_many_entries_due_at_once_expire_over_several_bounded_callbacks(monkeypa
         async with AsyncPairPool("alice", cfg) as alice:
             peers = []
             for n in range(8):
-                pair, sa, sb = make_pair(100 + n)
+                pair, sa, sb = loopback_pair(100 + n)
                 peers.append(sb)
                 await alice.add(pair, is_pinger=False, sock=sa)  # ponger: nobody pings it
             deadline = max(e.get_timer() or 0.0 for e in alice.entries())

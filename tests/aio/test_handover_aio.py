@@ -29,7 +29,7 @@ from natpool.signalling import MemoryChannel, MemorySignalling, SignalChannel, m
 from natpool.wire.frame import Frame, Kind, encode
 from natpool.wire.frame import decode as decode_frame
 from natpool.wire.signal import AbortReason, SignalType, decode
-from tests.support.aio import bound_socket
+from tests.support.aio import bound_socket, loopback_pair
 from tests.support.aio import run as _run
 
 NONCE = 0x5EED
@@ -43,10 +43,7 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 def make_pair(nonce: int = NONCE) -> tuple[EndpointPair, socket.socket, socket.socket]:
-    s1, s2 = bound_socket(), bound_socket()
-    pair = EndpointPair(Endpoint("alice", "127.0.0.1", s1.getsockname()[1]),
-                        Endpoint("bob", "127.0.0.1", s2.getsockname()[1]), nonce)
-    return pair, s1, s2
+    return loopback_pair(nonce)
 
 
 async def add_pair(alice: AsyncPairPool, bob: AsyncPairPool, alice_pings: bool) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from natpool.aio.pool import AsyncPairPool
+    from natpool.endpoints import EndpointPair
 
 
 def run(coro: Awaitable[Any], bound: float = 10.0) -> Any:
@@ -56,3 +57,13 @@ async def bind_when_free(addr: tuple[str, int]) -> socket.socket:
         s.setblocking(False)
         return s
     raise AssertionError(f"{addr} never became free")
+
+
+def loopback_pair(nonce: int) -> tuple[EndpointPair, socket.socket, socket.socket]:
+    """A pair alice<->bob on two freshly bound loopback sockets (bound first: no port races)."""
+    from natpool.endpoints import Endpoint, EndpointPair
+
+    sa, sb = bound_socket(), bound_socket()
+    pair = EndpointPair(Endpoint("alice", "127.0.0.1", sa.getsockname()[1]),
+                        Endpoint("bob", "127.0.0.1", sb.getsockname()[1]), nonce)
+    return pair, sa, sb
