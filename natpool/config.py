@@ -42,6 +42,13 @@ class PairConfig:
       in a row (p = 0.51^4 = 7 %) killed every pair within minutes. 1 s
       costs 5x the packets of 5 s (9-byte frames; ~16-23 % of a core for
       10k pairs, see shared measured-facts) and is the upstream default.
+      Pings leave on a grid of ``PING_TICKS`` (64) points per interval,
+      each pair at a fixed phase (``natpool.core.entry``): the pings due on
+      one point share one timer wake-up, so a pool wakes at most 64 times
+      per interval whatever its size, and phases never drift into one burst.
+      The first ping leaves at ``add``, the second up to 1/64 interval more
+      than one interval later; after that the gaps are one interval (a
+      wake-up later than 4/64 interval restarts the phase on the grid).
     * ``no_inbound_timeout`` 21 s — tolerates twenty consecutive lost
       exchanges (0.51^20 ~ 1.4e-6 per ping at 30 % loss, ~1e-3 per pair per
       10 minutes) and still declares the path dead 9 s before a 30 s mapping

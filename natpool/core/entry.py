@@ -40,6 +40,16 @@ _log = logging.getLogger(__name__)
 #: counts as due; otherwise it stays armed in the past and the driver spins.
 TIMER_SLACK: Final = 0.001
 
+#: The ping schedule (see ``PairEntry._queue_ping``): every entry of one ``ping_interval`` pings on a grid of
+#: PING_TICKS points per interval (absolute time), each at a fixed phase that it keeps. Entries due on one
+#: point share one timer wake-up (at most PING_TICKS wake-ups per interval, whatever the pair count), and
+#: phases never drift together: a schedule of ``now + interval`` after each (late) wake-up merges every
+#: entry served by that wake-up into one group, until all pings of a pool leave in a few bursts.
+PING_TICKS: Final = 64
+#: A ping may leave up to this many ticks late and still keep its phase (the next one leaves one interval
+#: after the *scheduled* time, so the gap is at least ``interval - PHASE_TOLERANCE_TICKS`` ticks); later
+#: than that, the entry restarts on the grid one interval from now (the gap is never shorter).
+PHASE_TOLERANCE_TICKS: Final = 4
 #: Compacting the outstanding-ping list once this many answered slots lead it keeps the
 #: drain O(1) per ping without a deque (an empty deque alone costs ~760 bytes per entry).
 _PING_COMPACT: Final = 16
@@ -309,9 +319,9 @@ class PairEntry:
         self._pings: list[float] | None = [] if is_pinger else None
         self._ping_head = 0
         self._ping_queued = False
-        self._next_ping = now
+        self._next_ping = -math.inf  # no phase yet: _queue_ping puts the next ping on the grid
         if is_pinger:
-            self._queue_ping(now)
+            self._queue_ping(now)  # at once: the path is checked on add
 
     # --- guards (named in spec/entry.toml, evaluated by the generated machine) ---
 
@@ -630,11 +640,17 @@ class PairEntry:
         pings = self._pings
         if pings:
             life = cfg.ping_lifespan if state != _IN_LOCKING else self._ping_life(state)
+            limit = due
+            if state == _IDLE and due >= self._next_ping:
+                # A ping leaves now: one sent a little less than a lifespan ago (its slot kept the phase,
+                # see _queue_ping) is given up first, so pings never overlap and a legacy pong, which
+                # names no ping, retires the one it answers.
+                limit = due + PHASE_TOLERANCE_TICKS * cfg.ping_interval / PING_TICKS
             head = start = self._ping_head
             timeouts = 0
             while head < len(pings):
                 t = pings[head]
-                if t + life <= due:
+                if t + life <= limit:
                     timeouts += 1
                 elif t != _ANSWERED:  # a keyed ping answered out of order is skipped, not timed out
                     break
@@ -661,12 +677,25 @@ class PairEntry:
         return min(cfg.ping_lifespan, max(cfg.min_drain_grace, cfg.drain_grace_rtts * self.srtt))
 
     def _queue_ping(self, now: float) -> None:
+        """Queue the ping due now and schedule the next: one interval after this one's slot (phase kept).
+
+        Late by more than PHASE_TOLERANCE_TICKS (a stalled loop, a resumed
+        entry), the entry restarts on the grid point one interval from now or
+        after: pings are never closer than ``interval`` minus the tolerance, and
+        :meth:`handle_timer` gives up an older ping that near its lifespan when
+        the next one leaves, so at most one stays outstanding (see PairConfig).
+        """
         assert self._pings is not None
         if not self._ping_queued:  # two due intervals before a send still make one ping
             self._ping_queued = True
             self._pings.append(now)
             self._seq += 1  # its id (keyed frames carry it; legacy ones do not)
-        self._next_ping = now + self.config.ping_interval
+        interval = self.config.ping_interval
+        nxt = self._next_ping + interval
+        tick = interval / PING_TICKS
+        if nxt < now + interval - PHASE_TOLERANCE_TICKS * tick:
+            nxt = math.ceil((now + interval) / tick) * tick
+        self._next_ping = nxt
 
     # --- events ---------------------------------------------------------------
 
