@@ -59,6 +59,7 @@ class RawKeepalive:
         self.interval = interval
         self.pongs = 0
         self.pings = 0
+        self.wakeups = 0  # timer callbacks: reported next to natpool's, whose pings share grid points
         self.transports: list[asyncio.DatagramTransport] = []
         self._heap: list[tuple[float, int]] = []
         self._targets: list[tuple[asyncio.DatagramTransport, bytes, tuple[str, int]]] = []
@@ -81,6 +82,7 @@ class RawKeepalive:
 
     def _fire(self) -> None:
         self._handle = None
+        self.wakeups += 1
         now = self._loop.time()
         horizon = now + TIMER_SLACK
         heap = self._heap
