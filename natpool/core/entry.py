@@ -244,9 +244,11 @@ class PairEntry:
         "_pong_tat",
         "_pongs",
         "_raddr",
+        "_rx_frame",
         "_send_failures",
         "_seq",
         "_settle_start",
+        "_tx_frame",
         "_window",
         "config",
         "is_pinger",
@@ -283,6 +285,13 @@ class PairEntry:
         self._seq = 0
         self._window = 0  # keyed ponger: bit i = ping id ``_seq - i`` was accepted (REPLAY_WINDOW)
         self._pong_ids: list[int] | None = [] if key is not None and not is_pinger else None
+        # Legacy frames of this pair, built once: the one it expects (a ping at the ponger, a pong at the
+        # pinger) is recognised by one bytes comparison, the one it sends is reused (the per-datagram path).
+        if key is None:
+            self._rx_frame = pong_bytes(pair.nonce) if is_pinger else ping_bytes(pair.nonce)
+            self._tx_frame = ping_bytes(pair.nonce) if is_pinger else pong_bytes(pair.nonce)
+        else:
+            self._rx_frame = self._tx_frame = b""
         self._pong_tat = now  # GCRA's theoretical arrival time of the next allowed pong
         # (KEY_MISMATCH or FORMAT_MISMATCH, when) of the last such drop from the peer's address.
         self._mismatch: tuple[ExpiryReason, float] | None = None
@@ -370,14 +379,17 @@ class PairEntry:
         if self._ka is not None:
             self._receive_keyed(data, addr, now)
             return
-        try:
-            is_ping = is_ping_for(data, self.nonce)  # natpool.wire.frame's fast path for one entry's frames
-        except RemoteProtocolError as exc:
-            if looks_keyed(data, self.nonce):  # our peer was added with a key, we without
-                self._mismatched(ExpiryReason.FORMAT_MISMATCH, DropReason.FORMAT_MISMATCH, addr, now)
-            else:
-                self._drop(exc.reason, addr)
-            return
+        if data == self._rx_frame:  # the frame this side expects (the common case): no parse
+            is_ping = not self.is_pinger
+        else:
+            try:
+                is_ping = is_ping_for(data, self.nonce)  # natpool.wire.frame: any other frame of this pair
+            except RemoteProtocolError as exc:
+                if looks_keyed(data, self.nonce):  # our peer was added with a key, we without
+                    self._mismatched(ExpiryReason.FORMAT_MISMATCH, DropReason.FORMAT_MISMATCH, addr, now)
+                else:
+                    self._drop(exc.reason, addr)
+                return
         state = self.state
         if state not in _TALKING:
             self._drop(DropReason.SILENT_STATE, addr)
@@ -570,11 +582,13 @@ class PairEntry:
                 pong_ids.clear()
         elif self._ping_queued:
             self._ping_queued = False
-            out = [(ping_bytes(self.nonce), raddr)]
+            out = [(self._tx_frame, raddr)]
             if self._pongs:  # pragma: no cover - an entry is either the pinger or the ponger
                 out.extend([(pong_bytes(self.nonce), raddr)] * self._pongs)
+        elif self._pongs == 1:
+            out = [(self._tx_frame, raddr)]
         else:
-            out = [(pong_bytes(self.nonce), raddr)] * self._pongs
+            out = [(self._tx_frame, raddr)] * self._pongs
         self._pongs = 0
         # A round is known to have succeeded once the next one starts with no
         # failure reported in between; only then do consecutive failures reset.

@@ -69,6 +69,7 @@ _log = logging.getLogger("natpool.core.pool")  # the drop is the pool's, logged 
 
 #: Entry states in which inbound datagrams belong to the application (spec/entry.toml: silent and live).
 APPLICATION_STATES: Final[frozenset[str]] = ENTRY.sets["silent"] & ENTRY.sets["live"]
+_IDLE: Final = ENTRY.initial
 
 
 class OpenChannel(NamedTuple):
@@ -227,7 +228,11 @@ class Node:
             out = entry.datagrams_to_send(now) if entry._ping_queued or entry._pongs else []
             if entries.get(nonce) is entry:  # else expired and gone meanwhile
                 # PairPool._rearm's common case inlined: the deadline moved later (or stayed), nothing queued.
-                deadline = entry.get_timer()
+                if entry._pings is None and entry.state == _IDLE:
+                    # An Idle ponger's only deadline (PairEntry.get_timer's rule, without the call): liveness.
+                    deadline: float | None = entry.last_seen + entry.config.no_inbound_timeout
+                else:
+                    deadline = entry.get_timer()
                 current = entry._armed
                 if (deadline is not None and current is not None and current <= deadline
                         and not (entry._ping_queued or entry._pongs)):

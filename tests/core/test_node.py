@@ -218,3 +218,29 @@ def test_a_late_signal_on_an_ended_channel_opens_nothing() -> None:
     assert w.a.sessions() == {} and w.a.drops[DropReason.UNEXPECTED] == 1
     w.a.receive_signal(12345, lock, 0.3)  # a channel id the node never gave out
     assert w.a.sessions() == {} and w.a.drops[DropReason.UNEXPECTED] == 2
+
+
+@pytest.mark.parametrize("key", [None, bytes(range(32))])
+def test_receive_and_reply_keeps_each_entrys_slot_at_its_real_deadline(key: bytes | None) -> None:
+    """The driver's per-datagram path re-arms without PairPool._rearm (an Idle ponger without get_timer).
+
+    Whatever it skips, the slot it leaves must be the deadline the entry
+    itself reports, on both sides and through pings, pongs and timers.
+    """
+    a, b = Node("alice", CFG), Node("bob", CFG)
+    ea = a.add(PAIR, True, 0.0, key=key)
+    eb = b.add(PAIR, False, 0.0, key=key)
+    now = 0.0
+    for _ in range(6):
+        for _nonce, ping, _addr in a.datagrams_to_send(now):
+            replies = b.receive_and_reply(NONCE, ping, A_ADDR, now + 0.01)
+            assert isinstance(replies, list)
+            assert eb._armed == eb.get_timer()
+            for pong, _to in replies:
+                a.receive_and_reply(NONCE, pong, B_ADDR, now + 0.02)
+                assert ea._armed == ea.get_timer()
+        timer = a.get_timer()
+        assert timer is not None
+        now = timer
+        a.handle_timer(now)
+    assert eb.stats.received == ea.stats.received == 6
