@@ -604,7 +604,6 @@ class AsyncPairPool:
                 assert self._changed is not None
                 self._changed.set()
             return
-        assert not isinstance(replies, ApplicationData)
         core = self.core
         if replies and (transport := self._transports.get(nonce)) is not None:
             if observer is None and len(replies) == 1:  # the common pong, inline
@@ -614,6 +613,7 @@ class AsyncPairPool:
                 except OSError as exc:
                     self._report_send_error(nonce, exc, now)
             else:
+                assert not isinstance(replies, ApplicationData)  # returned above (narrowed for mypy only here)
                 self._send(nonce, transport, replies, now)
         if not self._core_events and not core._outbox:  # has_pending_output(), inlined (hot)
             # Fast path (a ping or a pong): no event, nothing else queued. Only this entry changed, and a

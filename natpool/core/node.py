@@ -213,24 +213,26 @@ class Node:
         """
         pool = self.pool
         entries = pool._entries
-        entry = entries.get(nonce)
-        if entry is not None and entry.state in APPLICATION_STATES and not entry.is_own_frame(data):
-            return ApplicationData(nonce, data, addr)
         with pool.lock:
-            if len(pool._events) >= pool.max_pending_events:
-                pool._check_backlog()
-            entry = entries.get(nonce)  # again under the lock: a thread may have removed it meanwhile
+            entry = entries.get(nonce)
             if entry is None:
                 pool.drops[DropReason.WRONG_NONCE] += 1
                 _log.debug("dropped datagram from %s for unknown pair %#x", addr, nonce)
                 return []
+            if entry.state in APPLICATION_STATES and not entry.is_own_frame(data):
+                return ApplicationData(nonce, data, addr)
+            if len(pool._events) >= pool.max_pending_events:
+                pool._check_backlog()
             entry.receive_datagram(data, addr, now)
             out = entry.datagrams_to_send(now) if entry._ping_queued or entry._pongs else []
             if entries.get(nonce) is entry:  # else expired and gone meanwhile
                 # PairPool._rearm's common case inlined: the deadline moved later (or stayed), nothing queued.
-                if entry._pings is None and entry.state == _IDLE:
-                    # An Idle ponger's only deadline (PairEntry.get_timer's rule, without the call): liveness.
+                if entry.state == _IDLE and not entry._pings:
+                    # PairEntry.get_timer's rule for an Idle entry with no ping outstanding, without the call:
+                    # liveness, or the pinger's next ping (tests/core/test_node.py checks they agree).
                     deadline: float | None = entry.last_seen + entry.config.no_inbound_timeout
+                    if entry._pings is not None and entry._next_ping < deadline:
+                        deadline = entry._next_ping
                 else:
                     deadline = entry.get_timer()
                 current = entry._armed
