@@ -230,9 +230,9 @@ class Node:
                 if entry.state == _IDLE and not entry._pings:
                     # PairEntry.get_timer's rule for an Idle entry with no ping outstanding, without the call:
                     # liveness, or the pinger's next ping (tests/core/test_node.py checks they agree).
-                    deadline: float | None = entry.last_seen + entry.config.no_inbound_timeout
-                    if entry._pings is not None and entry._next_ping < deadline:
-                        deadline = entry._next_ping
+                    live = entry.last_seen + entry.config.no_inbound_timeout
+                    deadline: float | None = (entry._next_ping if entry._pings is not None
+                                              and entry._next_ping < live else live)
                 else:
                     deadline = entry.get_timer()
                 current = entry._armed
