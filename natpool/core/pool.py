@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ MAX_PENDING_EVENTS = 100_000
 
 #: The scheduler checks for stale timer slots (and rebuilds when they outnumber live ones) every this many pushes.
 _REBUILD_EVERY = 1024
+_INF: Final = math.inf
 
 
 class _Observer:
@@ -395,10 +397,28 @@ class PairPool:
                     src = 2
                 if top is None or top > limit:
                     break
+                if src == 1:
+                    # A run of _fifo heads (the common case: the pings of one grid point are in order there):
+                    # the other two tops only change by pushes later than ``limit``, so one bound serves it.
+                    ht = heap[0][0] if heap else _INF
+                    f2t = fifo2[0][0] if fifo2 else _INF
+                    while budget and fifo:
+                        slot, entry = fifo[0]
+                        if slot > limit or slot >= ht or slot > f2t:
+                            break
+                        fifo.popleft()
+                        real = entry._armed
+                        if real is None:
+                            continue
+                        if real <= limit:
+                            entry._armed = None
+                            due[entry] = None
+                            budget -= 1
+                        else:  # moved later: re-slotted (at the tail of a FIFO or on the heap, past ``limit``)
+                            push(real, entry)
+                    continue
                 if src == 0:
                     _, _, entry = heapq.heappop(heap)
-                elif src == 1:
-                    _, entry = fifo.popleft()
                 else:
                     _, entry = fifo2.popleft()
                 real = entry._armed
