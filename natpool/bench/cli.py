@@ -28,6 +28,7 @@ from natpool.aio.pool import AsyncPairPool
 from natpool.bench.expiry import expiry_figures
 from natpool.bench.raw import RawKeepalive, open_udp, tcp_exchange_times, udp_rtts
 from natpool.config import PairConfig
+from natpool.core.node import Node
 from natpool.core.pool import PairPool
 from natpool.endpoints import Endpoint, EndpointPair
 
@@ -195,23 +196,27 @@ async def _keepalive_natpool(n: int, interval: float, window: float, keyed: bool
 
 
 def _core_us_per_exchange(n: int, rounds: int, keyed: bool = False) -> float:
-    """CPU of the sans-IO core alone per ping/pong exchange (both pools, no sockets): the driver's floor."""
+    """CPU of the sans-IO core alone per ping/pong exchange (two Nodes, no sockets): the driver's floor.
+
+    The same calls the asyncio driver makes: ``handle_timer`` and ``datagrams_to_send`` for the pings,
+    ``receive_and_reply`` for each datagram (the ponger's answer comes back in that call), ``get_timer``.
+    """
     cfg = PairConfig(ping_interval=1.0, no_inbound_timeout=30.0, ping_lifespan=1.0)
-    a, b = PairPool("a", cfg), PairPool("b", cfg)
+    a, b = Node("a", cfg), Node("b", cfg)
     for i in range(n):
         pair = EndpointPair(Endpoint("a", "127.0.0.1", 1 + i % 60000), Endpoint("b", "127.0.0.2", 1 + i % 60000),
                             i + 1)
         key = _bench_key(i) if keyed else None
-        a.add(pair, True, 0.0, key)
-        b.add(pair, False, 0.0, key)
+        a.add(pair, True, 0.0, key=key)
+        b.add(pair, False, 0.0, key=key)
 
     def one_round(now: float) -> None:
         a.handle_timer(now)
         for nonce, data, _ in a.datagrams_to_send(now):
-            b.receive_datagram(nonce, data, ("127.0.0.1", 1 + (nonce - 1) % 60000), now)
-        for nonce, data, _ in b.datagrams_to_send(now):
-            a.receive_datagram(nonce, data, ("127.0.0.2", 1 + (nonce - 1) % 60000), now)
-        a.datagrams_to_send(now)
+            replies = b.receive_and_reply(nonce, data, ("127.0.0.1", 1 + (nonce - 1) % 60000), now)
+            if isinstance(replies, list):
+                for pong, _addr in replies:
+                    a.receive_and_reply(nonce, pong, ("127.0.0.2", 1 + (nonce - 1) % 60000), now)
         a.get_timer()
         b.get_timer()
 
@@ -596,7 +601,7 @@ def _print_table(report: Report) -> None:
                       f"{v['ratio']!s:>7} {v['raw_exchanges_per_s']:>10.0f} {v['natpool_exchanges_per_s']:>13.0f} "
                       f"{v['raw_us_per_exchange']:>10} {v['natpool_us_per_exchange']:>8} "
                       f"{v['core_only_us_per_exchange']:>11}")
-        print("  (core alone = the sans-IO PairPools exchanging the same frames with no sockets: the part of "
+        print("  (core alone = two sans-IO Nodes exchanging the same frames with no sockets: the part of "
               "natpool's cost the driver cannot remove)")
         wakes = [f"{v['pairs']}: raw {v['raw_wakeups_per_s']:.0f}, natpool {v['natpool_wakeups_per_s']:.0f}"
                  for v in ka.values() if isinstance(v, dict) and "raw_wakeups_per_s" in v]
