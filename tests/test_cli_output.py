@@ -120,3 +120,15 @@ def test_bench_reports_the_time_of_each_section(capsys: pytest.CaptureFixture[st
     assert main(["bench", "--quick", "--json", "--only", "sim", "--only", "ops"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["section_s"]) == {"sim", "ops"} and all(v >= 0 for v in doc["section_s"].values())
+
+
+def test_bench_runs_each_section_in_its_own_interpreter_and_keeps_its_notes(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two sections: each in a fresh process (its figures and notes merged), or all here with --in-process."""
+    assert main(["bench", "--quick", "--json", "--only", "ops", "--only", "sim"]) == 0
+    isolated = json.loads(capsys.readouterr().out)
+    assert main(["bench", "--quick", "--json", "--in-process", "--only", "ops", "--only", "sim"]) == 0
+    together = json.loads(capsys.readouterr().out)
+    for doc in (isolated, together):
+        assert doc["ops"]["pairs"] > 0 and doc["sim"]
+        assert any(n.startswith("ops: take_any") for n in doc["notes"])
+    assert set(isolated["ops"]) == set(together["ops"])
