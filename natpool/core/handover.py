@@ -216,16 +216,25 @@ class Session:
             out, self._out = self._out, []
             return out
 
+    def _take_signals(self) -> list[bytes]:
+        """:meth:`signals_to_send`, lock held (the node collects every dirty session's under one hold)."""
+        out, self._out = self._out, []
+        return out
+
     def get_timer(self) -> float | None:
         with self._registry.lock:
-            if self.done:
-                return None
-            # The lock deadline only matters while failing is still allowed (not in Settling).
-            deadline = self.deadline if self._can_fail() else None
-            settle = self._settle_at()
-            if deadline is None or settle is None:
-                return settle if deadline is None else deadline
-            return min(deadline, settle)
+            return self._timer()
+
+    def _timer(self) -> float | None:
+        """:meth:`get_timer`, lock held (the node reads every session's under one hold)."""
+        if self.outcome is not None:
+            return None
+        # The lock deadline only matters while failing is still allowed (not in Settling).
+        deadline = self.deadline if self._can_fail() else None
+        settle = self._settle_at()
+        if deadline is None or settle is None:
+            return settle if deadline is None else deadline
+        return min(deadline, settle)
 
     def handle_timer(self, now: float) -> None:
         with self._registry.lock:

@@ -351,11 +351,13 @@ class Node:
 
     def get_timer(self) -> float | None:
         """Earliest deadline of any entry or session."""
-        t = self.pool.get_timer()
-        for session in self._sessions.values():
-            st = session.get_timer()
-            if st is not None and (t is None or st < t):
-                t = st
+        pool = self.pool
+        with pool.lock:  # one hold for the entries' scheduler and every session (the driver re-arms per round)
+            t = pool._earliest()
+            for session in self._sessions.values():
+                st = session._timer()
+                if st is not None and (t is None or st < t):
+                    t = st
         return t
 
     def handle_timer(self, now: float, max_entries: int | None = None) -> None:
@@ -372,7 +374,11 @@ class Node:
 
     def next_event(self) -> NodeEvent | None:
         """Oldest undelivered event (entries' and sessions'), O(1)."""
-        return cast("NodeEvent | None", self.pool.next_event())
+        return self.pool.next_event()  # the one queue: entries' events and the node's own
+
+    def drain_events(self) -> list[NodeEvent]:
+        """Every undelivered event, oldest first (:meth:`next_event` until None, in one call and one lock hold)."""
+        return cast("list[NodeEvent]", self.pool.drain_events())
 
     @property
     def pending_events(self) -> int:
@@ -393,13 +399,16 @@ class Node:
         their sessions inside the call that just returned).
         """
         dirty, sessions, signals, events = self._dirty, self._sessions, self._signals, self._events
+        lock = self.pool.lock
         while dirty:
             channel = next(iter(dirty))
             del dirty[channel]
             session = sessions.get(channel)
             if session is None:
                 continue
-            for data in session.signals_to_send():
+            with lock:
+                out = session._take_signals()
+            for data in out:
                 signals.append((channel, data))
             outcome = session.outcome
             if outcome is not None:
