@@ -221,8 +221,12 @@ class MuxChannel:
     # --- called by the mux ------------------------------------------------------------------
 
     def _deliver(self, data: bytes) -> None:
-        if self._on_message is not None:
-            self._push(data)
+        on_message = self._on_message
+        if on_message is not None:
+            try:  # _push, inlined: one call less per message
+                on_message(data)
+            except Exception:
+                self._listener_failed()
         else:
             self._inbox.append(data)
             self._wake()
@@ -241,10 +245,13 @@ class MuxChannel:
         try:
             self._on_message(data)
         except Exception:
-            log.exception("mux session %d listener failed; ending the session", self.sid)
-            self._on_message = self._on_end = None
-            self._broken = self._broken or "listener failed"
-            self._mux._spawn(self.close())
+            self._listener_failed()
+
+    def _listener_failed(self) -> None:
+        log.exception("mux session %d listener failed; ending the session", self.sid)
+        self._on_message = self._on_end = None
+        self._broken = self._broken or "listener failed"
+        self._mux._spawn(self.close())
 
     def _ended_push(self, why: str) -> None:
         on_end, self._on_message, self._on_end = self._on_end, None, None
@@ -487,7 +494,7 @@ class Mux:
                 self._unknown(wire.MuxFrame(FrameKind.DATA, sid, bool(opener), payload))
             return
         try:
-            frame = wire.decode(data, self.max_payload)
+            kind, sid, opener, payload = wire.decode_fields(data, self.max_payload)  # no frame object per message
         except RemoteProtocolError as exc:
             self.drops[exc.reason] += 1
             self._note(exc.reason.value, "mux frame from %s dropped: %s", self.peer, exc)
@@ -495,22 +502,21 @@ class Mux:
         if self._lost is not None:
             return
         # The sender's "I opened it" is our "the peer opened it": key bit 1.
-        key = frame.sid << 1 | (1 if frame.opener else 0)
-        kind = frame.kind
+        key = sid << 1 | (1 if opener else 0)
         if kind is FrameKind.DATA:
             channel = self._sessions.get(key)
             if channel is not None:
-                channel._deliver(frame.payload)
+                channel._deliver(payload)
             else:
-                self._unknown(frame)
+                self._unknown(wire.MuxFrame(kind, sid, opener, payload))
         elif kind is FrameKind.OPEN:
-            self._incoming(frame.sid, frame.payload)
+            self._incoming(sid, payload)
         else:  # CLOSE
             channel = self._sessions.pop(key, None)
             if channel is not None:
                 channel._break("closed by the peer", drop_queued=False)
             else:
-                self._unknown(frame)
+                self._unknown(wire.MuxFrame(kind, sid, opener, payload))
 
     def _unknown(self, frame: wire.MuxFrame) -> None:
         last = self._peer_sid if frame.opener else self._next_sid - 1
@@ -620,8 +626,10 @@ class Mux:
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
-            with contextlib.suppress(ChannelBroken):
-                self._send_sync(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
+            try:  # not contextlib.suppress: every session ends here
+                self._send_sync(wire.encode_close(channel.sid, channel.local))
+            except ChannelBroken:
+                pass  # the link is lost: every session on it is broken already
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -96,7 +97,7 @@ class _Link:
     def start(self) -> None:
         channel = self.channel
         if isinstance(channel, MuxChannel):  # its link's reader pushes each signal: no task of ours
-            channel.listen(self._pushed, self._ended)
+            channel.listen(functools.partial(self.owner._signal, self.channel_id), self._ended)
         else:
             self.reader = asyncio.ensure_future(self._read())
         if not self.sync:
@@ -110,9 +111,6 @@ class _Link:
         self.gen += 1
         self.writer.cancel()
         self.writer = asyncio.ensure_future(self._write(self.gen, True))
-
-    def _pushed(self, data: bytes) -> None:
-        self.owner._signal(self.channel_id, data)
 
     def _ended(self, why: str) -> None:
         log.debug("channel %d: signalling channel ended: %s", self.channel_id, why)
@@ -158,8 +156,10 @@ class _Link:
     def _close_now(self) -> None:
         """A sync link has nothing queued (its sends left already): CLOSE goes out now, no writer task to spawn."""
         assert isinstance(self.channel, MuxChannel)
-        with contextlib.suppress(Exception):
+        try:  # not contextlib.suppress: every session ends here (three calls less)
             self.channel.close_nowait()
+        except Exception as exc:
+            log.debug("channel %d: close failed: %r", self.channel_id, exc)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -294,9 +294,17 @@ class NodeChannels:
 
     async def closed(self, channel_id: int) -> None:
         """Wait until ``channel_id`` is closed (its writer sends what the session queued, then closes, bounded)."""
-        fut = self._closing.pop(channel_id, None)
-        if fut is not None and not fut.done():
+        fut = self.closing(channel_id)
+        if fut is not None:
             await fut
+
+    def closing(self, channel_id: int) -> asyncio.Future[None] | None:
+        """What :meth:`closed` awaits, or None when ``channel_id`` is closed already (a sync link's usual case).
+
+        Lets the driver skip a coroutine per session end when there is nothing to wait for.
+        """
+        fut = self._closing.pop(channel_id, None)
+        return fut if fut is not None and not fut.done() else None
 
     def _signal(self, channel_id: int, data: bytes) -> None:
         self._node.receive_signal(channel_id, data, self._clock())

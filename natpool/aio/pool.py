@@ -920,7 +920,9 @@ class AsyncPairPool:
             self._after_input()
             await channels.closed(channel_id)
             raise
-        await channels.closed(channel_id)
+        closing = channels.closing(channel_id)  # None once closed (a sync link closes in the session's last round)
+        if closing is not None:
+            await closing
         if isinstance(outcome, Lease):
             return outcome
         raise outcome

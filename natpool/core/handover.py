@@ -238,7 +238,7 @@ class Session:
 
     def handle_timer(self, now: float) -> None:
         with self._registry.lock:
-            if not (self.done or self._timed_out(now)):
+            if not (self.outcome is not None or self._timed_out(now)):
                 self._advance(now)
             self._registry.dispatch()
 
@@ -264,7 +264,7 @@ class Session:
                 return
             self._protocol_failure(exc, now)  # after the end: only counted
             return
-        if self.done or self._timed_out(now):  # a late driver must not carry us past lock_timeout
+        if self.outcome is not None or self._timed_out(now):  # a late driver must not carry us past lock_timeout
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
             return
         self.received.append(sig)
@@ -273,7 +273,7 @@ class Session:
     def channel_closed(self, now: float) -> None:
         """The channel broke or the peer closed it: fail unless past the point of no return."""
         with self._registry.lock:
-            if not self.done and self._can_fail():
+            if self.outcome is None and self._can_fail():
                 self._fail(ChannelBroken(f"signalling channel closed during handover of {self.nonce:#x}"), now)
             # Settling: both sides are past the take; settle still completes on its timer.
             self._registry.dispatch()
@@ -281,7 +281,7 @@ class Session:
     def cancel(self, now: float) -> None:
         """Local shutdown (pool close): fail with ABORT(CANCELLED) if still possible."""
         with self._registry.lock:
-            if not self.done and self._can_fail():
+            if self.outcome is None and self._can_fail():
                 self._fail(HandoverCancelled("handover cancelled locally"), now, abort=AbortReason.CANCELLED)
             self._registry.dispatch()
 
@@ -292,7 +292,7 @@ class Session:
         the entry arrive here after those calls returned, and re-evaluating
         the guards then is harmless (every step is guarded by the state).
         """
-        if self.done:
+        if self.outcome is not None:
             return
         if isinstance(event, StateChanged):
             self._entry_reason = event.reason
@@ -308,10 +308,6 @@ class Session:
                    abort=AbortReason.TIMEOUT)
         return True
 
-    def _wake(self) -> None:
-        if self.waker is not None:
-            self.waker()
-
     def _emit(self, stype: SignalType, reason: AbortReason | None = None) -> None:
         self._send_seq += 1
         key = self._key
@@ -325,7 +321,9 @@ class Session:
         self.sent.append(sig)
         self._out.append(data)
         self._registry.messages_sent += 1
-        self._wake()
+        waker = self.waker  # output queued: tell the driver (an append, never a call back)
+        if waker is not None:
+            waker()
 
     def _authentic(self, sig: Signal) -> bool:
         """Keyed pair: the MAC is valid and the signal is bound to this session's randoms; else dropped.
@@ -469,7 +467,9 @@ class Session:
             self._registry.unbind(self.nonce, self)
         if isinstance(outcome, HandoverError):
             logger.debug("handover %s %#x ended: %s: %s", self.role, self.nonce, type(outcome).__name__, outcome)
-        self._wake()
+        waker = self.waker  # ended: tell the driver
+        if waker is not None:
+            waker()
 
     # -- role hooks --
 
@@ -574,7 +574,7 @@ class InitiatorSession(Session):
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
 
     def _advance(self, now: float) -> None:
-        if self.done or self._entry_lost(now):
+        if self.outcome is not None or self._entry_lost(now):
             return
         if self.state == "Draining":
             self._lock_entry(now)  # pinger: once drained; ponger: at once (peer pinger is Locked)
@@ -719,7 +719,7 @@ class ResponderSession(Session):
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
 
     def _advance(self, now: float) -> None:
-        if self.done or self._entry_lost(now):
+        if self.outcome is not None or self._entry_lost(now):
             return
         if self.state == "Draining":
             # A pinger responder drains, then answers LOCKED still InLocking; both roles lock on TAKE.
