@@ -52,6 +52,7 @@ import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from natpool.errors import ChannelBroken, DropReason, LocalError, RemoteProtocolError, SessionLimit
 from natpool.signalling import SignalChannel
@@ -128,10 +129,18 @@ class MuxChannel:
         if len(data) > mux.max_payload or not data:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
         if self._opened:
-            mux._send_sync(wire.encode_data(self.sid, self.local, data))
+            frame = wire.encode_data(self.sid, self.local, data)
         else:  # the session's first message rides in its OPEN
             self._opened = True
-            mux._send_sync(wire.encode_open(self.sid, data))
+            frame = wire.encode_open(self.sid, data)
+        send_now = mux._send_now
+        if mux._lost is not None or send_now is None:
+            mux._send_sync(frame)  # raises: the link is gone (ChannelBroken) or cannot write now (LocalError)
+            return
+        try:  # Mux._send_sync, inlined (every signal)
+            send_now(frame)
+        except Exception as exc:
+            mux._send_failed(exc)
 
     def recv_nowait(self) -> bytes | None:
         """The next queued message, or None (nothing queued, or the session ended): never suspends.
@@ -598,9 +607,13 @@ class Mux:
         try:
             self._send_now(frame)
         except Exception as exc:
-            self._lose(f"link lost: send failed: {exc!r}")
-            self._spawn(self._close_link())
-            raise ChannelBroken(f"mux send to {self.peer!r} failed: {exc!r}") from exc
+            self._send_failed(exc)
+
+    def _send_failed(self, exc: Exception) -> NoReturn:
+        """A synchronous send failed: the link is in an unknown state (a partial frame?), lost for all."""
+        self._lose(f"link lost: send failed: {exc!r}")
+        self._spawn(self._close_link())
+        raise ChannelBroken(f"mux send to {self.peer!r} failed: {exc!r}") from exc
 
     async def _close_link(self) -> None:
         with contextlib.suppress(Exception):

@@ -76,8 +76,8 @@ async def _close(channel: SignalChannel) -> None:
 class _Link:
     """One attached channel: its reader feeds the node, its sends keep the node's order, then it closes."""
 
-    __slots__ = ("channel", "channel_id", "closed", "closing", "gen", "owner", "queue", "reader", "sync", "wake",
-                 "writer")
+    __slots__ = ("_closed_waiter", "channel", "channel_id", "closing", "gen", "is_closed", "owner", "queue", "reader",
+                 "sync", "wake", "writer")
 
     def __init__(self, owner: NodeChannels, channel_id: int, channel: SignalChannel) -> None:
         self.owner = owner
@@ -92,7 +92,24 @@ class _Link:
         self.writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
         self.gen = 0  # the current writer's generation (interrupt() starts a new one)
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.is_closed = False  # the channel is closed (its last signals went out first)
+        # Made only when someone waits while it is still open: a sync link closes in the session's last round,
+        # before anyone waits, so most sessions never make one.
+        self._closed_waiter: asyncio.Future[None] | None = None
+
+    def closed_waiter(self) -> asyncio.Future[None] | None:
+        """A future that resolves once the channel is closed, or None if it is closed already."""
+        if self.is_closed:
+            return None
+        if self._closed_waiter is None:
+            self._closed_waiter = asyncio.get_running_loop().create_future()
+        return self._closed_waiter
+
+    def _mark_closed(self) -> None:
+        self.is_closed = True
+        waiter = self._closed_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def start(self) -> None:
         channel = self.channel
@@ -160,8 +177,7 @@ class _Link:
             self.channel.close_nowait()
         except Exception as exc:
             log.debug("channel %d: close failed: %r", self.channel_id, exc)
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self._mark_closed()
 
     def _kick(self) -> None:
         if self.wake is not None and not self.wake.done():
@@ -196,8 +212,7 @@ class _Link:
         finally:
             if gen == self.gen:
                 await _close(self.channel)
-                if not self.closed.done():
-                    self.closed.set_result(None)
+                self._mark_closed()
 
     async def _drain(self) -> None:
         """Send the queue in order; once closing and empty, return (the caller closes)."""
@@ -240,7 +255,7 @@ class NodeChannels:
         self._held: dict[int, list[bytes]] = {}  # a take's signals while its channel opens
         self._close_held: set[int] = set()  # ... and the close the node asked for meanwhile
         self._ended: dict[int, asyncio.Future[Lease | HandoverError]] = {}
-        self._closing: dict[int, asyncio.Future[None]] = {}
+        self._closing: dict[int, _Link] = {}  # attached channels whose close nobody has waited for yet
 
     def expect(self, channel_id: int) -> asyncio.Future[Lease | HandoverError]:
         """The future of the session on ``channel_id`` (resolved by :meth:`ended`); held signals wait for attach."""
@@ -252,7 +267,7 @@ class NodeChannels:
     def attach(self, channel_id: int, channel: SignalChannel) -> None:
         link = _Link(self, channel_id, channel)
         self._links[channel_id] = link
-        self._closing[channel_id] = link.closed
+        self._closing[channel_id] = link
         link.start()
         for data in self._held.pop(channel_id, ()):
             link.send(data)
@@ -303,8 +318,8 @@ class NodeChannels:
 
         Lets the driver skip a coroutine per session end when there is nothing to wait for.
         """
-        fut = self._closing.pop(channel_id, None)
-        return fut if fut is not None and not fut.done() else None
+        link = self._closing.pop(channel_id, None)
+        return None if link is None else link.closed_waiter()
 
     def _signal(self, channel_id: int, data: bytes) -> None:
         self._node.receive_signal(channel_id, data, self._clock())

@@ -103,6 +103,9 @@ class HandoverRegistry:
                  claims: EntryClaims | None = None) -> None:
         self.lock: AbstractContextManager[object] = lock if lock is not None else threading.Lock()
         self._claims = claims
+        #: Run the pool's dispatch loop (lock held): the events the ending call raised reach their sessions.
+        #: The pool's own method itself (every session call ends with it: no forwarding call in between).
+        self.dispatch: Callable[[], None] = claims.dispatch if claims is not None else self._no_dispatch
         self._owners: dict[int, Session] = {}
         #: nonce -> owning session, read-only (the pool skips routing while it is empty).
         self.owners: Mapping[int, Session] = MappingProxyType(self._owners)
@@ -125,10 +128,8 @@ class HandoverRegistry:
         if self._owners.get(nonce) is session:
             del self._owners[nonce]
 
-    def dispatch(self) -> None:
-        """Run the pool's dispatch loop (lock held): the events the ending call raised reach their sessions."""
-        if self._claims is not None:
-            self._claims.dispatch()
+    def _no_dispatch(self) -> None:
+        """:attr:`dispatch` of a registry without a pool: no entries, nothing to deliver."""
 
     def start_take(self, nonce: int | None, peer: str | None, now: float,
                    sid: bytes | None = None) -> InitiatorSession:
@@ -139,6 +140,8 @@ class HandoverRegistry:
         """
         if (nonce is None) == (peer is None):
             raise LocalError("start_take needs exactly one of nonce or peer")
+        if sid is not None:
+            wire.check_sid(sid)  # ValueError before the claim: nothing changed
         claims = self._need_claims()
         with self.lock:
             entry = claims.claim(nonce, now) if nonce is not None else claims.claim_any(str(peer), now)
@@ -231,7 +234,7 @@ class Session:
             return None
         # The lock deadline only matters while failing is still allowed (not in Settling).
         deadline = self.deadline if self._can_fail() else None
-        settle = self._settle_at()
+        settle = None if self.state != "Settling" else self._settle_at()
         if deadline is None or settle is None:
             return settle if deadline is None else deadline
         return min(deadline, settle)
@@ -312,8 +315,8 @@ class Session:
         self._send_seq += 1
         key = self._key
         if key is None or self._ri is None:
-            sig = Signal(stype, self.nonce, self.sid, self._send_seq, reason)
-            data = wire.encode(sig)
+            # The fields are this session's own (nonce from its entry or a decoded LOCK, a checked sid).
+            sig, data = wire.encode_fields(stype, self.nonce, self.sid, self._send_seq, reason)
         else:
             rr = self._rr if self._rr is not None else NO_RAND
             sig, data = wire.encode_signed(stype, self.nonce, self.sid, self._send_seq, reason, self._ri, rr,
@@ -336,7 +339,7 @@ class Session:
         """
         key = self._key
         if key is None:
-            if sig.signed:
+            if sig.ri is not None:  # sig.signed, inlined (every signal)
                 raise RemoteProtocolError(DropReason.BAD_MAC, "signed signal for a pair without a key")
             return True
         if not sig.signed:
@@ -422,7 +425,7 @@ class Session:
 
     def _enter_settling(self, event: str, now: float) -> None:
         """Enter Settling and start the settle: the role's timer and the entry's ``settled`` count from here."""
-        self._machine_fire(event)
+        self._machine.fire(self, event, self._registry.listeners)
         self._settle_start = now
         if self.entry is not None:
             self.entry.start_settle(now)
@@ -432,7 +435,8 @@ class Session:
         self._now = now
         if entry is None or self.state != "Settling" or not self.settled:
             return
-        self._machine_fire("settle")  # guard `settled` is evaluated while the entry is still Locked
+        # guard `settled` is evaluated while the entry is still Locked
+        self._machine.fire(self, "settle", self._registry.listeners)
         ok = entry.use(now)  # same guard as the machine's: cannot refuse now
         assert ok, f"entry {entry!r} refused use although settled"
         self._finish(Lease(entry.pair, entry, self.role, sid=self.sid, lock=self._registry.lock), now)
@@ -451,7 +455,7 @@ class Session:
 
     def _fail(self, err: HandoverError, now: float, abort: AbortReason | None = None,
               gone: bool = False, release: bool = True) -> None:
-        self._machine_fire("fail")
+        self._machine.fire(self, "fail", self._registry.listeners)
         if abort is not None and self.sid:
             self._emit(SignalType.ABORT, abort)
         if release:
@@ -473,11 +477,10 @@ class Session:
 
     # -- role hooks --
 
+    #: Every session transition goes through it: ``self._machine.fire(self, event, listeners)`` steps the
+    #: compiled table, or the generated class with listeners / in strict mode (see :mod:`natpool.fsm`).
     _machine: Compiled
 
-    def _machine_fire(self, event: str) -> None:
-        """Every session transition: the compiled table, or the generated class (see :mod:`natpool.fsm`)."""
-        self._machine.fire(self, event, self._registry.listeners)
 
     def _can_fail(self) -> bool:
         raise NotImplementedError
@@ -524,14 +527,21 @@ class InitiatorSession(Session):
         super().__init__(registry, now)
         self.entry = entry
         self.nonce = entry.nonce
-        self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
+        if sid is None:
+            sid = secrets.token_bytes(wire.SID_SIZE)
+            while not any(sid):  # pragma: no cover - probability 2**-128; Signal refuses an all-zero id
+                sid = secrets.token_bytes(wire.SID_SIZE)
+        else:
+            wire.check_sid(sid)  # before anything changes: the signals are built unchecked (wire.encode_fields)
+        self.sid = sid
         self.deadline = now + entry.config.lock_timeout
         if entry.key is not None:
             self._key = derive(entry.key, SIGNAL)
             self._ri = _session_random()
         self.state = INITIATOR.initial  # the machine's initial state; transitions go through it
         registry.bind(self.nonce, self)
-        self._machine_fire("send_lock")  # guard entry_claimed: the caller's claim won
+        # guard entry_claimed: the caller's claim won
+        self._machine.fire(self, "send_lock", self._registry.listeners)
         self._emit(SignalType.LOCK)
 
     @property
@@ -559,10 +569,10 @@ class InitiatorSession(Session):
             self._fail(PeerRefused(f"peer aborted the handover of {self.nonce:#x}: {sig.reason.name}"), now,
                        gone=gone)
         elif st == "Locking" and sig.type is SignalType.LOCKED:
-            self._machine_fire("recv_locked")
+            self._machine.fire(self, "recv_locked", self._registry.listeners)
             self._advance(now)
         elif st == "Locking" and sig.type is SignalType.BUSY:
-            self._machine_fire("recv_busy")
+            self._machine.fire(self, "recv_busy", self._registry.listeners)
             self._release_entry(now, gone=False)
             self._finish(PairBusy(f"peer refused pair {self.nonce:#x}: busy"), now)
         elif st == "Taking" and sig.type is SignalType.TAKEN:
@@ -579,7 +589,7 @@ class InitiatorSession(Session):
         if self.state == "Draining":
             self._lock_entry(now)  # pinger: once drained; ponger: at once (peer pinger is Locked)
             if self.entry_locked:
-                self._machine_fire("send_take")  # point of no return
+                self._machine.fire(self, "send_take", self._registry.listeners)  # point of no return
                 self._emit(SignalType.TAKE)
         if self.state == "Settling":
             self._try_settle(now)
@@ -655,7 +665,7 @@ class ResponderSession(Session):
                 return
         self.entry = entry
         registry.bind(self.nonce, self)
-        self._machine_fire("accept")  # guard entry_claimed
+        self._machine.fire(self, "accept", self._registry.listeners)  # guard entry_claimed
         self._advance(now)
 
     def _keyed_lock(self, entry: PairEntry, sig: Signal) -> RemoteProtocolError | None:
@@ -691,7 +701,7 @@ class ResponderSession(Session):
                 reply: AbortReason | None = None, busy: bool = False) -> None:
         if drop is not None:
             self._drop(drop.reason, drop.detail)
-        self._machine_fire("refuse")
+        self._machine.fire(self, "refuse", self._registry.listeners)
         if busy:
             self._emit(SignalType.BUSY)
         elif reply is not None:
@@ -724,7 +734,7 @@ class ResponderSession(Session):
         if self.state == "Draining":
             # A pinger responder drains, then answers LOCKED still InLocking; both roles lock on TAKE.
             if self.peer_may_proceed:
-                self._machine_fire("send_locked")
+                self._machine.fire(self, "send_locked", self._registry.listeners)
                 self._emit(SignalType.LOCKED)
         if self.state == "Settling":
             self._try_settle(now)

@@ -293,7 +293,8 @@ class Node:
             self._start(channel, self.pool.accept_session(data, now, peer=peer))
         else:
             session.receive_signal(data, now)
-        self._collect()
+        if self._dirty:
+            self._collect()
 
     def channel_closed(self, channel: int, now: float) -> None:
         """``channel`` broke or the peer closed it; a channel without a running session is ignored."""
@@ -378,7 +379,8 @@ class Node:
 
     def drain_events(self) -> list[NodeEvent]:
         """Every undelivered event, oldest first (:meth:`next_event` until None, in one call and one lock hold)."""
-        return cast("list[NodeEvent]", self.pool.drain_events())
+        events: list[Any] = self.pool.drain_events()  # the one queue: entries' events and the node's own
+        return events
 
     @property
     def pending_events(self) -> int:
