@@ -247,7 +247,7 @@ class NodeChannels:
     the driver's one timer covers them.
     """
 
-    def __init__(self, node: Node, clock: Clock, after_input: Callable[[], None]) -> None:
+    def __init__(self, node: Node, clock: Clock, after_input: Callable[[float], None]) -> None:
         self._node = node
         self._clock = clock
         self._after_input = after_input
@@ -322,8 +322,9 @@ class NodeChannels:
         return None if link is None else link.closed_waiter()
 
     def _signal(self, channel_id: int, data: bytes) -> None:
-        self._node.receive_signal(channel_id, data, self._clock())
-        self._after_input()
+        now = self._clock()
+        self._node.receive_signal(channel_id, data, now)
+        self._after_input(now)  # the same ``now``: one clock read per signal
 
     def _broken(self, channel_id: int) -> None:
         link = self._links.pop(channel_id, None)
@@ -336,5 +337,6 @@ class NodeChannels:
             elif link.writer is None:  # pragma: no cover - an async link always has its writer
                 link.writer = asyncio.ensure_future(link._write(link.gen, False))
             link._kick()
-        self._node.channel_closed(channel_id, self._clock())
-        self._after_input()
+        now = self._clock()
+        self._node.channel_closed(channel_id, now)
+        self._after_input(now)

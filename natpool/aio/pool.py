@@ -681,7 +681,8 @@ class AsyncPairPool:
         """Flush outgoing datagrams, fan out events, re-arm the single timer."""
         if now is None:
             now = self._clock() if self._loop is not None else self.now()
-        self._flush(now)
+        if self.core._outbox:  # has_pending_output(), inlined: a signal's round sends no datagram
+            self._flush(now)
         node = self.node
         if self._core_events:
             closes = self._drain_events()
@@ -859,11 +860,13 @@ class AsyncPairPool:
             raise LocalError("take needs a signalling (AsyncPairPool(signalling=...))")
         node, channels = self.node, self._channels
         # The CAS: losers fail here, nothing sent. The LOCK waits for the channel (held by NodeChannels).
-        channel_id = node.start_take(nonce, peer, now=self.now())
+        now = self._clock()  # bound just above
+        channel_id = node.start_take(nonce, peer, now=now)
         ended = channels.expect(channel_id)
         session = node.session(channel_id)
         assert session is not None and session.entry is not None
-        self.kick()
+        if not self._closed:  # kick(), with the clock already read: the claim's events, the timer
+            self._after_input(now)
         remote = session.entry.pair.remote(self.local_identity).identity
         task = self._enter_handover()  # no await since _check_open: close() cannot have begun in between
         try:
@@ -883,7 +886,9 @@ class AsyncPairPool:
             # If close() began while the channel opened, the session is already cancelled: its ABORT
             # (held with the LOCK) goes out and the channel closes.
             channels.attach(channel_id, channel)
-            self._after_input()
+            # The round after start_take ran already (above) and attaching changes nothing in the node (a
+            # message the channel pushes at once is a round of its own): kick() re-checks at the cost of a peek.
+            self.kick()
             lease = await self._outcome(channel_id, ended)
         except asyncio.CancelledError:
             self.handover_outcomes["HandoverCancelled"] += 1
@@ -964,9 +969,10 @@ class AsyncPairPool:
         peer = getattr(channel, "peer_identity", None)  # authenticated by the transport, or None
         channel_id = node.new_channel_id(peer if isinstance(peer, str) else None)
         ended = channels.expect(channel_id)
-        node.receive_signal(channel_id, first, self.now())  # the responder session opens (or refuses)
+        now = self._clock()  # bound by every caller (serve_handover, _serve)
+        node.receive_signal(channel_id, first, now)  # the responder session opens (or refuses)
         channels.attach(channel_id, channel)
-        self._after_input()
+        self._after_input(now)
         return channel_id, ended
 
     async def _serve(self, channel: SignalChannel) -> Lease | None:

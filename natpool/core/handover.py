@@ -58,6 +58,9 @@ from natpool.wire.signal import NO_RAND, AbortReason, Signal, SignalType
 
 logger = logging.getLogger(__name__)
 
+#: Entry states that mean a session lost its entry (:meth:`Session._entry_lost`'s test, checked inline first).
+_LOST: frozenset[str] = frozenset(("Idle", "Expired"))
+
 
 Lookup = Callable[[int], PairEntry]
 """``nonce -> entry`` (raises UnknownPair); the pool passes its lock-free variant, lock held."""
@@ -233,7 +236,7 @@ class Session:
         if self.outcome is not None:
             return None
         # The lock deadline only matters while failing is still allowed (not in Settling).
-        deadline = self.deadline if self._can_fail() else None
+        deadline = self.deadline if self.state in self._abortable else None  # _can_fail(), inlined
         settle = None if self.state != "Settling" else self._settle_at()
         if deadline is None or settle is None:
             return settle if deadline is None else deadline
@@ -267,7 +270,9 @@ class Session:
                 return
             self._protocol_failure(exc, now)  # after the end: only counted
             return
-        if self.outcome is not None or self._timed_out(now):  # a late driver must not carry us past lock_timeout
+        deadline = self.deadline
+        if self.outcome is not None or (deadline is not None and now >= deadline and self._timed_out(now)):
+            # a late driver must not carry us past lock_timeout
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
             return
         self.received.append(sig)
@@ -444,7 +449,7 @@ class Session:
     def _entry_lost(self, now: float) -> bool:
         """The owned entry left the claimed states under us (its own lock timer, expiry, removal)."""
         entry = self.entry
-        if entry is None or entry.state not in ("Idle", "Expired"):
+        if entry is None or entry.state not in _LOST:
             return False
         timed_out = self._entry_reason is ExpiryReason.LOCK_TIMEOUT
         err = (HandoverTimeout(f"pair {self.nonce:#x}: the entry's lock timed out") if timed_out
@@ -482,8 +487,11 @@ class Session:
     _machine: Compiled
 
 
+    #: The role's ``abortable`` set (spec): where failing is still allowed.
+    _abortable: frozenset[str] = frozenset()
+
     def _can_fail(self) -> bool:
-        raise NotImplementedError
+        return self.state in self._abortable
 
     def _on_signal(self, sig: Signal, now: float) -> None:
         raise NotImplementedError
@@ -521,6 +529,7 @@ class InitiatorSession(Session):
 
     role: Role = "initiator"
     _machine = Compiled(InitiatorMachine, INITIATOR)
+    _abortable = INITIATOR.sets["abortable"]
 
     def __init__(self, registry: HandoverRegistry, entry: PairEntry, now: float,
                  sid: bytes | None = None) -> None:
@@ -548,9 +557,6 @@ class InitiatorSession(Session):
     def entry_locked(self) -> bool:
         """Guard ``entry_locked``: our entry finished its lock (drained, silent)."""
         return self.entry is not None and self.entry.state == "Locked"
-
-    def _can_fail(self) -> bool:
-        return self.state in INITIATOR.sets["abortable"]
 
     def lose_tie_break(self, now: float) -> None:
         """Rule 5, ponger side: the peer's (pinger's) session wins; our InLocking entry goes to the responder.
@@ -584,7 +590,8 @@ class InitiatorSession(Session):
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
 
     def _advance(self, now: float) -> None:
-        if self.outcome is not None or self._entry_lost(now):
+        entry = self.entry
+        if self.outcome is not None or (entry is not None and entry.state in _LOST and self._entry_lost(now)):
             return
         if self.state == "Draining":
             self._lock_entry(now)  # pinger: once drained; ponger: at once (peer pinger is Locked)
@@ -600,6 +607,7 @@ class ResponderSession(Session):
 
     role: Role = "responder"
     _machine = Compiled(ResponderMachine, RESPONDER)
+    _abortable = RESPONDER.sets["abortable"]
 
     def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float,
                  peer: str | None = None) -> None:
@@ -694,9 +702,6 @@ class ResponderSession(Session):
         return entry is not None and (not entry.is_pinger or entry.state == "Locked"
                                       or (entry.state == "InLocking" and entry.drained))
 
-    def _can_fail(self) -> bool:
-        return self.state in RESPONDER.sets["abortable"]
-
     def _refuse(self, err: HandoverError, now: float, drop: RemoteProtocolError | None = None,
                 reply: AbortReason | None = None, busy: bool = False) -> None:
         if drop is not None:
@@ -729,7 +734,8 @@ class ResponderSession(Session):
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
 
     def _advance(self, now: float) -> None:
-        if self.outcome is not None or self._entry_lost(now):
+        entry = self.entry
+        if self.outcome is not None or (entry is not None and entry.state in _LOST and self._entry_lost(now)):
             return
         if self.state == "Draining":
             # A pinger responder drains, then answers LOCKED still InLocking; both roles lock on TAKE.
