@@ -576,7 +576,8 @@ class Mux:
             self.handler_errors += 1
             log.exception("mux session handler failed for peer %s", self.peer)
         finally:
-            await channel.close()
+            if not channel._closed:  # usually closed by the handler already: no close() coroutine then
+                await channel.close()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -76,16 +76,18 @@ async def _close(channel: SignalChannel) -> None:
 class _Link:
     """One attached channel: its reader feeds the node, its sends keep the node's order, then it closes."""
 
-    __slots__ = ("_closed_waiter", "channel", "channel_id", "closing", "gen", "is_closed", "owner", "queue", "reader",
-                 "sync", "wake", "writer")
+    __slots__ = ("_closed_waiter", "channel", "channel_id", "closing", "gen", "is_closed", "mux", "owner", "queue",
+                 "reader", "sync", "wake", "writer")
 
     def __init__(self, owner: NodeChannels, channel_id: int, channel: SignalChannel) -> None:
         self.owner = owner
         self.channel_id = channel_id
         self.channel = channel
+        #: The channel, when it is a multiplexed one (pushes its messages; may write synchronously).
+        self.mux: MuxChannel | None = channel if isinstance(channel, MuxChannel) else None
         # A multiplexed channel on a link that writes synchronously: every send leaves in the calling loop
         # step (a reply made in the push callback can never overtake one still queued).
-        self.sync = isinstance(channel, MuxChannel) and channel.can_send_nowait
+        self.sync = self.mux is not None and self.mux.can_send_nowait
         self.queue: list[bytes] = []
         self.closing = False
         self.wake: asyncio.Future[None] | None = None
@@ -112,9 +114,9 @@ class _Link:
             waiter.set_result(None)
 
     def start(self) -> None:
-        channel = self.channel
-        if isinstance(channel, MuxChannel):  # its link's reader pushes each signal: no task of ours
-            channel.listen(functools.partial(self.owner._signal, self.channel_id), self._ended)
+        mux = self.mux
+        if mux is not None:  # its link's reader pushes each signal: no task of ours
+            mux.listen(functools.partial(self.owner._signal, self.channel_id), self._ended)
         else:
             self.reader = asyncio.ensure_future(self._read())
         if not self.sync:
@@ -146,10 +148,10 @@ class _Link:
     def send(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.sync:
-            assert isinstance(self.channel, MuxChannel)
+        mux = self.mux
+        if self.sync and mux is not None:
             try:
-                self.channel.send_nowait(data)
+                mux.send_nowait(data)
             except Exception as exc:
                 log.debug("channel %d: send failed: %r", self.channel_id, exc)
                 self._failed()
@@ -172,9 +174,10 @@ class _Link:
 
     def _close_now(self) -> None:
         """A sync link has nothing queued (its sends left already): CLOSE goes out now, no writer task to spawn."""
-        assert isinstance(self.channel, MuxChannel)
+        mux = self.mux
+        assert mux is not None  # sync implies multiplexed
         try:  # not contextlib.suppress: every session ends here (three calls less)
-            self.channel.close_nowait()
+            mux.close_nowait()
         except Exception as exc:
             log.debug("channel %d: close failed: %r", self.channel_id, exc)
         self._mark_closed()
@@ -189,8 +192,8 @@ class _Link:
         asyncio.get_running_loop().call_soon(self.owner._broken, self.channel_id)
 
     def _stop_reading(self) -> None:
-        if isinstance(self.channel, MuxChannel):
-            self.channel.listen(None)
+        if self.mux is not None:
+            self.mux.listen(None)
         if self.reader is not None:
             self.reader.cancel()
             self.reader = None

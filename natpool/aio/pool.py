@@ -811,7 +811,8 @@ class AsyncPairPool:
         """
         if self._closed:
             return
-        if self._core_events or self._handle is None or self.node.has_pending_output():
+        # node.has_pending_output(), inlined (a take calls this on its hot path)
+        if self._core_events or self._handle is None or self.core._outbox or self.node._signals:
             self._after_input()
         elif self._waiting:
             assert self._changed is not None
@@ -867,7 +868,7 @@ class AsyncPairPool:
         assert session is not None and session.entry is not None
         if not self._closed:  # kick(), with the clock already read: the claim's events, the timer
             self._after_input(now)
-        remote = session.entry.pair.remote(self.local_identity).identity
+        remote = session.entry.remote.identity  # the entry resolved its remote endpoint at add()
         task = self._enter_handover()  # no await since _check_open: close() cannot have begun in between
         try:
             try:

@@ -222,11 +222,6 @@ class Session:
             out, self._out = self._out, []
             return out
 
-    def _take_signals(self) -> list[bytes]:
-        """:meth:`signals_to_send`, lock held (the node collects every dirty session's under one hold)."""
-        out, self._out = self._out, []
-        return out
-
     def get_timer(self) -> float | None:
         with self._registry.lock:
             return self._timer()
@@ -250,33 +245,33 @@ class Session:
 
     def receive_signal(self, data: bytes, now: float) -> None:
         """Feed one message from the channel. Never raises on bad input."""
-        with self._registry.lock:
+        registry = self._registry
+        with registry.lock:
             try:
-                self._receive(data, now)
+                try:
+                    sig = wire.decode(data)
+                    # _authentic: a legacy session and an unsigned signal is the common case, tested inline.
+                    if (self._key is not None or sig.ri is not None) and not self._authentic(sig):
+                        return  # forged or from another session: dropped (counted), this session goes on
+                    self._check_binding(sig)
+                except RemoteProtocolError as exc:
+                    if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
+                                                                DropReason.REPLAY):
+                        # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end
+                        # the session.
+                        self._drop(exc.reason, exc.detail)
+                        return
+                    self._protocol_failure(exc, now)  # after the end: only counted
+                    return
+                deadline = self.deadline
+                if self.outcome is not None or (deadline is not None and now >= deadline and self._timed_out(now)):
+                    # a late driver must not carry us past lock_timeout
+                    self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
+                    return
+                self.received.append(sig)
+                self._on_signal(sig, now)
             finally:
-                self._registry.dispatch()  # whatever the message caused, delivered once it is fully handled
-
-    def _receive(self, data: bytes, now: float) -> None:
-        try:
-            sig = wire.decode(data)
-            if not self._authentic(sig):
-                return  # forged or from another session: dropped (counted), this session goes on
-            self._check_binding(sig)
-        except RemoteProtocolError as exc:
-            if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
-                                                        DropReason.REPLAY):
-                # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end the session.
-                self._drop(exc.reason, exc.detail)
-                return
-            self._protocol_failure(exc, now)  # after the end: only counted
-            return
-        deadline = self.deadline
-        if self.outcome is not None or (deadline is not None and now >= deadline and self._timed_out(now)):
-            # a late driver must not carry us past lock_timeout
-            self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
-            return
-        self.received.append(sig)
-        self._on_signal(sig, now)
+                registry.dispatch()  # whatever the message caused, delivered once it is fully handled
 
     def channel_closed(self, now: float) -> None:
         """The channel broke or the peer closed it: fail unless past the point of no return."""
@@ -471,10 +466,11 @@ class Session:
         self.outcome = outcome
         self.ended_at = now
         self.deadline = None
-        self._registry.outcomes["lease" if isinstance(outcome, Lease) else type(outcome).__name__] += 1
+        leased = isinstance(outcome, Lease)
+        self._registry.outcomes["lease" if leased else type(outcome).__name__] += 1
         if self.nonce:
             self._registry.unbind(self.nonce, self)
-        if isinstance(outcome, HandoverError):
+        if not leased:
             logger.debug("handover %s %#x ended: %s: %s", self.role, self.nonce, type(outcome).__name__, outcome)
         waker = self.waker  # ended: tell the driver
         if waker is not None:

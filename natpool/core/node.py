@@ -408,8 +408,8 @@ class Node:
             session = sessions.get(channel)
             if session is None:
                 continue
-            with lock:
-                out = session._take_signals()
+            with lock:  # Session.signals_to_send, lock held here (once per session per round)
+                out, session._out = session._out, []
             for data in out:
                 signals.append((channel, data))
             outcome = session.outcome
