@@ -533,8 +533,9 @@ def test_drain_events_hands_out_what_next_event_would_in_one_call() -> None:
         for n in (1, 2, 3):
             p.add(pair(n), False, 0.0)
         p.claim_any("bob", 1.5)  # markers
+        third = p.get(3)
         with p.lock:
-            p.get(3).begin_lock(2.0)  # a general claim's typed events in between
+            third.begin_lock(2.0)  # a general claim's typed events in between
         p.claim_any("bob", 2.5)  # markers again
     want = drain_events(single)
     got = batched.drain_events()
