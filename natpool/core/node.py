@@ -3,8 +3,8 @@
 The aioquic/quinn shape: a driver feeds inputs (``receive_datagram``,
 ``receive_signal``, ``channel_closed``, ``handle_timer``, local calls such
 as ``start_take``) and after each one transmits the outputs
-(``datagrams_to_send``, ``signals_to_send``), drains ``next_event`` and
-re-arms ONE timer at ``get_timer()``. It needs no merge loop of its own:
+(``datagrams_to_send``, ``signals_to_send``), drains ``next_event`` (or
+``drain_events``, all in one call) and re-arms ONE timer at ``get_timer()``. It needs no merge loop of its own:
 which session has signals queued, which ended, whose channel must close,
 the earliest deadline of entries *and* sessions — the node knows.
 
