@@ -248,4 +248,3 @@ def test_a_late_signal_on_an_ended_channel_opens_nothing() -> None:
     assert w.a.sessions() == {} and w.a.drops[DropReason.UNEXPECTED] == 1
     w.a.receive_signal(12345, lock, 0.3)  # a channel id the node never gave out
     assert w.a.sessions() == {} and w.a.drops[DropReason.UNEXPECTED] == 2
-
