@@ -52,6 +52,7 @@ import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from natpool.errors import ChannelBroken, DropReason, LocalError, RemoteProtocolError, SessionLimit
 from natpool.signalling import SignalChannel
@@ -128,10 +129,18 @@ class MuxChannel:
         if len(data) > mux.max_payload or not data:
             raise LocalError(f"a message of {len(data)} bytes does not fit a mux frame (1..{mux.max_payload})")
         if self._opened:
-            mux._send_sync(wire.encode_data(self.sid, self.local, data))
+            frame = wire.encode_data(self.sid, self.local, data)
         else:  # the session's first message rides in its OPEN
             self._opened = True
-            mux._send_sync(wire.encode_open(self.sid, data))
+            frame = wire.encode_open(self.sid, data)
+        send_now = mux._send_now
+        if mux._lost is not None or send_now is None:
+            mux._send_sync(frame)  # raises: the link is gone (ChannelBroken) or cannot write now (LocalError)
+            return
+        try:  # Mux._send_sync, inlined (every signal)
+            send_now(frame)
+        except Exception as exc:
+            mux._send_failed(exc)
 
     def recv_nowait(self) -> bytes | None:
         """The next queued message, or None (nothing queued, or the session ended): never suspends.
@@ -221,8 +230,12 @@ class MuxChannel:
     # --- called by the mux ------------------------------------------------------------------
 
     def _deliver(self, data: bytes) -> None:
-        if self._on_message is not None:
-            self._push(data)
+        on_message = self._on_message
+        if on_message is not None:
+            try:  # _push, inlined: one call less per message
+                on_message(data)
+            except Exception:
+                self._listener_failed()
         else:
             self._inbox.append(data)
             self._wake()
@@ -241,10 +254,13 @@ class MuxChannel:
         try:
             self._on_message(data)
         except Exception:
-            log.exception("mux session %d listener failed; ending the session", self.sid)
-            self._on_message = self._on_end = None
-            self._broken = self._broken or "listener failed"
-            self._mux._spawn(self.close())
+            self._listener_failed()
+
+    def _listener_failed(self) -> None:
+        log.exception("mux session %d listener failed; ending the session", self.sid)
+        self._on_message = self._on_end = None
+        self._broken = self._broken or "listener failed"
+        self._mux._spawn(self.close())
 
     def _ended_push(self, why: str) -> None:
         on_end, self._on_message, self._on_end = self._on_end, None, None
@@ -487,7 +503,7 @@ class Mux:
                 self._unknown(wire.MuxFrame(FrameKind.DATA, sid, bool(opener), payload))
             return
         try:
-            frame = wire.decode(data, self.max_payload)
+            kind, sid, opener, payload = wire.decode_fields(data, self.max_payload)  # no frame object per message
         except RemoteProtocolError as exc:
             self.drops[exc.reason] += 1
             self._note(exc.reason.value, "mux frame from %s dropped: %s", self.peer, exc)
@@ -495,22 +511,21 @@ class Mux:
         if self._lost is not None:
             return
         # The sender's "I opened it" is our "the peer opened it": key bit 1.
-        key = frame.sid << 1 | (1 if frame.opener else 0)
-        kind = frame.kind
+        key = sid << 1 | (1 if opener else 0)
         if kind is FrameKind.DATA:
             channel = self._sessions.get(key)
             if channel is not None:
-                channel._deliver(frame.payload)
+                channel._deliver(payload)
             else:
-                self._unknown(frame)
+                self._unknown(wire.MuxFrame(kind, sid, opener, payload))
         elif kind is FrameKind.OPEN:
-            self._incoming(frame.sid, frame.payload)
+            self._incoming(sid, payload)
         else:  # CLOSE
             channel = self._sessions.pop(key, None)
             if channel is not None:
                 channel._break("closed by the peer", drop_queued=False)
             else:
-                self._unknown(frame)
+                self._unknown(wire.MuxFrame(kind, sid, opener, payload))
 
     def _unknown(self, frame: wire.MuxFrame) -> None:
         last = self._peer_sid if frame.opener else self._next_sid - 1
@@ -561,7 +576,8 @@ class Mux:
             self.handler_errors += 1
             log.exception("mux session handler failed for peer %s", self.peer)
         finally:
-            await channel.close()
+            if not channel._closed:  # usually closed by the handler already: no close() coroutine then
+                await channel.close()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -592,9 +608,13 @@ class Mux:
         try:
             self._send_now(frame)
         except Exception as exc:
-            self._lose(f"link lost: send failed: {exc!r}")
-            self._spawn(self._close_link())
-            raise ChannelBroken(f"mux send to {self.peer!r} failed: {exc!r}") from exc
+            self._send_failed(exc)
+
+    def _send_failed(self, exc: Exception) -> NoReturn:
+        """A synchronous send failed: the link is in an unknown state (a partial frame?), lost for all."""
+        self._lose(f"link lost: send failed: {exc!r}")
+        self._spawn(self._close_link())
+        raise ChannelBroken(f"mux send to {self.peer!r} failed: {exc!r}") from exc
 
     async def _close_link(self) -> None:
         with contextlib.suppress(Exception):
@@ -620,8 +640,10 @@ class Mux:
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
-            with contextlib.suppress(ChannelBroken):
-                self._send_sync(wire.encode(wire.MuxFrame(FrameKind.CLOSE, channel.sid, channel.local)))
+            try:  # not contextlib.suppress: every session ends here
+                self._send_sync(wire.encode_close(channel.sid, channel.local))
+            except ChannelBroken:
+                pass  # the link is lost: every session on it is broken already
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:

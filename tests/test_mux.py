@@ -81,6 +81,23 @@ def test_the_fast_data_decoder_agrees_with_decode(data: bytes) -> None:
         assert fast is None
 
 
+@given(st.one_of(frames.map(wire.encode), st.binary(max_size=80)))
+def test_decode_fields_is_decode_without_the_frame_object(data: bytes) -> None:
+    try:
+        frame = wire.decode(data, 64)
+    except RemoteProtocolError as exc:
+        with pytest.raises(RemoteProtocolError) as again:
+            wire.decode_fields(data, 64)
+        assert again.value.reason is exc.reason
+        return
+    assert wire.decode_fields(data, 64) == (frame.kind, frame.sid, frame.opener, frame.payload)
+
+
+@given(st.integers(1, wire.SID_MAX), st.booleans())
+def test_the_fast_close_encoder_agrees_with_encode(sid: int, opener: bool) -> None:
+    assert wire.encode_close(sid, opener) == wire.encode(MuxFrame(FrameKind.CLOSE, sid, opener))
+
+
 def test_decode_limits() -> None:
     ok = wire.encode(MuxFrame(FrameKind.DATA, 7, True, b"x" * 64))
     assert wire.decode(ok, 64).payload == b"x" * 64

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -75,28 +76,47 @@ async def _close(channel: SignalChannel) -> None:
 class _Link:
     """One attached channel: its reader feeds the node, its sends keep the node's order, then it closes."""
 
-    __slots__ = ("channel", "channel_id", "closed", "closing", "gen", "owner", "queue", "reader", "sync", "wake",
-                 "writer")
+    __slots__ = ("_closed_waiter", "channel", "channel_id", "closing", "gen", "is_closed", "mux", "owner", "queue",
+                 "reader", "sync", "wake", "writer")
 
     def __init__(self, owner: NodeChannels, channel_id: int, channel: SignalChannel) -> None:
         self.owner = owner
         self.channel_id = channel_id
         self.channel = channel
+        #: The channel, when it is a multiplexed one (pushes its messages; may write synchronously).
+        self.mux: MuxChannel | None = channel if isinstance(channel, MuxChannel) else None
         # A multiplexed channel on a link that writes synchronously: every send leaves in the calling loop
         # step (a reply made in the push callback can never overtake one still queued).
-        self.sync = isinstance(channel, MuxChannel) and channel.can_send_nowait
+        self.sync = self.mux is not None and self.mux.can_send_nowait
         self.queue: list[bytes] = []
         self.closing = False
         self.wake: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
         self.gen = 0  # the current writer's generation (interrupt() starts a new one)
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.is_closed = False  # the channel is closed (its last signals went out first)
+        # Made only when someone waits while it is still open: a sync link closes in the session's last round,
+        # before anyone waits, so most sessions never make one.
+        self._closed_waiter: asyncio.Future[None] | None = None
+
+    def closed_waiter(self) -> asyncio.Future[None] | None:
+        """A future that resolves once the channel is closed, or None if it is closed already."""
+        if self.is_closed:
+            return None
+        if self._closed_waiter is None:
+            self._closed_waiter = asyncio.get_running_loop().create_future()
+        return self._closed_waiter
+
+    def _mark_closed(self) -> None:
+        self.is_closed = True
+        waiter = self._closed_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def start(self) -> None:
-        channel = self.channel
-        if isinstance(channel, MuxChannel):  # its link's reader pushes each signal: no task of ours
-            channel.listen(self._pushed, self._ended)
+        mux = self.mux
+        if mux is not None:  # its link's reader pushes each signal: no task of ours
+            mux.listen(functools.partial(self.owner._signal, self.channel_id), self._ended)
         else:
             self.reader = asyncio.ensure_future(self._read())
         if not self.sync:
@@ -110,9 +130,6 @@ class _Link:
         self.gen += 1
         self.writer.cancel()
         self.writer = asyncio.ensure_future(self._write(self.gen, True))
-
-    def _pushed(self, data: bytes) -> None:
-        self.owner._signal(self.channel_id, data)
 
     def _ended(self, why: str) -> None:
         log.debug("channel %d: signalling channel ended: %s", self.channel_id, why)
@@ -131,10 +148,10 @@ class _Link:
     def send(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.sync:
-            assert isinstance(self.channel, MuxChannel)
+        mux = self.mux
+        if self.sync and mux is not None:
             try:
-                self.channel.send_nowait(data)
+                mux.send_nowait(data)
             except Exception as exc:
                 log.debug("channel %d: send failed: %r", self.channel_id, exc)
                 self._failed()
@@ -157,11 +174,13 @@ class _Link:
 
     def _close_now(self) -> None:
         """A sync link has nothing queued (its sends left already): CLOSE goes out now, no writer task to spawn."""
-        assert isinstance(self.channel, MuxChannel)
-        with contextlib.suppress(Exception):
-            self.channel.close_nowait()
-        if not self.closed.done():
-            self.closed.set_result(None)
+        mux = self.mux
+        assert mux is not None  # sync implies multiplexed
+        try:  # not contextlib.suppress: every session ends here (three calls less)
+            mux.close_nowait()
+        except Exception as exc:
+            log.debug("channel %d: close failed: %r", self.channel_id, exc)
+        self._mark_closed()
 
     def _kick(self) -> None:
         if self.wake is not None and not self.wake.done():
@@ -173,8 +192,8 @@ class _Link:
         asyncio.get_running_loop().call_soon(self.owner._broken, self.channel_id)
 
     def _stop_reading(self) -> None:
-        if isinstance(self.channel, MuxChannel):
-            self.channel.listen(None)
+        if self.mux is not None:
+            self.mux.listen(None)
         if self.reader is not None:
             self.reader.cancel()
             self.reader = None
@@ -196,8 +215,7 @@ class _Link:
         finally:
             if gen == self.gen:
                 await _close(self.channel)
-                if not self.closed.done():
-                    self.closed.set_result(None)
+                self._mark_closed()
 
     async def _drain(self) -> None:
         """Send the queue in order; once closing and empty, return (the caller closes)."""
@@ -232,7 +250,7 @@ class NodeChannels:
     the driver's one timer covers them.
     """
 
-    def __init__(self, node: Node, clock: Clock, after_input: Callable[[], None]) -> None:
+    def __init__(self, node: Node, clock: Clock, after_input: Callable[[float], None]) -> None:
         self._node = node
         self._clock = clock
         self._after_input = after_input
@@ -240,7 +258,7 @@ class NodeChannels:
         self._held: dict[int, list[bytes]] = {}  # a take's signals while its channel opens
         self._close_held: set[int] = set()  # ... and the close the node asked for meanwhile
         self._ended: dict[int, asyncio.Future[Lease | HandoverError]] = {}
-        self._closing: dict[int, asyncio.Future[None]] = {}
+        self._closing: dict[int, _Link] = {}  # attached channels whose close nobody has waited for yet
 
     def expect(self, channel_id: int) -> asyncio.Future[Lease | HandoverError]:
         """The future of the session on ``channel_id`` (resolved by :meth:`ended`); held signals wait for attach."""
@@ -252,7 +270,7 @@ class NodeChannels:
     def attach(self, channel_id: int, channel: SignalChannel) -> None:
         link = _Link(self, channel_id, channel)
         self._links[channel_id] = link
-        self._closing[channel_id] = link.closed
+        self._closing[channel_id] = link
         link.start()
         for data in self._held.pop(channel_id, ()):
             link.send(data)
@@ -294,13 +312,22 @@ class NodeChannels:
 
     async def closed(self, channel_id: int) -> None:
         """Wait until ``channel_id`` is closed (its writer sends what the session queued, then closes, bounded)."""
-        fut = self._closing.pop(channel_id, None)
-        if fut is not None and not fut.done():
+        fut = self.closing(channel_id)
+        if fut is not None:
             await fut
 
+    def closing(self, channel_id: int) -> asyncio.Future[None] | None:
+        """What :meth:`closed` awaits, or None when ``channel_id`` is closed already (a sync link's usual case).
+
+        Lets the driver skip a coroutine per session end when there is nothing to wait for.
+        """
+        link = self._closing.pop(channel_id, None)
+        return None if link is None else link.closed_waiter()
+
     def _signal(self, channel_id: int, data: bytes) -> None:
-        self._node.receive_signal(channel_id, data, self._clock())
-        self._after_input()
+        now = self._clock()
+        self._node.receive_signal(channel_id, data, now)
+        self._after_input(now)  # the same ``now``: one clock read per signal
 
     def _broken(self, channel_id: int) -> None:
         link = self._links.pop(channel_id, None)
@@ -313,5 +340,6 @@ class NodeChannels:
             elif link.writer is None:  # pragma: no cover - an async link always has its writer
                 link.writer = asyncio.ensure_future(link._write(link.gen, False))
             link._kick()
-        self._node.channel_closed(channel_id, self._clock())
-        self._after_input()
+        now = self._clock()
+        self._node.channel_closed(channel_id, now)
+        self._after_input(now)

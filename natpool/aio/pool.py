@@ -113,6 +113,7 @@ LEASE_RECV_BUFFER = 65_536
 EARLY_BEFORE_ADD = 8  # datagrams kept that arrive between opening the socket and registering the entry
 # spec/entry.toml: silent and live (Locked, InUse) — no keepalive goes out, inbound datagrams are the app's.
 LEASE_STATES: frozenset[str] = ENTRY.sets["silent"] & ENTRY.sets["live"]
+_FINAL: frozenset[str] = ENTRY.final
 
 Event = StateChanged | Drained
 Addr = tuple[str, int]
@@ -335,6 +336,7 @@ class AsyncPairPool:
         if self._loop is None:
             self._loop = loop
             self._clock = loop.time  # bound once: the datagram path reads the clock on every datagram
+            self._channels._clock = loop.time  # ... and the signal path on every signal
             self._changed = asyncio.Event()
         elif self._loop is not loop:
             raise LocalError("AsyncPairPool is bound to another event loop")
@@ -678,8 +680,9 @@ class AsyncPairPool:
     def _after_input(self, now: float | None = None, rearm: bool = True) -> None:
         """Flush outgoing datagrams, fan out events, re-arm the single timer."""
         if now is None:
-            now = self.now()
-        self._flush(now)
+            now = self._clock() if self._loop is not None else self.now()
+        if self.core._outbox:  # has_pending_output(), inlined: a signal's round sends no datagram
+            self._flush(now)
         node = self.node
         if self._core_events:
             closes = self._drain_events()
@@ -698,7 +701,10 @@ class AsyncPairPool:
             self._rearm()
 
     def _flush(self, now: float) -> None:
-        sends = self.core.datagrams_to_send(now)
+        core = self.core
+        if not core._outbox:  # has_pending_output(), inlined: most rounds (a signal's) send no datagram
+            return
+        sends = core.datagrams_to_send(now)
         if not sends:
             return
         transports, observer, stats = self._transports, self.wire_observer, self.stats
@@ -728,49 +734,56 @@ class AsyncPairPool:
         talk on it leaves.
         """
         closes: list[int] | None = None
-        debug = log.isEnabledFor(logging.DEBUG)
-        node, channels = self.node, self._channels
-        while (event := node.next_event()) is not None:
+        debug: bool | None = None
+        node, channels, stats, pending = self.node, self._channels, self.stats, self._core_events
+        # One batch per round (Node.drain_events: one lock hold, not one per event); a callback that makes
+        # new events (say, removes an entry) gets them handled by the next pass of the outer loop.
+        while pending:
             if closes is None:
                 closes = []
-            kind = type(event)
-            if kind is SessionEnded:
-                assert isinstance(event, SessionEnded)
-                channels.ended(event.channel, event.outcome)
-                continue
-            if kind is CloseChannel:
-                assert isinstance(event, CloseChannel)
-                closes.append(event.channel)
-                continue
-            if kind is not StateChanged and kind is not Drained:
-                continue  # OpenChannel (take opens it), SessionStarted, LeaseReady (SessionEnded carries it)
-            assert isinstance(event, (StateChanged, Drained))
-            self.stats.events += 1
-            if type(event) is StateChanged:
-                if debug:
-                    log.debug("entry %#x %s -> %s on %s (%s)", event.nonce, event.source, event.target,
-                              event.event, event.reason)
-                if event.target in LEASE_STATES:
-                    # Widen the receive buffer of an entry that just went silent before any signal that
-                    # lets the peer go InUse (and talk) leaves: _after_input drains events before signals.
-                    transport = self._transports.get(event.nonce)
-                    if transport is not None and hasattr(transport, "max_size"):  # private, see above
-                        transport.max_size = LEASE_RECV_BUFFER
-                if event.target in ENTRY.final:
-                    # Expired entries leave the pool; their socket goes with them (unless handed over).
-                    self._early.pop(event.nonce, None)
-                    self._close_transport(event.nonce)
-            if self._callbacks:  # most pools have none: no copy per event
-                for callback in list(self._callbacks):
-                    try:
-                        callback(event)
-                    except Exception:
-                        log.exception("event callback failed")
-            if self._subscriptions:
-                for sub in list(self._subscriptions):
-                    if not sub._put(event):
-                        self.stats.events_lost += 1
+            for event in node.drain_events():
+                # Exact type tests (mypy narrows on them): no isinstance walk of the MRO per event.
+                if type(event) is SessionEnded:
+                    channels.ended(event.channel, event.outcome)
+                    continue
+                if type(event) is CloseChannel:
+                    closes.append(event.channel)
+                    continue
+                if type(event) is StateChanged:
+                    changed = event
+                    if debug is None:
+                        debug = log.isEnabledFor(logging.DEBUG)
+                    if debug:
+                        log.debug("entry %#x %s -> %s on %s (%s)", changed.nonce, changed.source, changed.target,
+                                  changed.event, changed.reason)
+                    target = changed.target
+                    if target in LEASE_STATES:
+                        # Widen the receive buffer of an entry that just went silent before any signal that
+                        # lets the peer go InUse (and talk) leaves: _after_input drains events before signals.
+                        transport = self._transports.get(changed.nonce)
+                        if transport is not None and hasattr(transport, "max_size"):  # private, see above
+                            transport.max_size = LEASE_RECV_BUFFER
+                    if target in _FINAL:
+                        # Expired entries leave the pool; their socket goes with them (unless handed over).
+                        self._early.pop(changed.nonce, None)
+                        self._close_transport(changed.nonce)
+                elif type(event) is not Drained:
+                    continue  # OpenChannel (take opens it), SessionStarted, LeaseReady (SessionEnded carries it)
+                stats.events += 1
+                if self._callbacks or self._subscriptions:
+                    self._fan_out(event)
         return closes
+
+    def _fan_out(self, event: Event) -> None:
+        """An entry event to the user's callbacks and subscribers (most pools have none: not called then)."""
+        for callback in list(self._callbacks):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event callback failed")
+        for sub in list(self._subscriptions):
+            if not sub._put(event):
+                self.stats.events_lost += 1
 
     def _rearm(self) -> None:
         deadline = self.node.get_timer()  # entries and sessions: the driver's one timer
@@ -798,7 +811,8 @@ class AsyncPairPool:
         """
         if self._closed:
             return
-        if self._core_events or self._handle is None or self.node.has_pending_output():
+        # node.has_pending_output(), inlined (a take calls this on its hot path)
+        if self._core_events or self._handle is None or self.core._outbox or self.node._signals:
             self._after_input()
         elif self._waiting:
             assert self._changed is not None
@@ -847,12 +861,14 @@ class AsyncPairPool:
             raise LocalError("take needs a signalling (AsyncPairPool(signalling=...))")
         node, channels = self.node, self._channels
         # The CAS: losers fail here, nothing sent. The LOCK waits for the channel (held by NodeChannels).
-        channel_id = node.start_take(nonce, peer, now=self.now())
+        now = self._clock()  # bound just above
+        channel_id = node.start_take(nonce, peer, now=now)
         ended = channels.expect(channel_id)
         session = node.session(channel_id)
         assert session is not None and session.entry is not None
-        self.kick()
-        remote = session.entry.pair.remote(self.local_identity).identity
+        if not self._closed:  # kick(), with the clock already read: the claim's events, the timer
+            self._after_input(now)
+        remote = session.entry.remote.identity  # the entry resolved its remote endpoint at add()
         task = self._enter_handover()  # no await since _check_open: close() cannot have begun in between
         try:
             try:
@@ -871,7 +887,9 @@ class AsyncPairPool:
             # If close() began while the channel opened, the session is already cancelled: its ABORT
             # (held with the LOCK) goes out and the channel closes.
             channels.attach(channel_id, channel)
-            self._after_input()
+            # The round after start_take ran already (above) and attaching changes nothing in the node (a
+            # message the channel pushes at once is a round of its own): kick() re-checks at the cost of a peek.
+            self.kick()
             lease = await self._outcome(channel_id, ended)
         except asyncio.CancelledError:
             self.handover_outcomes["HandoverCancelled"] += 1
@@ -909,7 +927,9 @@ class AsyncPairPool:
             self._after_input()
             await channels.closed(channel_id)
             raise
-        await channels.closed(channel_id)
+        closing = channels.closing(channel_id)  # None once closed (a sync link closes in the session's last round)
+        if closing is not None:
+            await closing
         if isinstance(outcome, Lease):
             return outcome
         raise outcome
@@ -939,7 +959,8 @@ class AsyncPairPool:
             self._bind_loop()
             first = channel.recv_nowait()
             if first is not None:
-                return self._serve_started(*self._start_responder(channel, first))
+                # The rest waits for the outcome (no wrapper coroutine of its own: one frame less per resume).
+                return self._counted(self._outcome(*self._start_responder(channel, first)))
         return self._serve(channel)
 
     def _start_responder(self, channel: SignalChannel,
@@ -949,9 +970,10 @@ class AsyncPairPool:
         peer = getattr(channel, "peer_identity", None)  # authenticated by the transport, or None
         channel_id = node.new_channel_id(peer if isinstance(peer, str) else None)
         ended = channels.expect(channel_id)
-        node.receive_signal(channel_id, first, self.now())  # the responder session opens (or refuses)
+        now = self._clock()  # bound by every caller (serve_handover, _serve)
+        node.receive_signal(channel_id, first, now)  # the responder session opens (or refuses)
         channels.attach(channel_id, channel)
-        self._after_input()
+        self._after_input(now)
         return channel_id, ended
 
     async def _serve(self, channel: SignalChannel) -> Lease | None:
@@ -962,10 +984,6 @@ class AsyncPairPool:
             return None
         self._bind_loop()
         return await self._counted(self._wait_and_start(channel))
-
-    async def _serve_started(self, channel_id: int, ended: asyncio.Future[Lease | HandoverError]) -> Lease | None:
-        """The rest of a responder session started synchronously: wait for its outcome, hand out the lease."""
-        return await self._counted(self._outcome(channel_id, ended))
 
     async def _wait_and_start(self, channel: SignalChannel) -> Lease:
         first = await first_signal(channel, self.config.lock_timeout)

@@ -266,6 +266,7 @@ class TcpChannel:
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
         self._reader = reader
         self._writer = writer
+        self._transport = writer.transport  # the hot sends write to it directly (what StreamWriter.write does)
         self._closed = False
         self._buf = bytearray()  # bytes read but not yet a whole frame
         self._frames: deque[bytes] = deque()  # whole frames not yet returned
@@ -308,15 +309,17 @@ class TcpChannel:
         push-mode read is being dispatched (replies made in the listener) are
         collected and leave in one write when that read's frames are done.
         """
-        if self._closed or self._writer.transport.is_closing():
+        transport = self._transport
+        if self._closed or transport.is_closing():
             raise ChannelBroken("signalling channel is closed")
-        if len(data) > self.max_frame:
-            raise LocalError(f"signal of {len(data)} bytes exceeds max_frame {self.max_frame}")
+        n = len(data)
+        if n > self.max_frame:
+            raise LocalError(f"signal of {n} bytes exceeds max_frame {self.max_frame}")
         if self._cork is not None:
-            self._cork.append(_LEN.pack(len(data)) + data)
+            self._cork.append(_LEN.pack(n) + data)
             return
         try:
-            self._writer.write(_LEN.pack(len(data)) + data)
+            transport.write(_LEN.pack(n) + data)  # StreamWriter.write forwards to it: one call less
         except (ConnectionError, OSError, RuntimeError) as exc:
             self._abort()
             raise ChannelBroken(f"send failed: {exc}") from exc
@@ -324,8 +327,10 @@ class TcpChannel:
     def _uncork(self) -> None:
         cork, self._cork = self._cork, None
         if cork:
-            with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # the read callback reports the loss
-                self._writer.write(b"".join(cork))
+            try:  # not contextlib.suppress: once per read with replies (three calls less)
+                self._transport.write(b"".join(cork))
+            except (ConnectionError, OSError, RuntimeError):
+                pass  # the read callback reports the loss
 
     async def recv(self) -> bytes:
         """Read one frame; raise ChannelBroken once the connection has ended for any reason."""
@@ -418,12 +423,26 @@ class TcpChannel:
         if self._closed or self._bad is not None:
             return
         self._split(chunk)
-        if self._on_message is not None:
+        on_message = self._on_message
+        if on_message is not None:
             self._cork = []
+            frames = self._frames
             try:
-                self._push_frames()
+                # _push_frames, inlined for the common read (whole frames, the connection fine).
+                try:
+                    while frames and self._on_message is on_message:
+                        on_message(frames.popleft())
+                except Exception:
+                    self._listener_failed()
+                if self._bad is not None or self._ended is not None:
+                    self._end_push()
             finally:
-                self._uncork()
+                cork, self._cork = self._cork, None  # _uncork, inlined: the listener's replies leave in one write
+                if cork:
+                    try:
+                        self._transport.write(b"".join(cork))
+                    except (ConnectionError, OSError, RuntimeError):
+                        pass  # the read callback reports the loss
             return
         if len(self._frames) >= MAX_QUEUED_FRAMES and not self._paused:
             # Nobody reads (a hello still in progress): let TCP push back instead of queueing for ever.
@@ -446,8 +465,15 @@ class TcpChannel:
             while frames and on_message is not None and self._on_message is on_message:
                 on_message(frames.popleft())
         except Exception:
-            log.exception("signalling listener failed for %s; closing the connection", self.peer)
-            self._bad = self._bad or "listener failed"
+            self._listener_failed()
+        self._end_push()
+
+    def _listener_failed(self) -> None:
+        log.exception("signalling listener failed for %s; closing the connection", self.peer)
+        self._bad = self._bad or "listener failed"
+
+    def _end_push(self) -> None:
+        """Push mode, after the frames: a bad length or the connection's end ends the listener (once)."""
         if (self._bad is not None or self._ended is not None) and self._on_message is not None:
             why = self._bad or f"connection ended: {self._ended}"
             on_end, self._on_message, self._on_end = self._on_end, None, None
@@ -1088,13 +1114,7 @@ class TcpSignallingServer:
 
     async def _handle_counted(self, channel: IncomingChannel, peer: str, mine: set[IncomingChannel],
                               work: Awaitable[object] | None = None) -> None:
-        try:
-            await self._handle(channel, work)
-        finally:
-            mine.discard(channel)
-            self._end_session(peer, channel)
-
-    async def _handle(self, channel: IncomingChannel, work: Awaitable[object] | None = None) -> None:
+        # One coroutine for the handler's run and the session's count (every session resumes through it).
         try:
             await (self.handler(channel) if work is None else work)
             self.sessions_served += 1
@@ -1104,6 +1124,9 @@ class TcpSignallingServer:
             # A handler bug must not kill the server; it is logged loudly, not swallowed silently.
             self.handler_errors += 1
             log.exception("signalling handler failed for peer %s", channel.peer)
+        finally:
+            mine.discard(channel)
+            self._end_session(peer, channel)
 
     async def close(self) -> None:
         """Stop accepting, close every connection and wait for handlers to finish. Logs nothing at ERROR."""

@@ -58,6 +58,9 @@ from natpool.wire.signal import NO_RAND, AbortReason, Signal, SignalType
 
 logger = logging.getLogger(__name__)
 
+#: Entry states that mean a session lost its entry (:meth:`Session._entry_lost`'s test, checked inline first).
+_LOST: frozenset[str] = frozenset(("Idle", "Expired"))
+
 
 Lookup = Callable[[int], PairEntry]
 """``nonce -> entry`` (raises UnknownPair); the pool passes its lock-free variant, lock held."""
@@ -103,6 +106,9 @@ class HandoverRegistry:
                  claims: EntryClaims | None = None) -> None:
         self.lock: AbstractContextManager[object] = lock if lock is not None else threading.Lock()
         self._claims = claims
+        #: Run the pool's dispatch loop (lock held): the events the ending call raised reach their sessions.
+        #: The pool's own method itself (every session call ends with it: no forwarding call in between).
+        self.dispatch: Callable[[], None] = claims.dispatch if claims is not None else self._no_dispatch
         self._owners: dict[int, Session] = {}
         #: nonce -> owning session, read-only (the pool skips routing while it is empty).
         self.owners: Mapping[int, Session] = MappingProxyType(self._owners)
@@ -125,10 +131,8 @@ class HandoverRegistry:
         if self._owners.get(nonce) is session:
             del self._owners[nonce]
 
-    def dispatch(self) -> None:
-        """Run the pool's dispatch loop (lock held): the events the ending call raised reach their sessions."""
-        if self._claims is not None:
-            self._claims.dispatch()
+    def _no_dispatch(self) -> None:
+        """:attr:`dispatch` of a registry without a pool: no entries, nothing to deliver."""
 
     def start_take(self, nonce: int | None, peer: str | None, now: float,
                    sid: bytes | None = None) -> InitiatorSession:
@@ -139,6 +143,8 @@ class HandoverRegistry:
         """
         if (nonce is None) == (peer is None):
             raise LocalError("start_take needs exactly one of nonce or peer")
+        if sid is not None:
+            wire.check_sid(sid)  # ValueError before the claim: nothing changed
         claims = self._need_claims()
         with self.lock:
             entry = claims.claim(nonce, now) if nonce is not None else claims.claim_any(str(peer), now)
@@ -218,53 +224,59 @@ class Session:
 
     def get_timer(self) -> float | None:
         with self._registry.lock:
-            if self.done:
-                return None
-            # The lock deadline only matters while failing is still allowed (not in Settling).
-            deadline = self.deadline if self._can_fail() else None
-            settle = self._settle_at()
-            if deadline is None or settle is None:
-                return settle if deadline is None else deadline
-            return min(deadline, settle)
+            return self._timer()
+
+    def _timer(self) -> float | None:
+        """:meth:`get_timer`, lock held (the node reads every session's under one hold)."""
+        if self.outcome is not None:
+            return None
+        # The lock deadline only matters while failing is still allowed (not in Settling).
+        deadline = self.deadline if self.state in self._abortable else None  # _can_fail(), inlined
+        settle = None if self.state != "Settling" else self._settle_at()
+        if deadline is None or settle is None:
+            return settle if deadline is None else deadline
+        return min(deadline, settle)
 
     def handle_timer(self, now: float) -> None:
         with self._registry.lock:
-            if not (self.done or self._timed_out(now)):
+            if not (self.outcome is not None or self._timed_out(now)):
                 self._advance(now)
             self._registry.dispatch()
 
     def receive_signal(self, data: bytes, now: float) -> None:
         """Feed one message from the channel. Never raises on bad input."""
-        with self._registry.lock:
+        registry = self._registry
+        with registry.lock:
             try:
-                self._receive(data, now)
+                try:
+                    sig = wire.decode(data)
+                    # _authentic: a legacy session and an unsigned signal is the common case, tested inline.
+                    if (self._key is not None or sig.ri is not None) and not self._authentic(sig):
+                        return  # forged or from another session: dropped (counted), this session goes on
+                    self._check_binding(sig)
+                except RemoteProtocolError as exc:
+                    if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
+                                                                DropReason.REPLAY):
+                        # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end
+                        # the session.
+                        self._drop(exc.reason, exc.detail)
+                        return
+                    self._protocol_failure(exc, now)  # after the end: only counted
+                    return
+                deadline = self.deadline
+                if self.outcome is not None or (deadline is not None and now >= deadline and self._timed_out(now)):
+                    # a late driver must not carry us past lock_timeout
+                    self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
+                    return
+                self.received.append(sig)
+                self._on_signal(sig, now)
             finally:
-                self._registry.dispatch()  # whatever the message caused, delivered once it is fully handled
-
-    def _receive(self, data: bytes, now: float) -> None:
-        try:
-            sig = wire.decode(data)
-            if not self._authentic(sig):
-                return  # forged or from another session: dropped (counted), this session goes on
-            self._check_binding(sig)
-        except RemoteProtocolError as exc:
-            if self._key is not None and exc.reason in (DropReason.MALFORMED, DropReason.OVERSIZED,
-                                                        DropReason.REPLAY):
-                # Keyed: what is not a fresh signal of our peer cannot come from it; it must not end the session.
-                self._drop(exc.reason, exc.detail)
-                return
-            self._protocol_failure(exc, now)  # after the end: only counted
-            return
-        if self.done or self._timed_out(now):  # a late driver must not carry us past lock_timeout
-            self._drop(DropReason.UNEXPECTED, f"{sig.type.name} after the session ended")
-            return
-        self.received.append(sig)
-        self._on_signal(sig, now)
+                registry.dispatch()  # whatever the message caused, delivered once it is fully handled
 
     def channel_closed(self, now: float) -> None:
         """The channel broke or the peer closed it: fail unless past the point of no return."""
         with self._registry.lock:
-            if not self.done and self._can_fail():
+            if self.outcome is None and self._can_fail():
                 self._fail(ChannelBroken(f"signalling channel closed during handover of {self.nonce:#x}"), now)
             # Settling: both sides are past the take; settle still completes on its timer.
             self._registry.dispatch()
@@ -272,7 +284,7 @@ class Session:
     def cancel(self, now: float) -> None:
         """Local shutdown (pool close): fail with ABORT(CANCELLED) if still possible."""
         with self._registry.lock:
-            if not self.done and self._can_fail():
+            if self.outcome is None and self._can_fail():
                 self._fail(HandoverCancelled("handover cancelled locally"), now, abort=AbortReason.CANCELLED)
             self._registry.dispatch()
 
@@ -283,7 +295,7 @@ class Session:
         the entry arrive here after those calls returned, and re-evaluating
         the guards then is harmless (every step is guarded by the state).
         """
-        if self.done:
+        if self.outcome is not None:
             return
         if isinstance(event, StateChanged):
             self._entry_reason = event.reason
@@ -299,16 +311,12 @@ class Session:
                    abort=AbortReason.TIMEOUT)
         return True
 
-    def _wake(self) -> None:
-        if self.waker is not None:
-            self.waker()
-
     def _emit(self, stype: SignalType, reason: AbortReason | None = None) -> None:
         self._send_seq += 1
         key = self._key
         if key is None or self._ri is None:
-            sig = Signal(stype, self.nonce, self.sid, self._send_seq, reason)
-            data = wire.encode(sig)
+            # The fields are this session's own (nonce from its entry or a decoded LOCK, a checked sid).
+            sig, data = wire.encode_fields(stype, self.nonce, self.sid, self._send_seq, reason)
         else:
             rr = self._rr if self._rr is not None else NO_RAND
             sig, data = wire.encode_signed(stype, self.nonce, self.sid, self._send_seq, reason, self._ri, rr,
@@ -316,7 +324,9 @@ class Session:
         self.sent.append(sig)
         self._out.append(data)
         self._registry.messages_sent += 1
-        self._wake()
+        waker = self.waker  # output queued: tell the driver (an append, never a call back)
+        if waker is not None:
+            waker()
 
     def _authentic(self, sig: Signal) -> bool:
         """Keyed pair: the MAC is valid and the signal is bound to this session's randoms; else dropped.
@@ -329,7 +339,7 @@ class Session:
         """
         key = self._key
         if key is None:
-            if sig.signed:
+            if sig.ri is not None:  # sig.signed, inlined (every signal)
                 raise RemoteProtocolError(DropReason.BAD_MAC, "signed signal for a pair without a key")
             return True
         if not sig.signed:
@@ -415,7 +425,7 @@ class Session:
 
     def _enter_settling(self, event: str, now: float) -> None:
         """Enter Settling and start the settle: the role's timer and the entry's ``settled`` count from here."""
-        self._machine_fire(event)
+        self._machine.fire(self, event, self._registry.listeners)
         self._settle_start = now
         if self.entry is not None:
             self.entry.start_settle(now)
@@ -425,7 +435,8 @@ class Session:
         self._now = now
         if entry is None or self.state != "Settling" or not self.settled:
             return
-        self._machine_fire("settle")  # guard `settled` is evaluated while the entry is still Locked
+        # guard `settled` is evaluated while the entry is still Locked
+        self._machine.fire(self, "settle", self._registry.listeners)
         ok = entry.use(now)  # same guard as the machine's: cannot refuse now
         assert ok, f"entry {entry!r} refused use although settled"
         self._finish(Lease(entry.pair, entry, self.role, sid=self.sid, lock=self._registry.lock), now)
@@ -433,7 +444,7 @@ class Session:
     def _entry_lost(self, now: float) -> bool:
         """The owned entry left the claimed states under us (its own lock timer, expiry, removal)."""
         entry = self.entry
-        if entry is None or entry.state not in ("Idle", "Expired"):
+        if entry is None or entry.state not in _LOST:
             return False
         timed_out = self._entry_reason is ExpiryReason.LOCK_TIMEOUT
         err = (HandoverTimeout(f"pair {self.nonce:#x}: the entry's lock timed out") if timed_out
@@ -444,7 +455,7 @@ class Session:
 
     def _fail(self, err: HandoverError, now: float, abort: AbortReason | None = None,
               gone: bool = False, release: bool = True) -> None:
-        self._machine_fire("fail")
+        self._machine.fire(self, "fail", self._registry.listeners)
         if abort is not None and self.sid:
             self._emit(SignalType.ABORT, abort)
         if release:
@@ -455,23 +466,28 @@ class Session:
         self.outcome = outcome
         self.ended_at = now
         self.deadline = None
-        self._registry.outcomes["lease" if isinstance(outcome, Lease) else type(outcome).__name__] += 1
+        leased = isinstance(outcome, Lease)
+        self._registry.outcomes["lease" if leased else type(outcome).__name__] += 1
         if self.nonce:
             self._registry.unbind(self.nonce, self)
-        if isinstance(outcome, HandoverError):
+        if not leased:
             logger.debug("handover %s %#x ended: %s: %s", self.role, self.nonce, type(outcome).__name__, outcome)
-        self._wake()
+        waker = self.waker  # ended: tell the driver
+        if waker is not None:
+            waker()
 
     # -- role hooks --
 
+    #: Every session transition goes through it: ``self._machine.fire(self, event, listeners)`` steps the
+    #: compiled table, or the generated class with listeners / in strict mode (see :mod:`natpool.fsm`).
     _machine: Compiled
 
-    def _machine_fire(self, event: str) -> None:
-        """Every session transition: the compiled table, or the generated class (see :mod:`natpool.fsm`)."""
-        self._machine.fire(self, event, self._registry.listeners)
+
+    #: The role's ``abortable`` set (spec): where failing is still allowed.
+    _abortable: frozenset[str] = frozenset()
 
     def _can_fail(self) -> bool:
-        raise NotImplementedError
+        return self.state in self._abortable
 
     def _on_signal(self, sig: Signal, now: float) -> None:
         raise NotImplementedError
@@ -509,29 +525,34 @@ class InitiatorSession(Session):
 
     role: Role = "initiator"
     _machine = Compiled(InitiatorMachine, INITIATOR)
+    _abortable = INITIATOR.sets["abortable"]
 
     def __init__(self, registry: HandoverRegistry, entry: PairEntry, now: float,
                  sid: bytes | None = None) -> None:
         super().__init__(registry, now)
         self.entry = entry
         self.nonce = entry.nonce
-        self.sid = sid if sid is not None else secrets.token_bytes(wire.SID_SIZE)
+        if sid is None:
+            sid = secrets.token_bytes(wire.SID_SIZE)
+            while not any(sid):  # pragma: no cover - probability 2**-128; Signal refuses an all-zero id
+                sid = secrets.token_bytes(wire.SID_SIZE)
+        else:
+            wire.check_sid(sid)  # before anything changes: the signals are built unchecked (wire.encode_fields)
+        self.sid = sid
         self.deadline = now + entry.config.lock_timeout
         if entry.key is not None:
             self._key = derive(entry.key, SIGNAL)
             self._ri = _session_random()
         self.state = INITIATOR.initial  # the machine's initial state; transitions go through it
         registry.bind(self.nonce, self)
-        self._machine_fire("send_lock")  # guard entry_claimed: the caller's claim won
+        # guard entry_claimed: the caller's claim won
+        self._machine.fire(self, "send_lock", self._registry.listeners)
         self._emit(SignalType.LOCK)
 
     @property
     def entry_locked(self) -> bool:
         """Guard ``entry_locked``: our entry finished its lock (drained, silent)."""
         return self.entry is not None and self.entry.state == "Locked"
-
-    def _can_fail(self) -> bool:
-        return self.state in INITIATOR.sets["abortable"]
 
     def lose_tie_break(self, now: float) -> None:
         """Rule 5, ponger side: the peer's (pinger's) session wins; our InLocking entry goes to the responder.
@@ -550,10 +571,10 @@ class InitiatorSession(Session):
             self._fail(PeerRefused(f"peer aborted the handover of {self.nonce:#x}: {sig.reason.name}"), now,
                        gone=gone)
         elif st == "Locking" and sig.type is SignalType.LOCKED:
-            self._machine_fire("recv_locked")
+            self._machine.fire(self, "recv_locked", self._registry.listeners)
             self._advance(now)
         elif st == "Locking" and sig.type is SignalType.BUSY:
-            self._machine_fire("recv_busy")
+            self._machine.fire(self, "recv_busy", self._registry.listeners)
             self._release_entry(now, gone=False)
             self._finish(PairBusy(f"peer refused pair {self.nonce:#x}: busy"), now)
         elif st == "Taking" and sig.type is SignalType.TAKEN:
@@ -565,12 +586,13 @@ class InitiatorSession(Session):
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
 
     def _advance(self, now: float) -> None:
-        if self.done or self._entry_lost(now):
+        entry = self.entry
+        if self.outcome is not None or (entry is not None and entry.state in _LOST and self._entry_lost(now)):
             return
         if self.state == "Draining":
             self._lock_entry(now)  # pinger: once drained; ponger: at once (peer pinger is Locked)
             if self.entry_locked:
-                self._machine_fire("send_take")  # point of no return
+                self._machine.fire(self, "send_take", self._registry.listeners)  # point of no return
                 self._emit(SignalType.TAKE)
         if self.state == "Settling":
             self._try_settle(now)
@@ -581,6 +603,7 @@ class ResponderSession(Session):
 
     role: Role = "responder"
     _machine = Compiled(ResponderMachine, RESPONDER)
+    _abortable = RESPONDER.sets["abortable"]
 
     def __init__(self, registry: HandoverRegistry, lookup: Lookup, claim: Claim, data: bytes, now: float,
                  peer: str | None = None) -> None:
@@ -646,7 +669,7 @@ class ResponderSession(Session):
                 return
         self.entry = entry
         registry.bind(self.nonce, self)
-        self._machine_fire("accept")  # guard entry_claimed
+        self._machine.fire(self, "accept", self._registry.listeners)  # guard entry_claimed
         self._advance(now)
 
     def _keyed_lock(self, entry: PairEntry, sig: Signal) -> RemoteProtocolError | None:
@@ -675,14 +698,11 @@ class ResponderSession(Session):
         return entry is not None and (not entry.is_pinger or entry.state == "Locked"
                                       or (entry.state == "InLocking" and entry.drained))
 
-    def _can_fail(self) -> bool:
-        return self.state in RESPONDER.sets["abortable"]
-
     def _refuse(self, err: HandoverError, now: float, drop: RemoteProtocolError | None = None,
                 reply: AbortReason | None = None, busy: bool = False) -> None:
         if drop is not None:
             self._drop(drop.reason, drop.detail)
-        self._machine_fire("refuse")
+        self._machine.fire(self, "refuse", self._registry.listeners)
         if busy:
             self._emit(SignalType.BUSY)
         elif reply is not None:
@@ -710,12 +730,13 @@ class ResponderSession(Session):
             self._drop(DropReason.UNEXPECTED, f"{sig.type.name} while {st}")
 
     def _advance(self, now: float) -> None:
-        if self.done or self._entry_lost(now):
+        entry = self.entry
+        if self.outcome is not None or (entry is not None and entry.state in _LOST and self._entry_lost(now)):
             return
         if self.state == "Draining":
             # A pinger responder drains, then answers LOCKED still InLocking; both roles lock on TAKE.
             if self.peer_may_proceed:
-                self._machine_fire("send_locked")
+                self._machine.fire(self, "send_locked", self._registry.listeners)
                 self._emit(SignalType.LOCKED)
         if self.state == "Settling":
             self._try_settle(now)

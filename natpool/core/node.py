@@ -3,8 +3,8 @@
 The aioquic/quinn shape: a driver feeds inputs (``receive_datagram``,
 ``receive_signal``, ``channel_closed``, ``handle_timer``, local calls such
 as ``start_take``) and after each one transmits the outputs
-(``datagrams_to_send``, ``signals_to_send``), drains ``next_event`` and
-re-arms ONE timer at ``get_timer()``. It needs no merge loop of its own:
+(``datagrams_to_send``, ``signals_to_send``), drains ``next_event`` (or
+``drain_events``, all in one call) and re-arms ONE timer at ``get_timer()``. It needs no merge loop of its own:
 which session has signals queued, which ended, whose channel must close,
 the earliest deadline of entries *and* sessions — the node knows.
 
@@ -300,7 +300,8 @@ class Node:
             self._start(channel, self.pool.accept_session(data, now, peer=peer))
         else:
             session.receive_signal(data, now)
-        self._collect()
+        if self._dirty:
+            self._collect()
 
     def channel_closed(self, channel: int, now: float) -> None:
         """``channel`` broke or the peer closed it; a channel without a running session is ignored."""
@@ -358,11 +359,13 @@ class Node:
 
     def get_timer(self) -> float | None:
         """Earliest deadline of any entry or session."""
-        t = self.pool.get_timer()
-        for session in self._sessions.values():
-            st = session.get_timer()
-            if st is not None and (t is None or st < t):
-                t = st
+        pool = self.pool
+        with pool.lock:  # one hold for the entries' scheduler and every session (the driver re-arms per round)
+            t = pool._earliest()
+            for session in self._sessions.values():
+                st = session._timer()
+                if st is not None and (t is None or st < t):
+                    t = st
         return t
 
     def handle_timer(self, now: float, max_entries: int | None = None) -> None:
@@ -379,7 +382,12 @@ class Node:
 
     def next_event(self) -> NodeEvent | None:
         """Oldest undelivered event (entries' and sessions'), O(1)."""
-        return cast("NodeEvent | None", self.pool.next_event())
+        return self.pool.next_event()  # the one queue: entries' events and the node's own
+
+    def drain_events(self) -> list[NodeEvent]:
+        """Every undelivered event, oldest first (:meth:`next_event` until None, in one call and one lock hold)."""
+        events: list[Any] = self.pool.drain_events()  # the one queue: entries' events and the node's own
+        return events
 
     @property
     def pending_events(self) -> int:
@@ -400,13 +408,16 @@ class Node:
         their sessions inside the call that just returned).
         """
         dirty, sessions, signals, events = self._dirty, self._sessions, self._signals, self._events
+        lock = self.pool.lock
         while dirty:
             channel = next(iter(dirty))
             del dirty[channel]
             session = sessions.get(channel)
             if session is None:
                 continue
-            for data in session.signals_to_send():
+            with lock:  # Session.signals_to_send, lock held here (once per session per round)
+                out, session._out = session._out, []
+            for data in out:
                 signals.append((channel, data))
             outcome = session.outcome
             if outcome is not None:

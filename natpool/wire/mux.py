@@ -95,8 +95,18 @@ def decode_data(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[in
     return None
 
 
+def encode_close(sid: int, opener: bool) -> bytes:
+    """CLOSE without a frame object (the caller's ``sid`` is one of its live sessions: in range)."""
+    return _HEAD.pack(MAGIC | OPENER | 3 if opener else MAGIC | 3, sid)
+
+
 def decode(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> MuxFrame:
     """Parse one link message; raise :class:`RemoteProtocolError` (OVERSIZED / MALFORMED) unless valid."""
+    return MuxFrame(*decode_fields(data, max_payload))
+
+
+def decode_fields(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[FrameKind, int, bool, bytes]:
+    """:func:`decode` as the tuple ``(kind, sid, opener, payload)``: the mux's reader needs no frame object."""
     n = len(data)
     if n > HEAD_SIZE + max_payload:
         raise RemoteProtocolError(DropReason.OVERSIZED, f"{n} bytes")
@@ -120,4 +130,4 @@ def decode(data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> MuxFrame:
             raise RemoteProtocolError(DropReason.MALFORMED, "CLOSE with a payload")
     elif not opener:
         raise RemoteProtocolError(DropReason.MALFORMED, "OPEN not sent by the session's opener")
-    return MuxFrame(kind, sid, opener, bytes(data[HEAD_SIZE:]))
+    return kind, sid, opener, bytes(data[HEAD_SIZE:])

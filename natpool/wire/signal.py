@@ -131,6 +131,50 @@ class Signal:
         return f"{self.type.name}({self.nonce:#x}, sid={self.sid[:4].hex()}.., #{self.seq}{extra})"
 
 
+_new_object = object.__new__
+_set_field = object.__setattr__  # how a frozen dataclass's own __init__ writes its fields
+
+
+def _checked(stype: SignalType, nonce: int, sid: bytes, seq: int, reason: AbortReason | None = None,
+             ri: bytes | None = None, rr: bytes | None = None, mac: bytes | None = None) -> Signal:
+    """A :class:`Signal` whose fields the caller has already checked: no ``__post_init__``.
+
+    For :func:`decode` (its checks cover every one of ``__post_init__``'s)
+    and the senders below, which build from a session's own state: a take
+    makes eight signals, and the dataclass's validating constructor was a
+    tenth of the Python calls of a take. Equal, hashable and printable like
+    any other Signal (it is one).
+    """
+    sig: Signal = _new_object(Signal)
+    _set_field(sig, "type", stype)
+    _set_field(sig, "nonce", nonce)
+    _set_field(sig, "sid", sid)
+    _set_field(sig, "seq", seq)
+    _set_field(sig, "reason", reason)
+    _set_field(sig, "ri", ri)
+    _set_field(sig, "rr", rr)
+    _set_field(sig, "mac", mac)
+    return sig
+
+
+def check_sid(sid: bytes) -> None:
+    """``ValueError`` unless ``sid`` is a valid session id (16 bytes, not all zero): ``Signal``'s own rule."""
+    if not isinstance(sid, bytes) or len(sid) != SID_SIZE or not any(sid):
+        raise ValueError("session id must be 16 bytes, not all zero")
+
+
+def encode_fields(stype: SignalType, nonce: int, sid: bytes, seq: int,
+                  reason: AbortReason | None) -> tuple[Signal, bytes]:
+    """Build and encode a version-1 signal in one go (the sender's per-signal path): the signal and its bytes.
+
+    The caller guarantees the fields (a session's nonce, its checked session
+    id, its own sequence counter, a reason exactly on ABORT): range errors
+    are not re-checked here.
+    """
+    head = _HEAD.pack(VERSION_BYTE, stype, nonce, sid, seq)
+    return _checked(stype, nonce, sid, seq, reason), (head if reason is None else head + bytes((reason,)))
+
+
 def encode(sig: Signal) -> bytes:
     """Serialize exactly what ``sig`` holds: version 1, or version 2 with its (signed) MAC."""
     if sig.ri is None:
@@ -169,7 +213,7 @@ def encode_signed(stype: SignalType, nonce: int, sid: bytes, seq: int, reason: A
     if reason is not None:
         body += bytes((reason,))
     mac = _mac(key, by_responder, body)
-    return Signal(stype, nonce, sid, seq, reason, ri, rr, mac), body + mac
+    return _checked(stype, nonce, sid, seq, reason, ri, rr, mac), body + mac
 
 
 def verify(sig: Signal, key: bytes, by_responder: bool) -> bool:
@@ -219,9 +263,10 @@ def decode(data: bytes) -> Signal:
         reason = _REASONS.get(data[at])
         if reason is None:
             raise RemoteProtocolError(DropReason.MALFORMED, f"unknown abort reason {data[at]}")
+    # Every field is checked above (what Signal.__post_init__ would check, and more): build it unchecked.
     if not signed:
-        return Signal(stype, nonce, bytes(sid), seq, reason)
+        return _checked(stype, nonce, sid, seq, reason)
     ri, rr = _RANDS.unpack_from(data, BASE_SIZE)
     if not any(ri):
         raise RemoteProtocolError(DropReason.MALFORMED, "zero initiator random")
-    return Signal(stype, nonce, bytes(sid), seq, reason, bytes(ri), bytes(rr), bytes(data[n - MAC_SIZE:]))
+    return _checked(stype, nonce, sid, seq, reason, ri, rr, bytes(data[n - MAC_SIZE:]))

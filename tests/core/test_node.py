@@ -146,6 +146,36 @@ def test_a_whole_take_through_two_nodes_ends_with_leases_and_closes() -> None:
     assert w.a.sessions() == {} and w.b.sessions() == {}
 
 
+def test_drain_events_is_next_event_batched() -> None:
+    """Node.drain_events: the same events in the same order as next_event, the queue empty afterwards."""
+    batched, single = Wire(), Wire()
+    for w in (batched, single):
+        w.a.start_take(NONCE, now=0.1)
+    want = list(events(single.a))
+    got = batched.a.drain_events()
+
+    def same(ev: NodeEvent) -> object:  # the two nodes' sessions are distinct objects: compare what they are
+        return (ev.channel, ev.session.nonce, ev.session.state) if isinstance(ev, SessionStarted) else ev
+
+    assert [same(e) for e in got] == [same(e) for e in want] and [type(e) for e in got] == [type(e) for e in want]
+    assert [type(e).__name__ for e in got if not isinstance(e, (StateChanged, Drained))] == [
+        "OpenChannel", "SessionStarted"]
+    assert batched.a.pending_events == 0 and batched.a.drain_events() == []
+
+
+def test_an_invalid_session_id_is_refused_before_the_claim() -> None:
+    """start_take(sid=...) with a bad id raises ValueError and changes nothing (the signals are built unchecked)."""
+    w = Wire()
+    list(events(w.a))
+    for bad in (b"short", bytes(16)):
+        with pytest.raises(ValueError, match="session id"):
+            w.a.start_take(NONCE, now=0.1, sid=bad)
+        assert w.a.get(NONCE).state == "Idle" and w.a.sessions() == {} and w.a.pending_events == 0
+    channel = w.a.start_take(NONCE, now=0.1, sid=b"\x01" * 16)
+    ((_, lock),) = w.a.signals_to_send()
+    assert decode_signal(lock).sid == b"\x01" * 16 and w.a.session(channel) is not None
+
+
 def test_one_timer_covers_entries_and_sessions() -> None:
     w = Wire()
     w.a.datagrams_to_send(0.0)

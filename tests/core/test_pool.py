@@ -524,3 +524,31 @@ def test_timer_slots_out_of_order_and_batched_stay_exact(ops: list[tuple[int, fl
             assert p.get_timer() == (min(timers) if timers else None)
             p.datagrams_to_send(now)
         assert {e.nonce: e.state for e in a.entries()} == {e.nonce: e.state for e in b.entries()}
+
+
+def test_drain_events_hands_out_what_next_event_would_in_one_call() -> None:
+    """The batch drain expands take_any's claim markers exactly as next_event does, and empties the queue."""
+    batched, single = PairPool("alice", CFG), PairPool("alice", CFG)
+    for p in (batched, single):
+        for n in (1, 2, 3):
+            p.add(pair(n), False, 0.0)
+        p.claim_any("bob", 1.5)  # markers
+        third = p.get(3)
+        with p.lock:
+            third.begin_lock(2.0)  # a general claim's typed events in between
+        p.claim_any("bob", 2.5)  # markers again
+    want = drain_events(single)
+    got = batched.drain_events()
+    assert got == want and [type(e) for e in got] == [type(e) for e in want]
+    assert len(got) == 6 and batched.pending_events == 0 and batched.drain_events() == []
+    assert batched.next_event() is None
+
+
+def test_drain_events_after_next_event_took_a_claims_first_half() -> None:
+    """A Drained marker left at the head (its StateChanged taken by next_event) still gets its claim's payload."""
+    pool = PairPool("alice", CFG)
+    pool.add(pair(1), False, 0.0)
+    drain_events(pool)
+    pool.claim_any("bob", 1.5)
+    assert pool.next_event() == StateChanged(1, "Idle", "InLocking", "begin_lock", None, 1.5)
+    assert pool.drain_events() == [Drained(1, 1.5)]

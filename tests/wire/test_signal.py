@@ -23,8 +23,10 @@ from natpool.wire.signal import (
     AbortReason,
     Signal,
     SignalType,
+    check_sid,
     decode,
     encode,
+    encode_fields,
     encode_signed,
     sign,
     verify,
@@ -249,3 +251,36 @@ def test_encode_signed_is_sign_then_encode(case: tuple[Signal, bool]) -> None:
     built, data = encode_signed(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason, sig.ri, sig.rr, SIG_KEY,
                                 by_responder)
     assert built == sig and data == encode(sig)
+
+
+@given(signals())
+def test_the_unchecked_builders_make_the_signals_the_validating_constructor_makes(sig: Signal) -> None:
+    """encode_fields and decode skip __post_init__ (the fields are checked already): same signal, same bytes."""
+    built, data = encode_fields(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason)
+    assert built == sig and hash(built) == hash(sig) and repr(built) == repr(sig)
+    assert data == encode(sig)
+    back = decode(data)
+    assert back == sig and type(back) is Signal and type(back.sid) is bytes
+    with pytest.raises(AttributeError):  # frozen like any Signal
+        back.seq = 2  # type: ignore[misc]
+
+
+@given(signed_signals())
+def test_encode_signed_builds_the_signal_sign_builds(case: tuple[Signal, bool]) -> None:
+    sig, by_responder = case
+    assert sig.ri is not None and sig.rr is not None
+    built, data = encode_signed(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason, sig.ri, sig.rr, SIG_KEY,
+                                by_responder)
+    assert built == sig and data == encode(sig) and decode(data) == sig
+
+
+@pytest.mark.parametrize("sid", [b"", b"\x01" * 15, b"\x01" * 17, bytes(16)])
+def test_check_sid_refuses_what_signal_refuses(sid: bytes) -> None:
+    with pytest.raises(ValueError, match="session id"):
+        check_sid(sid)
+    with pytest.raises(ValueError, match="session id"):
+        Signal(SignalType.LOCK, 1, sid, 1)
+
+
+def test_check_sid_accepts_a_valid_id() -> None:
+    check_sid(b"\x00" * 15 + b"\x01")  # no exception
