@@ -68,6 +68,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 import warnings
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -335,8 +336,11 @@ class AsyncPairPool:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            self._clock = loop.time  # bound once: the datagram path reads the clock on every datagram
-            self._channels._clock = loop.time  # ... and the signal path on every signal
+            # Bound once: the datagram path reads the clock on every datagram, the signal path on every signal.
+            # asyncio's own loops tell time with time.monotonic (BaseEventLoop.time): called directly, that is
+            # one Python frame less per read; any other loop (uvloop) keeps its own clock, which its timers use.
+            clock = time.monotonic if getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time else loop.time
+            self._clock = self._channels._clock = clock
             self._changed = asyncio.Event()
         elif self._loop is not loop:
             raise LocalError("AsyncPairPool is bound to another event loop")
@@ -374,9 +378,7 @@ class AsyncPairPool:
             # Fail every running session now (ABORT(CANCELLED) queued), under the core's lock, so none can
             # go on to claim or lock an entry even if its task's cancellation below is swallowed somewhere.
             now = self.now()
-            self.node.cancel_all(now)
-            for session in self.core.handovers.sessions():  # abandoned ones (a take cancelled while Settling)
-                session.cancel(now)
+            self.node.cancel_all(now)  # the running sessions and the abandoned ones that still own an entry
             self._after_input(now)
         current = asyncio.current_task()
         for t in self._handover_tasks:
@@ -862,7 +864,11 @@ class AsyncPairPool:
         node, channels = self.node, self._channels
         # The CAS: losers fail here, nothing sent. The LOCK waits for the channel (held by NodeChannels).
         now = self._clock()  # bound just above
-        channel_id = node.start_take(nonce, peer, now=now)
+        try:
+            channel_id = node.start_take(nonce, peer, now=now)
+        except HandoverError as exc:  # PairBusy at the claim: nothing sent, nothing changed; counted all the same
+            self.handover_outcomes[type(exc).__name__] += 1
+            raise
         ended = channels.expect(channel_id)
         session = node.session(channel_id)
         assert session is not None and session.entry is not None

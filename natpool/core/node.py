@@ -321,9 +321,18 @@ class Node:
             self._collect()
 
     def cancel_all(self, now: float) -> None:
-        """Cancel every running session (the pool is closing)."""
+        """Cancel every session (the pool is closing): the running ones, then the abandoned ones.
+
+        An abandoned session (:meth:`abandon`: a take cancelled while Settling)
+        has no channel here any more but still owns its Locked entry; cancelling
+        it ends that ownership now rather than at the lock timeout.
+        """
         for session in list(self._sessions.values()):
             session.cancel(now)
+        running = set(map(id, self._sessions.values()))
+        for session in self.pool.handovers.sessions():
+            if id(session) not in running:
+                session.cancel(now)
         self._collect()
 
     def abandon(self, channel: int) -> None:

@@ -124,9 +124,11 @@ def test_take_any_and_a_second_take_of_a_taken_pair() -> None:
                 await bob.take_any("alice")  # nothing Idle left
             with pytest.raises(PairBusy):
                 await bob.take(0x61)  # InUse (leased) until released
+            assert bob.handover_outcomes == {"lease": 1, "PairBusy": 2}  # refused at the claim: counted too
             bob.release(lease)
             with pytest.raises(UnknownPair):
                 await bob.take(0x61)  # released: expired and gone
+            assert bob.handover_outcomes == {"lease": 1, "PairBusy": 2}  # misuse (a LocalError) is not an outcome
 
     run(main())
 
