@@ -213,7 +213,9 @@ class Node:
         """
         pool = self.pool
         entries = pool._entries
-        with pool.lock:
+        lock = pool.lock
+        lock.acquire()  # not ``with``: its __enter__/__exit__ calls cost ~0.15 µs per hold
+        try:
             entry = entries.get(nonce)
             if entry is None:
                 pool.drops[DropReason.WRONG_NONCE] += 1
@@ -243,6 +245,8 @@ class Node:
                     pool._rearm(entry)
             if pool._route:
                 pool._dispatch()
+        finally:
+            lock.release()
         if self._dirty:
             self._collect()
         return out
@@ -369,12 +373,16 @@ class Node:
     def get_timer(self) -> float | None:
         """Earliest deadline of any entry or session."""
         pool = self.pool
-        with pool.lock:  # one hold for the entries' scheduler and every session (the driver re-arms per round)
+        lock = pool.lock  # one hold for the entries' scheduler and every session (the driver re-arms per round)
+        lock.acquire()  # not ``with``: its __enter__/__exit__ calls cost ~0.15 µs per hold
+        try:
             t = pool._earliest()
             for session in self._sessions.values():
                 st = session._timer()
                 if st is not None and (t is None or st < t):
                     t = st
+        finally:
+            lock.release()
         return t
 
     def handle_timer(self, now: float, max_entries: int | None = None) -> None:
