@@ -412,50 +412,42 @@ class PairPool:
             budget = -1 if max_entries is None else max_entries
             due: dict[PairEntry, None] = {}
             while budget:
-                # The earliest of the three tops (heap, then _fifo, on a tie), if due.
-                top = heap[0][0] if heap else None
-                src = 0
-                if fifo and (top is None or fifo[0][0] < top):
-                    top = fifo[0][0]
-                    src = 1
-                if fifo2 and (top is None or fifo2[0][0] < top):
-                    top = fifo2[0][0]
-                    src = 2
-                if top is None or top > limit:
-                    break
-                if src == 1:
-                    # A run of _fifo heads (the common case: the pings of one grid point are in order there):
-                    # the other two tops only change by pushes later than ``limit``, so one bound serves it.
-                    ht = heap[0][0] if heap else _INF
-                    f2t = fifo2[0][0] if fifo2 else _INF
-                    while budget and fifo:
-                        slot, entry = fifo[0]
-                        if slot > limit or slot >= ht or slot > f2t:
-                            break
-                        fifo.popleft()
-                        real = entry._armed
-                        if real is None:
-                            continue
-                        if real <= limit:
-                            entry._armed = None
-                            due[entry] = None
-                            budget -= 1
-                        else:  # moved later: re-slotted (at the tail of a FIFO or on the heap, past ``limit``)
-                            push(real, entry)
-                    continue
-                if src == 0:
-                    _, _, entry = heapq.heappop(heap)
+                # The earliest of the three tops (heap, then _fifo, then _fifo2 on a tie), if due, and how far
+                # that container may run on: its heads up to the others' tops (ties kept in the same order).
+                # Those tops only change by pushes later than ``limit``, so one bound serves the whole run (the
+                # common case: the pings of one grid point lie in order in _fifo).
+                ht = heap[0][0] if heap else _INF
+                ft = fifo[0][0] if fifo else _INF
+                f2t = fifo2[0][0] if fifo2 else _INF
+                if ht <= ft and ht <= f2t:
+                    src, top, run_to, strict = 0, ht, min(ft, f2t), False
+                elif ft <= f2t:
+                    src, top, run_to, strict = 1, ft, min(ht, f2t), ht <= f2t
                 else:
-                    _, entry = fifo2.popleft()
-                real = entry._armed
-                if real is None:
-                    continue
-                if real <= limit:
-                    entry._armed = None
-                    due[entry] = None
-                    budget -= 1
-                else:  # a slot whose deadline moved later (a stale later item cannot be <= limit here)
-                    push(real, entry)
+                    src, top, run_to, strict = 2, f2t, min(ht, ft), True
+                if top > limit:
+                    break
+                if run_to > limit:
+                    run_to, strict = limit, False
+                queue = fifo if src == 1 else fifo2
+                while budget:
+                    if src == 0:
+                        if not heap or heap[0][0] > run_to or (strict and heap[0][0] == run_to):
+                            break
+                        entry = heapq.heappop(heap)[2]
+                    else:
+                        if not queue or queue[0][0] > run_to or (strict and queue[0][0] == run_to):
+                            break
+                        entry = queue.popleft()[1]
+                    real = entry._armed
+                    if real is None:
+                        continue
+                    if real <= limit:
+                        entry._armed = None
+                        due[entry] = None
+                        budget -= 1
+                    else:  # moved later: re-slotted (at the tail of a FIFO or on the heap, past ``limit``)
+                        push(real, entry)
             entries, rearm = self._entries, self._rearm
             for entry in due:
                 nonce = entry.nonce
