@@ -500,6 +500,15 @@ class TcpChannel:
 
     def _split(self, chunk: bytes) -> None:
         buf = self._buf
+        if not buf and type(chunk) is bytes:
+            # The usual read: nothing left over, and the chunk is exactly one frame. Sliced straight from the
+            # chunk (no copy into the buffer and out again); anything else takes the general path below.
+            n = len(chunk)
+            if n > _LEN.size:
+                (length,) = _LEN.unpack_from(chunk)
+                if n == _LEN.size + length and length <= self.max_frame:
+                    self._frames.append(chunk[_LEN.size:])
+                    return
         buf += chunk
         start, end = 0, len(buf)
         while end - start >= _LEN.size:

@@ -432,8 +432,9 @@ class Node:
             session = sessions.get(channel)
             if session is None:
                 continue
-            with lock:  # Session.signals_to_send, lock held here (once per session per round)
-                out, session._out = session._out, []
+            lock.acquire()  # Session.signals_to_send, lock held here (once per session per round); not ``with``
+            out, session._out = session._out, []
+            lock.release()  # (nothing between can raise)
             for data in out:
                 signals.append((channel, data))
             outcome = session.outcome

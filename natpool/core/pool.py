@@ -609,6 +609,33 @@ class PairPool:
     def _earliest(self) -> float | None:
         """Drop stale tops (re-slotting the ones that moved later); the earliest live deadline."""
         heap, fifo, fifo2 = self._heap, self._fifo, self._fifo2
+        # The usual case first, read-only: every top is live (the driver asks after each round, most of
+        # which moved no deadline). Any stale top sends it to the cleaning loop below.
+        t: float | None = None
+        if heap:
+            top = heap[0]
+            t = top[0]
+            if top[2]._armed != t:
+                return self._earliest_cleaning()
+        if fifo:
+            head = fifo[0]
+            d = head[0]
+            if head[1]._armed != d:
+                return self._earliest_cleaning()
+            if t is None or d < t:
+                t = d
+        if fifo2:
+            head = fifo2[0]
+            d = head[0]
+            if head[1]._armed != d:
+                return self._earliest_cleaning()
+            if t is None or d < t:
+                t = d
+        return t
+
+    def _earliest_cleaning(self) -> float | None:
+        """:meth:`_earliest` when some top is stale: drop or re-slot stale tops until all three are live."""
+        heap, fifo, fifo2 = self._heap, self._fifo, self._fifo2
         while True:
             while heap:
                 deadline, _, entry = heap[0]
