@@ -5,6 +5,9 @@ persistent mode: a session opened on the peer's one connection), LOCK/LOCKED,
 drain, TAKE/TAKEN, hand-over of the socket — what an application waits for.
 :func:`open_exchange_times` is its floor: the same two round trips of
 30-byte messages between two asyncio streams on an already open connection.
+Both pools share this process's loop, so both nodes' CPU is on every take's
+path; :mod:`natpool.bench.two_process` measures the deployed shape (the
+peer in a process of its own) next to the raw exchange across that boundary.
 """
 
 from __future__ import annotations

@@ -54,7 +54,13 @@ def test_bench_handover_reports_persistent_per_take_memory_and_keyed_takes_with_
     assert h["open_conn_2rt_us"]["n"] == 100
     assert h["keyed_p50_vs_unkeyed"] == round(h["handover_keyed_us"]["p50"] / h["handover_us"]["p50"], 2)
     assert h["p50_vs_open_conn_2rt"] == round(h["handover_us"]["p50"] / h["open_conn_2rt_us"]["p50"], 1)
+    # The deployed shape: the peer pool in a child process, against the raw exchange across the same boundary.
+    assert h["handover_two_process_us"]["n"] == 50 and h["open_conn_2rt_two_process_us"]["n"] == 100
+    assert 0 < h["handover_two_process_us"]["p50"] <= h["handover_two_process_us"]["p99"]
+    assert h["two_process_p50_vs_open_conn_2rt"] == round(
+        h["handover_two_process_us"]["p50"] / h["open_conn_2rt_two_process_us"]["p50"], 1)
     assert set(results["targets"]) == {"handover_p50_ms", "handover_p99_ms"}
     _print_table(Report(quick=True, results=results))  # the table prints the same figures (one run, not two)
     out = capsys.readouterr().out
     assert "keyed (signed)" in out and f"p50 {h['handover_keyed_us']['p50']:>9}" in out
+    assert "two processes" in out and f"p50 {h['handover_two_process_us']['p50']:>9}" in out
