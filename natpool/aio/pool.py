@@ -789,17 +789,18 @@ class AsyncPairPool:
                 self.stats.events_lost += 1
 
     def _rearm(self) -> None:
-        deadline = self.node.get_timer()  # entries and sessions: the driver's one timer
+        """Keep the one timer at the earliest deadline of entries and sessions (Node.earlier_timer).
+
+        With a wake-up armed, only a deadline that became earlier than it
+        moves it; a wake-up for a deadline since moved later (or gone) finds
+        nothing due and re-arms from a full read then.
+        """
+        handle = self._handle
+        deadline = self.node.earlier_timer(self._handle_when if handle is not None else None)
         if deadline is None:
-            if self._handle is not None:
-                self._handle.cancel()
-                self._handle = None
-                self._handle_when = None
             return
-        if self._handle is not None and self._handle_when is not None and self._handle_when <= deadline:
-            return  # an earlier (or equal) wake-up is armed; it re-arms when it fires
-        if self._handle is not None:
-            self._handle.cancel()
+        if handle is not None:
+            handle.cancel()
         assert self._loop is not None
         self._handle = self._loop.call_at(deadline, self._on_timer)
         self._handle_when = deadline

@@ -26,7 +26,7 @@ is counted, logged, and ends the session with :class:`SignalProtocolError`.
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -193,7 +193,7 @@ class Session:
         self.deadline: float | None = None
         self.outcome: Lease | HandoverError | None = None
         self.ended_at: float | None = None
-        self.drops: Counter[DropReason] = Counter()
+        self._drops: Counter[DropReason] | None = None  # made on the first drop (most sessions never drop)
         self.sent: list[Signal] = []  # every signal this session emitted, in order
         self.received: list[Signal] = []  # every well-formed signal accepted
         #: Set by a driver: called (pool lock held) when output is queued or the session ended.
@@ -212,6 +212,13 @@ class Session:
         self._rr: bytes | None = None  # the responder's random (ours as responder; from the first answer)
 
     # -- public sans-IO surface --
+
+    @property
+    def drops(self) -> Counter[DropReason]:
+        """This session's dropped inputs by reason (the registry counts them too)."""
+        if self._drops is None:
+            self._drops = Counter()
+        return self._drops
 
     @property
     def done(self) -> bool:
@@ -533,9 +540,9 @@ class InitiatorSession(Session):
         self.entry = entry
         self.nonce = entry.nonce
         if sid is None:
-            sid = secrets.token_bytes(wire.SID_SIZE)
+            sid = os.urandom(wire.SID_SIZE)  # what secrets.token_bytes returns, two Python calls fewer
             while not any(sid):  # pragma: no cover - probability 2**-128; Signal refuses an all-zero id
-                sid = secrets.token_bytes(wire.SID_SIZE)
+                sid = os.urandom(wire.SID_SIZE)
         else:
             wire.check_sid(sid)  # before anything changes: the signals are built unchecked (wire.encode_fields)
         self.sid = sid
@@ -745,6 +752,6 @@ class ResponderSession(Session):
 def _session_random() -> bytes:
     """A fresh, non-zero session random (wire/signal.py version 2)."""
     while True:
-        r = secrets.token_bytes(wire.RAND_SIZE)
+        r = os.urandom(wire.RAND_SIZE)
         if any(r):
             return r

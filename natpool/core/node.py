@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import Counter, deque
 from functools import partial
 from typing import Any, Final, NamedTuple, cast
@@ -380,6 +381,43 @@ class Node:
             for session in self._sessions.values():
                 st = session._timer()
                 if st is not None and (t is None or st < t):
+                    t = st
+        finally:
+            lock.release()
+        return t
+
+    def earlier_timer(self, armed: float | None = None) -> float | None:
+        """For a driver that re-arms after every input: the earliest deadline if it is earlier than ``armed``.
+
+        ``armed`` is the driver's armed wake-up, or None when none is armed
+        (then this is :meth:`get_timer`). Returns None when nothing is due
+        before ``armed``: the armed wake-up stands.
+
+        Why: re-arming after every round read the whole scheduler each time.
+        ``armed`` came from an earlier call of this method (or lies before
+        one's result), and every entry's deadline was at or after that
+        result then; an entry can only become due earlier by getting a new
+        timer slot, and the pool records the earliest slot it gave since that
+        read. So the entries are read again only when some slot is earlier
+        than ``armed``; the sessions (one or two during a handover) are always
+        checked. A deadline that moved later needs no earlier wake-up: the
+        armed one finds nothing due and the driver reads again then.
+
+        One driver per node: a second caller would reset the other's record.
+        :meth:`get_timer` never resets it and may be called by anyone.
+        """
+        pool = self.pool
+        if armed is None or pool._min_pushed < armed:
+            pool._min_pushed = math.inf  # from this read on (a re-slot while reading lowers it again)
+            t = self.get_timer()
+            return t if armed is None or (t is not None and t < armed) else None
+        lock = pool.lock
+        lock.acquire()  # not ``with``: once per driver round
+        try:
+            t = None
+            for session in self._sessions.values():
+                st = session._timer()
+                if st is not None and st < armed and (t is None or st < t):
                     t = st
         finally:
             lock.release()

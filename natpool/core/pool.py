@@ -139,6 +139,11 @@ class PairPool:
         # ``next_event`` turns into the events (see _QueuedClaim): the claim holds the lock ~0.3 µs less.
         self._events: deque[EntryOutput | _QueuedClaim] = deque()
         self._claim_marker: tuple[int, float] = (0, 0.0)  # the last (nonce, at) next_event expanded
+        self._markers = False  # a claim marker may be queued (else drain_events copies the queue as it is)
+        # The earliest deadline given a timer slot since the driver last read the earliest (Node.earlier_timer
+        # resets it): a wake-up armed no later than this needs no new read. Every slot goes through _push or
+        # one of its two inlined copies: _push and claim_any's lower it; _rearm's appends behind a FIFO tail.
+        self._min_pushed = math.inf
         self.max_pending_events = max_pending_events
         self._outbox: dict[int, None] = {}  # nonces with queued datagrams (an ordered set)
         # Deadlines live in three containers: two FIFOs for the (common) pushes that are no earlier
@@ -285,6 +290,7 @@ class PairPool:
         events = self._events
         events.append((nonce, now))  # StateChanged(Idle -> InLocking), built by next_event (see _QueuedClaim)
         events.append(None)  # Drained(nonce, now), likewise
+        self._markers = True  # drain_events must expand them
         if entry._pongs:  # has_output: a drained claim has no ping queued, only pongs may wait
             self._outbox[nonce] = None
         deadline = now + self.config.lock_timeout
@@ -298,6 +304,8 @@ class PairPool:
                 if (not fifo2 or fifo2[-1][0] <= deadline) and self._pushes > 1:
                     fifo2.append((deadline, entry))
                     self._pushes -= 1
+                    if deadline < self._min_pushed:
+                        self._min_pushed = deadline
                 else:
                     self._push(deadline, entry)
         # No routing: an Idle entry has no session (a take's session binds after its claim).
@@ -494,7 +502,12 @@ class PairPool:
             events: deque[Any] = self._events  # markers and events alike; typed per branch below
             if not events:
                 return []
-            out: list[EntryOutput] = []
+            if not self._markers:  # no claim marker queued (only take_any's fast claim makes them): as it is
+                out: list[EntryOutput] = list(events)
+                events.clear()
+                return out
+            self._markers = False
+            out = []
             append = out.append
             marker = self._claim_marker
             for event in events:
@@ -576,6 +589,8 @@ class PairPool:
             return  # its earlier slot is re-pushed at ``deadline`` when it reaches the top
         fifo = self._fifo
         if fifo and fifo[-1][0] <= deadline and self._pushes:  # _push inlined: the common in-order case
+            # (No _min_pushed here: a slot behind the FIFO's tail is no earlier than a slot that exists,
+            # and every slot is at or after the driver's armed wake-up or lowered _min_pushed itself.)
             fifo.append((deadline, entry))
             self._pushes -= 1
         else:
@@ -583,6 +598,8 @@ class PairPool:
 
     def _push(self, deadline: float, entry: PairEntry) -> None:
         """One timer slot: appended to the FIFO when in order (O(1)), else pushed on the heap."""
+        if deadline < self._min_pushed:
+            self._min_pushed = deadline
         fifo = self._fifo
         if not fifo or fifo[-1][0] <= deadline:
             fifo.append((deadline, entry))
