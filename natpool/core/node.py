@@ -71,6 +71,7 @@ _log = logging.getLogger("natpool.core.pool")  # the drop is the pool's, logged 
 #: Entry states in which inbound datagrams belong to the application (spec/entry.toml: silent and live).
 APPLICATION_STATES: Final[frozenset[str]] = ENTRY.sets["silent"] & ENTRY.sets["live"]
 _IDLE: Final = ENTRY.initial
+_new: Final = tuple.__new__  # the node's events without the keyword-parsing ``__new__`` of a NamedTuple
 
 
 class OpenChannel(NamedTuple):
@@ -288,7 +289,7 @@ class Node:
         session = self.pool.start_take(nonce, peer, now, sid=sid)
         assert session.entry is not None  # an initiator always owns its entry
         channel = next(self._ids)
-        self._events.append(OpenChannel(channel, session.entry.remote.identity, session.nonce))
+        self._events.append(_new(OpenChannel, (channel, session.entry.remote.identity, session.nonce)))
         self._start(channel, session)
         self._collect()
         return channel
@@ -453,7 +454,7 @@ class Node:
     def _start(self, channel: int, session: Session) -> None:
         self._sessions[channel] = session
         session.waker = partial(self._dirty.__setitem__, channel, None)  # an append, never a call back
-        self._events.append(SessionStarted(channel, session))
+        self._events.append(_new(SessionStarted, (channel, session)))
         self._dirty[channel] = None
 
     def _collect(self) -> None:
@@ -465,28 +466,30 @@ class Node:
         dirty, sessions, signals, events = self._dirty, self._sessions, self._signals, self._events
         lock = self.pool.lock
         while dirty:
-            channel = next(iter(dirty))
-            del dirty[channel]
-            session = sessions.get(channel)
-            if session is None:
-                continue
-            lock.acquire()  # Session.signals_to_send, lock held here (once per session per round); not ``with``
-            out, session._out = session._out, []
-            lock.release()  # (nothing between can raise)
-            for data in out:
-                signals.append((channel, data))
-            outcome = session.outcome
-            if outcome is not None:
-                del sessions[channel]
-                session.waker = None
-                if isinstance(outcome, Lease):
-                    events.append(LeaseReady(channel, outcome))
-                ended = session.ended_at if session.ended_at is not None else session.started_at
-                events.append(SessionEnded(channel, session.nonce, session.role, outcome, ended))
-                if channel in self._peer_closed:
-                    self._peer_closed.discard(channel)
-                else:
-                    events.append(CloseChannel(channel))
+            # A snapshot per pass: nothing below calls into a session, so none is made dirty meanwhile.
+            channels = list(dirty)
+            dirty.clear()
+            for channel in channels:
+                session = sessions.get(channel)
+                if session is None:
+                    continue
+                lock.acquire()  # Session.signals_to_send, lock held (once per session per round); not ``with``
+                out, session._out = session._out, []
+                lock.release()  # (nothing between can raise)
+                for data in out:
+                    signals.append((channel, data))
+                outcome = session.outcome
+                if outcome is not None:
+                    del sessions[channel]
+                    session.waker = None
+                    if isinstance(outcome, Lease):
+                        events.append(_new(LeaseReady, (channel, outcome)))
+                    ended = session.ended_at if session.ended_at is not None else session.started_at
+                    events.append(_new(SessionEnded, (channel, session.nonce, session.role, outcome, ended)))
+                    if channel in self._peer_closed:
+                        self._peer_closed.discard(channel)
+                    else:
+                        events.append(_new(CloseChannel, (channel,)))
 
 
 __all__ = [
