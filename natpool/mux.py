@@ -24,7 +24,12 @@ Each session is a virtual :class:`MuxChannel`; the frames are
   ``open`` on, whatever is sent.
 * ``close`` of a virtual channel sends CLOSE; a CLOSE from the peer breaks
   that channel (messages already queued are still delivered first, as a
-  TCP EOF would) — exactly one session ends, the link stays.
+  TCP EOF would) — exactly one session ends, the link stays. On a link that
+  batches each read's writes (``batching`` and ``listen(on_batch_end=)``,
+  as :class:`natpool.aio.tcp.TcpChannel`), a CLOSE made while a read is
+  dispatched waits for the end of that read, and is not sent at all if the
+  peer's CLOSE for the same session is in it (both ends closed it; a take's
+  last read brings TAKEN and the responder's CLOSE together).
 * Losing the link fails every session on it at once: each channel's
   ``recv`` / ``send`` raise :class:`ChannelBroken`, which is the spec's
   ``channel_closed`` for each session (spec/handover.md).
@@ -339,6 +344,11 @@ class Mux:
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Event | None = None
+        # A link that batches each read's writes (TcpChannel: ``batching``, ``listen(on_batch_end=)``): a CLOSE
+        # made while it dispatches a read is held to the read's end, and dropped if the peer's CLOSE for the
+        # same session comes in that read (a take's TAKEN and the responder's CLOSE arrive together).
+        self._batch_link: SignalChannel | None = None
+        self._held: dict[int, tuple[int, bool]] = {}  # session key -> (sid, opened here) of a held CLOSE
 
     # --- state --------------------------------------------------------------------------------
 
@@ -428,7 +438,11 @@ class Mux:
                     if not ended.done():
                         ended.set_result(reason)
 
-                listen(self.feed, on_end)
+                if isinstance(getattr(type(self.link), "batching", None), property):
+                    self._batch_link = self.link
+                    listen(self.feed, on_end, on_batch_end=self._flush_held)
+                else:
+                    listen(self.feed, on_end)
                 try:
                     why = f"link lost: {await ended}"
                 finally:
@@ -482,6 +496,7 @@ class Mux:
     def _lose(self, why: str) -> None:
         if self._lost is None:
             self._lost = why
+        self._held.clear()  # the peer sees every session end with the link
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for channel in sessions:
@@ -524,6 +539,8 @@ class Mux:
             channel = self._sessions.pop(key, None)
             if channel is not None:
                 channel._break("closed by the peer", drop_queued=False)
+            elif self._held and self._held.pop(key, None) is not None:
+                self.late += 1  # both ends closed it: ours, held in this read, need not go at all
             else:
                 self._unknown(wire.MuxFrame(kind, sid, opener, payload))
 
@@ -640,10 +657,28 @@ class Mux:
         if self._sessions.get(channel._key) is channel:
             del self._sessions[channel._key]
         if send_close and self._lost is None:
+            link = self._batch_link
+            if link is not None and link.batching:  # type: ignore[attr-defined]  # (a batching link: see __init__)
+                self._held[channel._key] = (channel.sid, channel.local)  # sent by _flush_held, or not at all
+                return
             try:  # not contextlib.suppress: every session ends here
                 self._send_sync(wire.encode_close(channel.sid, channel.local))
             except ChannelBroken:
                 pass  # the link is lost: every session on it is broken already
+
+    def _flush_held(self) -> None:
+        """End of a batching link's read: the CLOSEs held in it go out (joining the read's one write)."""
+        held = self._held
+        if not held:
+            return
+        self._held = {}
+        for sid, local in held.values():
+            if self._lost is not None:
+                return
+            try:
+                self._send_sync(wire.encode_close(sid, local))
+            except ChannelBroken:
+                return  # the link is lost: every session on it is broken already
 
     def _note(self, kind: str, msg: str, *args: object) -> None:
         if self._drop_note is not None:

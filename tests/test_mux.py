@@ -548,3 +548,92 @@ def test_close_nowait_sends_close_at_once_and_needs_a_sync_link() -> None:
         await peer.close()
 
     run(main())
+
+
+# --- a link that batches each read's writes (as TcpChannel in push mode): held CLOSEs ----------------------
+
+
+class BatchLink(SyncLink):
+    """A sync link end that pushes whole reads, as TcpChannel does: writes made during a read leave together."""
+
+    can_listen = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.writes: list[list[bytes]] = []  # one entry per write to the "socket"
+        self._cork: list[bytes] | None = None
+        self._push: Callable[[bytes], None] | None = None
+        self._batch_end: Callable[[], None] | None = None
+
+    @property
+    def batching(self) -> bool:
+        return self._cork is not None
+
+    def listen(self, on_message: Callable[[bytes], None] | None, on_end: Callable[[str], None] | None = None,
+               on_batch_end: Callable[[], None] | None = None) -> None:
+        self._push, self._batch_end = on_message, on_batch_end
+
+    def send_nowait(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._cork.append(bytes(data))
+        else:
+            self.writes.append([bytes(data)])
+
+    def read(self, *frames: bytes) -> None:
+        """One read from the socket carrying ``frames``: each pushed, then the batch end, then one write."""
+        assert self._push is not None
+        self._cork = []
+        for frame in frames:
+            self._push(frame)
+        if self._batch_end is not None:
+            self._batch_end()
+        cork, self._cork = self._cork, None
+        if cork:
+            self.writes.append(cork)
+
+
+async def batch_mux() -> tuple[Mux, BatchLink, MuxChannel]:
+    q1: asyncio.Queue[Any] = asyncio.Queue()
+    q2: asyncio.Queue[Any] = asyncio.Queue()
+    link = BatchLink(q1, q2)
+    mux = Mux(link, peer="bob").start()
+    await asyncio.sleep(0)  # the reader starts listening
+    ch = await mux.open()
+    ch.send_nowait(b"lock")  # OPEN + first message, one write (not in a read)
+    assert link.writes == [[wire.encode_open(ch.sid, b"lock")]]
+    return mux, link, ch
+
+
+def test_a_close_answering_a_message_waits_for_the_read_and_is_dropped_if_the_peers_close_is_in_it() -> None:
+    """The take's last read: TAKEN and the responder's CLOSE together; the initiator's own CLOSE need not go."""
+    async def main() -> None:
+        mux, link, ch = await batch_mux()
+        ch.listen(lambda _msg: ch.close_nowait())  # the session ends on the answer, inside the read
+        link.read(wire.encode_data(ch.sid, False, b"taken"), wire.encode_close(ch.sid, False))
+        assert link.writes[1:] == []  # no CLOSE written: both ends closed it in crossing frames
+        assert ch.closed and mux.sessions == 0 and mux.late == 1 and mux.drops == {}
+        await mux.close()
+
+    run(main())
+
+
+def test_a_close_held_in_a_read_goes_out_in_that_reads_one_write_when_the_peer_did_not_close() -> None:
+    async def main() -> None:
+        mux, link, ch = await batch_mux()
+
+        def answer(_msg: bytes) -> None:
+            ch.send_nowait(b"taken")
+            ch.close_nowait()  # a responder's last answer and its CLOSE: one write, in order
+
+        ch.listen(answer)
+        link.read(wire.encode_data(ch.sid, False, b"take"))
+        assert link.writes[1:] == [[wire.encode_data(ch.sid, True, b"taken"), wire.encode_close(ch.sid, True)]]
+        assert ch.closed and mux.sessions == 0 and mux.late == 0
+        # Outside a read nothing is held: a CLOSE leaves at once.
+        other = await mux.open()
+        other.send_nowait(b"lock")
+        other.close_nowait()
+        assert link.writes[-1] == [wire.encode_close(other.sid, True)]
+        await mux.close()
+
+    run(main())

@@ -277,6 +277,7 @@ class TcpChannel:
         self._on_message: Callable[[bytes], None] | None = None  # push mode (listen)
         self._on_end: Callable[[str], None] | None = None
         self._cork: list[bytes] | None = None  # frames written while a push-mode read is dispatched
+        self._on_batch_end: Callable[[], None] | None = None  # listen(): called before the cork is written
         proto = writer.transport.get_protocol() if writer.transport is not None else None
         self._proto = proto if isinstance(proto, _FrameProtocol) else None
         if self._proto is not None:
@@ -397,8 +398,19 @@ class TcpChannel:
         """True if :meth:`listen` works: the connection was made by this module (its frame protocol)."""
         return self._proto is not None
 
-    def listen(self, on_message: Callable[[bytes], None] | None, on_end: Callable[[str], None] | None = None) -> None:
+    @property
+    def batching(self) -> bool:
+        """True while a push-mode read's frames are being dispatched: what is sent meanwhile leaves in one write."""
+        return self._cork is not None
+
+    def listen(self, on_message: Callable[[bytes], None] | None, on_end: Callable[[str], None] | None = None,
+               on_batch_end: Callable[[], None] | None = None) -> None:
         """Push mode: each frame goes to ``on_message`` from the transport's read callback; ``on_end`` once, at the end.
+
+        ``on_batch_end``, if given, is called after the last frame of each
+        read, while :attr:`batching` still holds: what it sends joins that
+        read's one write (the mux uses it to hold a CLOSE the peer's own
+        CLOSE in the same read makes unnecessary).
 
         This is how a persistent connection's :class:`~natpool.mux.Mux` reads:
         no reader task, no StreamReader, no loop iteration between a segment
@@ -411,6 +423,7 @@ class TcpChannel:
         if self._proto is None:
             raise LocalError("this channel reads through a StreamReader; listen needs a natpool TCP connection")
         self._on_message, self._on_end = on_message, on_end
+        self._on_batch_end = on_batch_end if on_message is not None else None
         if on_message is None:
             return
         if self._paused:
@@ -437,6 +450,12 @@ class TcpChannel:
                 if self._bad is not None or self._ended is not None:
                     self._end_push()
             finally:
+                batch_end = self._on_batch_end
+                if batch_end is not None:
+                    try:
+                        batch_end()
+                    except Exception:
+                        log.exception("signalling batch listener failed for %s", self.peer)
                 cork, self._cork = self._cork, None  # _uncork, inlined: the listener's replies leave in one write
                 if cork:
                     try:

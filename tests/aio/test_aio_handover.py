@@ -133,6 +133,28 @@ def test_take_any_and_a_second_take_of_a_taken_pair() -> None:
     run(main())
 
 
+def test_a_take_over_the_persistent_link_is_four_messages_and_no_close_crosses() -> None:
+    """LOCK (in the OPEN), LOCKED, TAKE, TAKEN with the responder's CLOSE: the initiator sends no CLOSE back."""
+    async def main() -> None:
+        async with two_nodes() as (alice, bob, _sa, sb):
+            for nonce in (0x71, 0x72, 0x73):
+                await add_pair(alice, bob, nonce, nonce % 2 == 0)
+                lease = await alice.take(nonce)
+                theirs = await bob.accept()
+                alice.release(lease)
+                bob.release(theirs)
+            assert isinstance(alice.signalling, TcpSignalling)
+            mine = alice.signalling.links["bob"]
+            (served,) = sb.links
+            await asyncio.sleep(0.05)  # anything still in flight arrives
+            # Each CLOSE of ours was held in the read that brought the peer's CLOSE, and dropped there.
+            assert mine.late == 3 and mine.drops == {}
+            assert served.late == 0 and served.drops == {}  # so no late CLOSE ever reached the responder
+            assert alice.handover_outcomes == {"lease": 3}
+
+    run(main())
+
+
 def test_simultaneous_takes_of_one_pair_give_one_lease_per_side() -> None:
     async def main() -> None:
         async with two_nodes() as (alice, bob, _sa, _sb):

@@ -59,11 +59,19 @@ def test_runtime_satisfies_spec_properties() -> None:
     run_settings, runs = stateful_runs()
     CoverageMachine.seen = set()
     CoverageMachine.programs = CoverageMachine.transitions = 0
+    every = {(m, src, ev) for m, table in TABLES.items() for (src, ev) in table.transitions}
     for _ in range(runs):
         run_state_machine_as_test(CoverageMachine, settings=run_settings)
+    missing = every - CoverageMachine.seen - UNREACHABLE - RARE
+    # A random profile (the default ``dev``) may miss a rare transition in one run: it gets up to three more
+    # before the check fails, so the check stays a real one without making the plain `pytest` flaky. The
+    # derandomized ``ci`` profile is deterministic: its one run must cover everything.
+    extra = 0 if settings.default is None or settings.default.derandomize else 3
+    while missing and extra:
+        extra -= 1
+        run_state_machine_as_test(CoverageMachine, settings=run_settings)
+        missing = every - CoverageMachine.seen - UNREACHABLE - RARE
     # Shown with `pytest -s`: what a run covered (the thorough numbers go in reports).
     print(f"\nstateful: {CoverageMachine.programs} programs, {CoverageMachine.transitions} runtime transitions, "
           f"{len(CoverageMachine.seen)} distinct spec transitions")
-    every = {(m, src, ev) for m, table in TABLES.items() for (src, ev) in table.transitions}
-    missing = every - CoverageMachine.seen - UNREACHABLE - RARE
     assert not missing, f"the stateful run never exercised {sorted(missing)}"
