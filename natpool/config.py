@@ -47,8 +47,12 @@ class PairConfig:
       one point share one timer wake-up, so a pool wakes at most 64 times
       per interval whatever its size, and phases never drift into one burst.
       The first ping leaves at ``add``, the second up to 1/64 interval more
-      than one interval later; after that the gaps are one interval (a
-      wake-up later than 4/64 interval restarts the phase on the grid).
+      than one interval later; after that the gaps are one interval. A
+      wake-up later than 4/64 interval (a stalled loop) restarts the ping
+      one to two intervals on, at the pair's own phase again, so a stall
+      never merges the pairs it delayed into one burst; with less than two
+      intervals between ``ping_interval`` and ``no_inbound_timeout`` the
+      restart stays within half that margin (spread over fewer points).
     * ``no_inbound_timeout`` 21 s — tolerates twenty consecutive lost
       exchanges (0.51^20 ~ 1.4e-6 per ping at 30 % loss, ~1e-3 per pair per
       10 minutes) and still declares the path dead 9 s before a 30 s mapping

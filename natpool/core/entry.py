@@ -50,6 +50,15 @@ PING_TICKS: Final = 64
 #: after the *scheduled* time, so the gap is at least ``interval - PHASE_TOLERANCE_TICKS`` ticks); later
 #: than that, the entry restarts on the grid one interval from now (the gap is never shorter).
 PHASE_TOLERANCE_TICKS: Final = 4
+#: A restart does not put every entry one late wake-up served on one point: each goes to one of the next
+#: RESTART_SPREAD_TICKS points from ``now + interval`` on, by its old phase (old grid index modulo the
+#: spread). With the whole grid as the spread that is the old phase itself, so a stall that made many
+#: phases late leaves them as they were instead of merging them into one burst (a bench's 40 ms garbage
+#: collection once merged a whole pool). The restart gap is then up to this many ticks (one interval)
+#: longer than an interval; the spread shrinks so that the extra stays within half of
+#: ``no_inbound_timeout - ping_interval`` (the defaults allow it all; a tight config spreads less, and a
+#: config with less than two ticks of margin restarts every late entry on one point, as before).
+RESTART_SPREAD_TICKS: Final = PING_TICKS
 #: Compacting the outstanding-ping list once this many answered slots lead it keeps the
 #: drain O(1) per ping without a deque (an empty deque alone costs ~760 bytes per entry).
 _PING_COMPACT: Final = 16
@@ -694,8 +703,11 @@ class PairEntry:
         """Queue the ping due now and schedule the next: one interval after this one's slot (phase kept).
 
         Late by more than PHASE_TOLERANCE_TICKS (a stalled loop, a resumed
-        entry), the entry restarts on the grid point one interval from now or
-        after: pings are never closer than ``interval`` minus the tolerance, and
+        entry), the entry restarts on one of the RESTART_SPREAD_TICKS grid
+        points from one interval after now, picked by its old phase (its
+        phase itself when the timeout margin allows: the entries one late
+        wake-up served stay apart): pings are never closer than ``interval``
+        minus the tolerance, and
         :meth:`handle_timer` gives up an older ping that near its lifespan when
         the next one leaves, so at most one stays outstanding (see PairConfig).
         """
@@ -708,7 +720,12 @@ class PairEntry:
         nxt = self._next_ping + interval
         tick = interval / PING_TICKS
         if nxt < now + interval - PHASE_TOLERANCE_TICKS * tick:
-            nxt = math.ceil((now + interval) / tick) * tick
+            point = math.ceil((now + interval) / tick)
+            if self._next_ping > -math.inf:  # a phase to keep apart from the others' (not the ping of add)
+                spread = min(RESTART_SPREAD_TICKS, int((self.config.no_inbound_timeout - interval) / (2 * tick)))
+                if spread > 1:
+                    point += (round(self._next_ping / tick) - point) % spread
+            nxt = point * tick
         self._next_ping = nxt
 
     # --- events ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natpool.config import PairConfig
-from natpool.core.entry import PHASE_TOLERANCE_TICKS, PING_TICKS, PairEntry
+from natpool.core.entry import PHASE_TOLERANCE_TICKS, PING_TICKS, RESTART_SPREAD_TICKS, PairEntry
 from natpool.endpoints import Endpoint, EndpointPair
 
 ALICE = Endpoint("alice", "127.0.0.1", 40001)
@@ -72,7 +72,52 @@ def test_a_wakeup_later_than_the_tolerance_restarts_on_the_grid_and_never_pings_
     pong(entry, late + 0.001)
     nxt = entry.get_timer()
     assert nxt is not None and on_grid(nxt)
-    assert late + CFG.ping_interval <= nxt < late + CFG.ping_interval + TICK
+    assert late + CFG.ping_interval <= nxt < late + CFG.ping_interval + RESTART_SPREAD_TICKS * TICK
+    # The point among the spread is the old phase's: grid index 64 (the slot at 1.0) modulo the spread.
+    point = round(nxt / TICK)
+    first = math.ceil((late + CFG.ping_interval) / TICK)
+    assert (point - first) == (round(1.0 / TICK) - first) % RESTART_SPREAD_TICKS
+
+
+def test_a_stall_spreads_the_phases_it_made_late_instead_of_merging_them() -> None:
+    """One wake-up long after many entries were due (a 0.4-interval stall): they restart on many points."""
+    entries = [pinger(i * TICK, nonce=i + 1) for i in range(PING_TICKS)]  # one entry per phase
+    for e in entries:
+        pong(e, e.last_seen + 0.001)
+    stalled = 1.0 + 0.4 * CFG.ping_interval  # the loop was blocked from 1.0 on: every entry due in it is late
+    late = [e for e in entries if (t := e.get_timer()) is not None and t <= stalled]
+    assert len(late) > 20
+    for e in late:
+        e.handle_timer(stalled)
+        assert e.datagrams_to_send(stalled)
+        pong(e, stalled + 0.001)
+    points = {round(t / TICK) for e in late if (t := e.get_timer()) is not None}
+    # Not one burst: every entry keeps a point of its own (its phase: this config's margin allows the whole
+    # spread), none earlier than the tolerance allows nor later than the spread.
+    assert len(points) == len(late)
+    for e in late:  # entry i was added at i ticks: its phase, kept through the restart
+        t = e.get_timer()
+        assert t is not None and round(t / TICK) % PING_TICKS == (e.nonce - 1) % PING_TICKS
+    assert all(stalled + CFG.ping_interval - TOLERANCE - 1e-9 <= p * TICK < stalled + CFG.ping_interval
+               + RESTART_SPREAD_TICKS * TICK for p in points)
+
+
+def test_a_tight_config_spreads_less_so_the_restart_gap_stays_within_its_timeout_margin() -> None:
+    tight = PairConfig(ping_interval=1.0, no_inbound_timeout=1.1, ping_lifespan=0.5, lock_timeout=1.0)
+    entries = [pinger(i * TICK, nonce=i + 1, cfg=tight) for i in range(PING_TICKS)]
+    for e in entries:
+        pong(e, e.last_seen + 0.001)
+    stalled = 1.09  # ~6 ticks late for the first: past the tolerance, before anyone's no-inbound timeout
+    served = [e for e in entries if (t := e.get_timer()) is not None and t <= stalled]
+    assert served
+    for e in served:
+        e.handle_timer(stalled)
+        assert e.datagrams_to_send(stalled)
+        pong(e, stalled + 0.001)
+    margin = (tight.no_inbound_timeout - tight.ping_interval) / 2  # 3 ticks of spread at most, not 16
+    for e in served:
+        t = e.get_timer()
+        assert t is not None and tight.ping_interval - TOLERANCE <= t - stalled <= tight.ping_interval + margin
 
 
 @given(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=40), st.integers(0, 2**32))
