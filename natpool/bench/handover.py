@@ -136,22 +136,29 @@ async def open_exchange_times(count: int) -> list[float]:
     Length-prefixed 30-byte messages between two asyncio streams in this loop, the shape of
     LOCK/LOCKED + TAKE/TAKEN, with no natpool code on the path.
     """
-    msg = struct.pack("!I", 30) + bytes(30)
-
-    server = await echo_server(len(msg))
+    server = await echo_server(len(_EXCHANGE_MSG))
     host, port = server.sockets[0].getsockname()[:2]
     reader, writer = await asyncio.open_connection(host, port)
-    out: list[float] = []
     try:
-        for _ in range(count):
-            t0 = time.perf_counter()
-            for _ in range(2):
-                writer.write(msg)
-                await reader.readexactly(len(msg))
-            out.append(time.perf_counter() - t0)
+        return await timed_exchanges(reader, writer, count)
     finally:
         writer.close()
         await writer.wait_closed()
         server.close()
         await server.wait_closed()
+
+
+#: One raw exchange message: a length prefix and 30 bytes, the size of a LOCK/LOCKED/TAKE/TAKEN signal.
+_EXCHANGE_MSG = struct.pack("!I", 30) + bytes(30)
+
+
+async def timed_exchanges(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: int) -> list[float]:
+    """``count`` times two request/response round trips of :data:`_EXCHANGE_MSG` to an echo peer, in seconds each."""
+    msg, out = _EXCHANGE_MSG, []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        for _ in range(2):
+            writer.write(msg)
+            await reader.readexactly(len(msg))
+        out.append(time.perf_counter() - t0)
     return out

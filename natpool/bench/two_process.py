@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import multiprocessing
-import struct
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from natpool.aio.pool import AsyncPairPool
 from natpool.aio.tcp import TcpSignalling, TcpSignallingServer
+from natpool.bench.handover import timed_exchanges
 from natpool.bench.raw import echo_server, open_udp
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
@@ -49,9 +49,10 @@ def run_peer(conn: Connection, mode: str, count: int, ping_interval: float) -> N
     asyncio.run(_peer(conn, mode, count, ping_interval))
 
 
-async def _peer(conn: Connection, mode: str, count: int, ping_interval: float) -> None:
+async def _until_stopped(conn: Connection) -> None:
+    """Until the parent says stop or goes away; the loop watches the pipe (no thread, no blocking read)."""
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
 
     def on_pipe() -> None:
         try:
@@ -61,14 +62,20 @@ async def _peer(conn: Connection, mode: str, count: int, ping_interval: float) -
         if not stop.done():
             stop.set_result(None)
 
+    loop.add_reader(conn.fileno(), on_pipe)
+    try:
+        await stop
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+async def _peer(conn: Connection, mode: str, count: int, ping_interval: float) -> None:
     if mode == "echo":
         echo = await echo_server(34)
         conn.send(echo.sockets[0].getsockname()[1])
-        loop.add_reader(conn.fileno(), on_pipe)
         try:
-            await stop
+            await _until_stopped(conn)
         finally:
-            loop.remove_reader(conn.fileno())
             echo.close()
             await echo.wait_closed()
         return
@@ -79,27 +86,20 @@ async def _peer(conn: Connection, mode: str, count: int, ping_interval: float) -
     theirs: list[int] = conn.recv()  # the parent's ports (blocking: this pool has no entry yet)
     for i, sock in enumerate(socks):
         await pool.add(_pair(i, theirs[i], sock.getsockname()[1]), is_pinger=i % 2 == 1, sock=sock)
-    released = 0
 
     async def release_leases() -> None:
-        nonlocal released
         while True:
-            lease = await pool.accept()
-            pool.release(lease)
-            released += 1
+            pool.release(await pool.accept())
 
     releaser = asyncio.ensure_future(release_leases())
     conn.send("added")
-    loop.add_reader(conn.fileno(), on_pipe)
     try:
-        await stop
+        await _until_stopped(conn)
     finally:
-        loop.remove_reader(conn.fileno())
         releaser.cancel()
         await asyncio.gather(releaser, return_exceptions=True)
         await server.close()
         await pool.close()
-    conn.send(released)
 
 
 class _Peer:
@@ -171,19 +171,11 @@ async def handover_times_two_process(count: int, ping_interval: float = 0.05) ->
 
 async def open_exchange_times_two_process(count: int) -> list[float]:
     """The raw floor across the same boundary: 2 round trips of 30-byte messages to an echo server in a child."""
-    msg = struct.pack("!I", 30) + bytes(30)
     with _Peer("echo") as peer:
         port = peer.recv()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        out: list[float] = []
         try:
-            for _ in range(count):
-                t0 = time.perf_counter()
-                for _ in range(2):
-                    writer.write(msg)
-                    await reader.readexactly(len(msg))
-                out.append(time.perf_counter() - t0)
+            return await timed_exchanges(reader, writer, count)
         finally:
             writer.close()
             await writer.wait_closed()
-    return out

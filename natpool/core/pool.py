@@ -627,7 +627,8 @@ class PairPool:
         """Drop stale tops (re-slotting the ones that moved later); the earliest live deadline."""
         heap, fifo, fifo2 = self._heap, self._fifo, self._fifo2
         # The usual case first, read-only: every top is live (the driver asks after each round, most of
-        # which moved no deadline). Any stale top sends it to the cleaning loop below.
+        # which moved no deadline). Any stale top sends it to the cleaning loop below. Written out per
+        # container, not looped: this runs after every driver round that reads the timer.
         t: float | None = None
         if heap:
             top = heap[0]
