@@ -244,15 +244,6 @@ def test_derive_gives_distinct_sub_keys() -> None:
     assert derive(key, SIGNAL) != derive(key, KEEPALIVE) != derive(key[::-1], KEEPALIVE)
 
 
-@given(signed_signals())
-def test_encode_signed_is_sign_then_encode(case: tuple[Signal, bool]) -> None:
-    sig, by_responder = case
-    assert sig.ri is not None and sig.rr is not None
-    built, data = encode_signed(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason, sig.ri, sig.rr, SIG_KEY,
-                                by_responder)
-    assert built == sig and data == encode(sig)
-
-
 @given(signals())
 def test_the_unchecked_builders_make_the_signals_the_validating_constructor_makes(sig: Signal) -> None:
     """encode_fields and decode skip __post_init__ (the fields are checked already): same signal, same bytes."""
@@ -267,6 +258,7 @@ def test_the_unchecked_builders_make_the_signals_the_validating_constructor_make
 
 @given(signed_signals())
 def test_encode_signed_builds_the_signal_sign_builds(case: tuple[Signal, bool]) -> None:
+    """encode_signed is sign then encode in one go: the same signal, the same bytes, and they decode back."""
     sig, by_responder = case
     assert sig.ri is not None and sig.rr is not None
     built, data = encode_signed(sig.type, sig.nonce, sig.sid, sig.seq, sig.reason, sig.ri, sig.rr, SIG_KEY,
