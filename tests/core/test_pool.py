@@ -552,3 +552,22 @@ def test_drain_events_after_next_event_took_a_claims_first_half() -> None:
     pool.claim_any("bob", 1.5)
     assert pool.next_event() == StateChanged(1, "Idle", "InLocking", "begin_lock", None, 1.5)
     assert pool.drain_events() == [Drained(1, 1.5)]
+
+
+def test_scheduler_stays_bounded_under_claim_abort_churn() -> None:
+    # A claim's lock slot is earlier than the Idle deadline it replaces, so each claim pushes one; its abort
+    # moves the deadline later, which pushes nothing. With no timer read in between, only the stale-slot
+    # check bounds the containers, and claims do not count towards it: becoming Idle does.
+    pool = PairPool("alice", PairConfig(ping_interval=2.0, no_inbound_timeout=6.0, lock_timeout=0.5))
+    n = 10
+    for i in range(1, n + 1):
+        pool.add(pair(i), False, 0.0)
+    now = 0.0
+    for _ in range(5000):
+        now += 1e-6
+        entry = pool.claim_any("bob", now)
+        with pool.lock:
+            entry.abort_lock(now)
+        pool.drain_events()
+    assert len(pool._heap) + len(pool._fifo) + len(pool._fifo2) <= 3 * n + 1024 + 2 * 256
+    assert pool.get_timer() == min(t for e in pool.entries() if (t := e.get_timer()) is not None)
