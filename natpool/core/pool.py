@@ -160,6 +160,9 @@ class PairPool:
         self._heap: list[tuple[float, int, PairEntry]] = []  # (deadline, seq, entry)
         self._fifo: deque[tuple[float, PairEntry]] = deque()  # (deadline, entry), deadlines non-decreasing
         self._fifo2: deque[tuple[float, PairEntry]] = deque()  # the same, for the runs that fit no tail of _fifo
+        # _fifo2's last deadline while it is non-empty (both appends set it); once it empties, a bound that may
+        # be too high, which only sends claim_any's append to _push. It saves claim_any a deque index.
+        self._fifo2_tail = -math.inf
         # ``entry._armed``: the entry's deadline as this pool scheduled it (None: not armed, or gone). Its slot may
         # carry an earlier time: a deadline that moved later (the ponger's no-inbound deadline on every ping) is
         # not pushed again but re-pushed when the old slot reaches the top, so most datagrams cost no push.
@@ -297,9 +300,9 @@ class PairPool:
                 # _push inlined for the claims' own FIFO (their deadlines arrive in order; any container
                 # whose order it keeps will do). Not counted towards the stale-slot check: the entry's
                 # becoming Idle was (see _check_stale).
-                fifo2 = self._fifo2
-                if not fifo2 or fifo2[-1][0] <= deadline:
-                    fifo2.append((deadline, entry))
+                if self._fifo2_tail <= deadline:
+                    self._fifo2.append((deadline, entry))
+                    self._fifo2_tail = deadline
                     if deadline < self._min_pushed:
                         self._min_pushed = deadline
                 else:
@@ -626,6 +629,7 @@ class PairPool:
             fifo2 = self._fifo2
             if not fifo2 or fifo2[-1][0] <= deadline:
                 fifo2.append((deadline, entry))
+                self._fifo2_tail = deadline
             else:
                 heapq.heappush(self._heap, (deadline, next(self._seq), entry))
         self._pushes -= 1

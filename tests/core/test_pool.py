@@ -571,3 +571,18 @@ def test_scheduler_stays_bounded_under_claim_abort_churn() -> None:
         pool.drain_events()
     assert len(pool._heap) + len(pool._fifo) + len(pool._fifo2) <= 3 * n + 1024 + 2 * 256
     assert pool.get_timer() == min(t for e in pool.entries() if (t := e.get_timer()) is not None)
+
+
+@pytest.mark.parametrize("first", ["claim", "claim_any"])
+def test_claims_whose_clocks_cross_keep_the_timer_exact(first: str) -> None:
+    # Two threads read the clock, then race for the lock: the later reading may claim first. Its lock slot
+    # goes to the claims' FIFO; the earlier reading's slot must not be appended behind it.
+    pool = PairPool("alice", PairConfig(ping_interval=2.0, no_inbound_timeout=6.0, lock_timeout=2.0))
+    for i in (1, 2, 3):
+        pool.add(pair(i), False, 0.0)
+    late = pool.claim(3, 1.01) if first == "claim" else pool.claim_any("bob", 1.01)  # general push / own append
+    early = pool.claim_any("bob", 1.0)
+    assert pool.get_timer() == 3.0
+    pool.handle_timer(3.0)
+    assert (early.state, late.state) == ("Idle", "InLocking")  # the lock timeout of the earlier one only
+    assert pool.get_timer() == 3.01
