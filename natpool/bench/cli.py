@@ -366,6 +366,13 @@ def _memory(report: Report, args: argparse.Namespace) -> None:
 # --- pool operations ---------------------------------------------------------------------------
 
 
+def _cpu_probe() -> None:
+    """Fixed pure-Python work (~3 ms on this machine kind): the ops section's gauge of the machine's own speed."""
+    total = 0
+    for i in range(100_000):
+        total += i
+
+
 class _HoldTimer:
     """A lock wrapper that records each hold, from just after acquire to just before release."""
 
@@ -458,9 +465,12 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         # Interleaved rounds (lookup, take_any, lookup, ...), each ratio within its round, the median reported:
         # one loaded moment on a shared machine then moves one round, not the figure.
         rounds: list[tuple[float, float]] = []
+        probes: list[float] = []
         for _ in range(TAKE_ANY_ROUNDS):
+            probes.append(_per_op(_cpu_probe, 1))
             base = _per_op(dict_get, n)
             rounds.append((base, _per_op(pool_take_any, claims)))
+        probes.append(_per_op(_cpu_probe, 1))
         t_dict_get = statistics.median(b for b, _ in rounds)
         t_take_any = statistics.median(t for _, t in rounds)
         take_any_ratio = statistics.median(t / b for b, t in rounds)
@@ -506,6 +516,10 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "take_any_lock_hold_us": {"p50": round(statistics.median(hold) * 1e6, 2),
                                   "p99": round(statistics.quantiles(hold, n=100)[98] * 1e6, 2)},
         "machine_transition_us": round(t_machine * 1e6, 2),
+        # The same fixed pure-Python work, timed before, between and after the rounds: how much the machine's
+        # own speed moved while they ran (a shared VM's does, by up to ~2x within seconds).
+        "machine_probe_ms": {"min": round(min(probes) * 1e3, 2), "max": round(max(probes) * 1e3, 2),
+                             "max_over_min": round(max(probes) / min(probes), 2)},
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
     report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + the claim stepping the compiled "
@@ -724,7 +738,10 @@ def _print_table(report: Report) -> None:
         print(f"  add       {o['add_us']:>9} vs insert {o['dict_insert_us']:>7}  ({o['add_ratio']}x)")
         print(f"  get       {o['get_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['get_ratio']}x)")
         print(f"  take_any  {o['take_any_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['take_any_ratio']}x); "
-              f"the general transition it steps inline {o['machine_transition_us']} µs")
+              f"one general transition (what its inline row replaces) {o['machine_transition_us']} µs")
+        m = o["machine_probe_ms"]
+        print(f"  the same fixed work took {m['min']}–{m['max']} ms across those rounds "
+              f"({m['max_over_min']}x): the machine's own speed while they ran")
         h = o["take_any_lock_hold_us"]
         print(f"  take_any holds the pool lock p50 {h['p50']} µs, p99 {h['p99']} µs (the CAS: idle index + "
               f"the claim's row, events and lock slot; timed inside the lock)")

@@ -21,6 +21,7 @@ def test_bench_ops_reports_the_lock_hold_time_of_take_any(capsys: pytest.Capture
     assert cli_main(["bench", "--quick", "--only", "ops", "--only", "sim"]) == 0
     out = capsys.readouterr().out
     assert "take_any holds the pool lock" in out
+    assert "the machine's own speed while they ran" in out
     assert "x real time" in out
 
 
