@@ -53,6 +53,8 @@ def test_bench_handover_reports_persistent_per_take_memory_and_keyed_takes_with_
         assert h[key]["n"] == h["takes"] == 50  # --quick
         assert 0 < h[key]["p50"] <= h[key]["p99"]
     assert h["open_conn_2rt_us"]["n"] == 100
+    probe = h["machine_probe_ms"]
+    assert 0 < probe["min"] <= probe["max"] and probe["max_over_min"] >= 1.0
     assert h["keyed_p50_vs_unkeyed"] == round(h["handover_keyed_us"]["p50"] / h["handover_us"]["p50"], 2)
     assert h["p50_vs_open_conn_2rt"] == round(h["handover_us"]["p50"] / h["open_conn_2rt_us"]["p50"], 1)
     # The deployed shape: the peer pool in a child process, against the raw exchange across the same boundary.
