@@ -367,14 +367,47 @@ def _memory(report: Report, args: argparse.Namespace) -> None:
 
 
 def _cpu_probe() -> None:
-    """Fixed pure-Python work (~3 ms on this machine kind): a gauge of the machine's own speed."""
+    """Fixed pure-Python work (~3.3 ms on an idle machine of this kind): a gauge of the machine's own speed."""
     total = 0
     for i in range(100_000):
         total += i
 
 
+#: What :func:`_c_probe` hashes: 1 MiB, made once and written (not calloc's untouched zero pages, whose first
+#: read would fault them in inside the first sample).
+_C_PROBE_DATA = bytes(range(256)) * 4096
+
+
+def _c_probe() -> None:
+    """Fixed work in C (SHA-256 of 1 MiB, ~0.7 ms here): the reference :func:`_cpu_probe` is read against.
+
+    Why both: on this machine kind the pure-Python probe's time moves by up
+    to 2x within a minute while this one stays within ~15 % (measured over 24
+    handover runs: 3.35-6.79 ms against 0.66-0.79 ms). A slow phase
+    of the host then shows as a slow Python probe next to a steady C one: the
+    interpreter itself ran slower, and every figure made of Python code with it.
+    """
+    hashlib.sha256(_C_PROBE_DATA).digest()
+
+
+class _MachineProbe:
+    """Both probes, sampled together between measurements (never inside one)."""
+
+    def __init__(self) -> None:
+        self.python: list[float] = []
+        self.c: list[float] = []
+
+    def sample(self) -> None:
+        self.python.append(_per_op(_cpu_probe, 1))
+        self.c.append(_per_op(_c_probe, 1))
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        """``machine_probe_ms`` (the pure-Python probe) and ``machine_probe_c_ms`` (the C one)."""
+        return {"machine_probe_ms": _probe_figures(self.python), "machine_probe_c_ms": _probe_figures(self.c)}
+
+
 def _probe_figures(probes: list[float]) -> dict[str, float]:
-    """``machine_probe_ms``: the spread of :func:`_cpu_probe`'s times (a shared VM's speed moves, up to ~2x)."""
+    """The spread of one probe's times in ms: min, max and max/min (a shared VM's speed moves, up to ~2x)."""
     return {"min": round(min(probes) * 1e3, 2), "max": round(max(probes) * 1e3, 2),
             "max_over_min": round(max(probes) / min(probes), 2)}
 
@@ -471,12 +504,12 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         # Interleaved rounds (lookup, take_any, lookup, ...), each ratio within its round, the median reported:
         # one loaded moment on a shared machine then moves one round, not the figure.
         rounds: list[tuple[float, float]] = []
-        probes: list[float] = []
+        machine = _MachineProbe()
         for _ in range(TAKE_ANY_ROUNDS):
-            probes.append(_per_op(_cpu_probe, 1))
+            machine.sample()
             base = _per_op(dict_get, n)
             rounds.append((base, _per_op(pool_take_any, claims)))
-        probes.append(_per_op(_cpu_probe, 1))
+        machine.sample()
         t_dict_get = statistics.median(b for b, _ in rounds)
         t_take_any = statistics.median(t for _, t in rounds)
         take_any_ratio = statistics.median(t / b for b, t in rounds)
@@ -524,7 +557,7 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "machine_transition_us": round(t_machine * 1e6, 2),
         # The same fixed pure-Python work, timed before, between and after the rounds: how much the machine's
         # own speed moved while they ran (a shared VM's does, by up to ~2x within seconds).
-        "machine_probe_ms": _probe_figures(probes),
+        **machine.figures(),
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
     report.notes.append("ops: take_any = PairPool.claim_any (lock + idle index + the claim stepping the compiled "
@@ -557,12 +590,13 @@ def _handover(report: Report, args: argparse.Namespace) -> None:
         report.notes.append(f"handover: not measured ({exc})")
         report.put("handover", out)
         return
-    probes = [_per_op(_cpu_probe, 1)]  # around the two runs the bar is judged on (see _probe_figures)
+    machine = _MachineProbe()  # around the two runs the bar is judged on (see _c_probe)
+    machine.sample()
     out["open_conn_2rt_us"] = _pcts(_run(args, open_exchange_times(count * 2)))
-    probes.append(_per_op(_cpu_probe, 1))
+    machine.sample()
     times = _run(args, handover_times(count))
-    probes.append(_per_op(_cpu_probe, 1))
-    out["machine_probe_ms"] = _probe_figures(probes)
+    machine.sample()
+    out.update(machine.figures())
     out["handover_us"] = _pcts(times)  # persistent reference signalling (the default)
     out["p50_vs_open_conn_2rt"] = round(out["handover_us"]["p50"] / out["open_conn_2rt_us"]["p50"], 1)
     out["p99_vs_open_conn_2rt"] = round(out["handover_us"]["p99"] / out["open_conn_2rt_us"]["p99"], 1)
@@ -735,9 +769,10 @@ def _print_table(report: Report) -> None:
             k = h["handover_keyed_us"]
             print(f"  keyed (signed)       p50 {k['p50']:>9} p99 {k['p99']:>9}   ({h['keyed_p50_vs_unkeyed']}x / "
                   f"{h['keyed_p99_vs_unkeyed']}x unkeyed; a key per pair, authenticated hello)")
-            mp = h["machine_probe_ms"]
-            print(f"  the same fixed work took {mp['min']}–{mp['max']} ms around the raw 2RT and take() runs "
-                  f"({mp['max_over_min']}x): the machine's own speed while they ran")
+            mp, mc = h["machine_probe_ms"], h["machine_probe_c_ms"]
+            print(f"  the same fixed work took {mp['min']}–{mp['max']} ms in Python ({mp['max_over_min']}x) and "
+                  f"{mc['min']}–{mc['max']} ms in C ({mc['max_over_min']}x) around the raw 2RT and take() runs: "
+                  f"the machine's own speed while they ran")
         if "handover_two_process_us" in h:
             r2, t2 = h["open_conn_2rt_two_process_us"], h["handover_two_process_us"]
             print("  two processes (the peer in a child process, as deployed; the bar is judged on the figures above):")
@@ -751,9 +786,10 @@ def _print_table(report: Report) -> None:
         print(f"  get       {o['get_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['get_ratio']}x)")
         print(f"  take_any  {o['take_any_us']:>9} vs lookup {o['dict_get_us']:>7}  ({o['take_any_ratio']}x); "
               f"one general transition (what its inline row replaces) {o['machine_transition_us']} µs")
-        m = o["machine_probe_ms"]
-        print(f"  the same fixed work took {m['min']}–{m['max']} ms across those rounds "
-              f"({m['max_over_min']}x): the machine's own speed while they ran")
+        m, mc = o["machine_probe_ms"], o["machine_probe_c_ms"]
+        print(f"  the same fixed work took {m['min']}–{m['max']} ms in Python ({m['max_over_min']}x) and "
+              f"{mc['min']}–{mc['max']} ms in C ({mc['max_over_min']}x) across those rounds: the machine's own "
+              f"speed while they ran")
         h = o["take_any_lock_hold_us"]
         print(f"  take_any holds the pool lock p50 {h['p50']} µs, p99 {h['p99']} µs (the CAS: idle index + "
               f"the claim's row, events and lock slot; timed inside the lock)")

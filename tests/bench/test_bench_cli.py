@@ -21,7 +21,7 @@ def test_bench_ops_reports_the_lock_hold_time_of_take_any(capsys: pytest.Capture
     assert cli_main(["bench", "--quick", "--only", "ops", "--only", "sim"]) == 0
     out = capsys.readouterr().out
     assert "take_any holds the pool lock" in out
-    assert "the machine's own speed while they ran" in out
+    assert "the machine's own speed while they ran" in out and " ms in C (" in out
     assert "x real time" in out
 
 
@@ -53,8 +53,9 @@ def test_bench_handover_reports_persistent_per_take_memory_and_keyed_takes_with_
         assert h[key]["n"] == h["takes"] == 50  # --quick
         assert 0 < h[key]["p50"] <= h[key]["p99"]
     assert h["open_conn_2rt_us"]["n"] == 100
-    probe = h["machine_probe_ms"]
-    assert 0 < probe["min"] <= probe["max"] and probe["max_over_min"] >= 1.0
+    for name in ("machine_probe_ms", "machine_probe_c_ms"):  # the machine's speed: pure Python, and C beside it
+        probe = h[name]
+        assert 0 < probe["min"] <= probe["max"] and probe["max_over_min"] >= 1.0
     assert h["keyed_p50_vs_unkeyed"] == round(h["handover_keyed_us"]["p50"] / h["handover_us"]["p50"], 2)
     assert h["p50_vs_open_conn_2rt"] == round(h["handover_us"]["p50"] / h["open_conn_2rt_us"]["p50"], 1)
     # The deployed shape: the peer pool in a child process, against the raw exchange across the same boundary.
@@ -67,3 +68,4 @@ def test_bench_handover_reports_persistent_per_take_memory_and_keyed_takes_with_
     out = capsys.readouterr().out
     assert "keyed (signed)" in out and f"p50 {h['handover_keyed_us']['p50']:>9}" in out
     assert "two processes" in out and f"p50 {h['handover_two_process_us']['p50']:>9}" in out
+    assert f"{h['machine_probe_c_ms']['min']}–{h['machine_probe_c_ms']['max']} ms in C" in out
