@@ -407,9 +407,10 @@ class _MachineProbe:
 
 
 def _probe_figures(probes: list[float]) -> dict[str, float]:
-    """The spread of one probe's times in ms: min, max and max/min (a shared VM's speed moves, up to ~2x)."""
-    return {"min": round(min(probes) * 1e3, 2), "max": round(max(probes) * 1e3, 2),
-            "max_over_min": round(max(probes) / min(probes), 2)}
+    """One probe's times in ms: min, median, max and max/min (a shared VM's speed moves, up to ~2x)."""
+    return {"min": round(min(probes) * 1e3, 2), "median": round(statistics.median(probes) * 1e3, 2),
+            "max": round(max(probes) * 1e3, 2), "max_over_min": round(max(probes) / min(probes), 2),
+            "samples": len(probes)}
 
 
 class _HoldTimer:
@@ -590,11 +591,11 @@ def _handover(report: Report, args: argparse.Namespace) -> None:
         report.notes.append(f"handover: not measured ({exc})")
         report.put("handover", out)
         return
-    machine = _MachineProbe()  # around the two runs the bar is judged on (see _c_probe)
+    machine = _MachineProbe()  # around and during the two runs the bar is judged on (see _c_probe)
     machine.sample()
     out["open_conn_2rt_us"] = _pcts(_run(args, open_exchange_times(count * 2)))
     machine.sample()
-    times = _run(args, handover_times(count))
+    times = _run(args, handover_times(count, gauge=machine.sample))
     machine.sample()
     out.update(machine.figures())
     out["handover_us"] = _pcts(times)  # persistent reference signalling (the default)
@@ -770,9 +771,10 @@ def _print_table(report: Report) -> None:
             print(f"  keyed (signed)       p50 {k['p50']:>9} p99 {k['p99']:>9}   ({h['keyed_p50_vs_unkeyed']}x / "
                   f"{h['keyed_p99_vs_unkeyed']}x unkeyed; a key per pair, authenticated hello)")
             mp, mc = h["machine_probe_ms"], h["machine_probe_c_ms"]
-            print(f"  the same fixed work took {mp['min']}–{mp['max']} ms in Python ({mp['max_over_min']}x) and "
-                  f"{mc['min']}–{mc['max']} ms in C ({mc['max_over_min']}x) around the raw 2RT and take() runs: "
-                  f"the machine's own speed while they ran")
+            print(f"  the same fixed work took {mp['min']}–{mp['max']} ms (median {mp['median']}) in Python "
+                  f"({mp['max_over_min']}x) and {mc['min']}–{mc['max']} ms in C ({mc['max_over_min']}x), "
+                  f"{mp['samples']} samples around and during the raw 2RT and take() runs: the machine's own "
+                  f"speed while they ran")
         if "handover_two_process_us" in h:
             r2, t2 = h["open_conn_2rt_two_process_us"], h["handover_two_process_us"]
             print("  two processes (the peer in a child process, as deployed; the bar is judged on the figures above):")

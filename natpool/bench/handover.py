@@ -39,8 +39,12 @@ WARMUP_TAKES = 2
 BENCH_SECRET = hashlib.blake2b(b"natpool bench signalling", digest_size=32).digest()
 
 
+#: Takes between two samples of :func:`handover_times`' ``gauge``.
+GAUGE_EVERY = 50
+
+
 async def handover_times(count: int, ping_interval: float = 0.05, transport: str = "tcp",
-                         keyed: bool = False) -> list[float]:
+                         keyed: bool = False, gauge: Callable[[], None] | None = None) -> list[float]:
     """``count`` sequential takes (alternating initiator side and pinger role), in seconds each.
 
     ``transport``: ``"tcp"`` the persistent reference signalling (one connection per peer, sessions
@@ -52,6 +56,10 @@ async def handover_times(count: int, ping_interval: float = 0.05, transport: str
     name themselves with ``identity=``), so each channel carries the verified peer the responder
     checks. Unkeyed runs use the unauthenticated hello, which the reference signalling allows only
     on loopback, where this bench stays (servers on 127.0.0.1, dialled there): that is its test mode.
+
+    ``gauge``: called every :data:`GAUGE_EVERY` takes, outside the clock (the bench's machine probe:
+    the machine's speed *while* the takes ran, not only before and after). It blocks the loop for a few
+    ms, so the keepalive catches up for ``2 * ping_interval`` before the next take starts.
     """
     cfg = PairConfig(ping_interval=ping_interval, no_inbound_timeout=30.0, ping_lifespan=1.0)
     a, b = AsyncPairPool("a", cfg), AsyncPairPool("b", cfg)
@@ -116,6 +124,9 @@ async def handover_times(count: int, ping_interval: float = 0.05, transport: str
             # one's keepalive backlog (twice the interference a take at a random moment meets) and its
             # clean-up: measured, ~25 µs of the p50 with no keepalive running, ~80 µs at the 50 ms ping.
             await asyncio.sleep(0)
+            if gauge is not None and i % GAUGE_EVERY == GAUGE_EVERY - 1:
+                gauge()
+                await asyncio.sleep(2 * ping_interval)
         if secrets is not None and (sa.stats.authenticated < 1 or sb.stats.authenticated < 1 or sa.drops or sb.drops):
             # The keyed figure must be of keyed takes over authenticated channels, never a silent fallback.
             raise RuntimeError(f"keyed handover bench: hellos not authenticated ({sa.stats}, {sb.stats})")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from natpool.bench.cli import Report, _print_table
+from natpool.bench.handover import GAUGE_EVERY
 from natpool.cli import main as cli_main
 
 
@@ -55,7 +56,9 @@ def test_bench_handover_reports_persistent_per_take_memory_and_keyed_takes_with_
     assert h["open_conn_2rt_us"]["n"] == 100
     for name in ("machine_probe_ms", "machine_probe_c_ms"):  # the machine's speed: pure Python, and C beside it
         probe = h[name]
-        assert 0 < probe["min"] <= probe["max"] and probe["max_over_min"] >= 1.0
+        assert 0 < probe["min"] <= probe["median"] <= probe["max"] and probe["max_over_min"] >= 1.0
+        # Before and after the raw exchange, after the takes, and during them every GAUGE_EVERY takes.
+        assert probe["samples"] == 3 + h["takes"] // GAUGE_EVERY
     assert h["keyed_p50_vs_unkeyed"] == round(h["handover_keyed_us"]["p50"] / h["handover_us"]["p50"], 2)
     assert h["p50_vs_open_conn_2rt"] == round(h["handover_us"]["p50"] / h["open_conn_2rt_us"]["p50"], 1)
     # The deployed shape: the peer pool in a child process, against the raw exchange across the same boundary.
