@@ -381,9 +381,10 @@ _C_PROBE_DATA = bytes(range(256)) * 4096
 def _c_probe() -> None:
     """Fixed work in C (SHA-256 of 1 MiB, ~0.7 ms here): the reference :func:`_cpu_probe` is read against.
 
-    Why both: on this machine kind the pure-Python probe's time moves by up
-    to 2x within a minute while this one stays within ~15 % (measured over 24
-    handover runs: 3.35-6.79 ms against 0.66-0.79 ms). A slow phase
+    Why both: on this machine kind the pure-Python probe's time moves by 2x
+    and more within a minute while this one stays much steadier (measured in
+    20 handover runs, 11 samples each: 3.10-9.79 ms against 0.68-1.07 ms; the
+    C probe's median 0.68-0.74 ms in every run). A slow phase
     of the host then shows as a slow Python probe next to a steady C one: the
     interpreter itself ran slower, and every figure made of Python code with it.
     """
