@@ -384,15 +384,15 @@ def _c_probe() -> None:
     Why both: on this machine kind the pure-Python probe's time moves by 2x
     and more within a minute while this one stays much steadier (measured in
     20 handover runs, 11 samples each: 3.10-9.79 ms against 0.68-1.07 ms; the
-    C probe's median 0.68-0.74 ms in every run). A slow phase
-    of the host then shows as a slow Python probe next to a steady C one: the
-    interpreter itself ran slower, and every figure made of Python code with it.
+    C probe's median 0.68-0.74 ms in every run). A slow phase of the host
+    then shows as a slow Python probe next to a steady C one: the interpreter
+    itself ran slower, and every figure made of Python code with it.
     """
     hashlib.sha256(_C_PROBE_DATA).digest()
 
 
 class _MachineProbe:
-    """Both probes, sampled together between measurements (never inside one)."""
+    """Both probes, sampled together between timed spans (never inside one)."""
 
     def __init__(self) -> None:
         self.python: list[float] = []
@@ -408,7 +408,7 @@ class _MachineProbe:
 
 
 def _probe_figures(probes: list[float]) -> dict[str, float]:
-    """One probe's times in ms: min, median, max and max/min (a shared VM's speed moves, up to ~2x)."""
+    """One probe's times in ms: min, median, max, max/min and the sample count (a shared VM's speed moves 2x+)."""
     return {"min": round(min(probes) * 1e3, 2), "median": round(statistics.median(probes) * 1e3, 2),
             "max": round(max(probes) * 1e3, 2), "max_over_min": round(max(probes) / min(probes), 2),
             "samples": len(probes)}
@@ -557,8 +557,8 @@ def _ops(report: Report, args: argparse.Namespace) -> None:
         "take_any_lock_hold_us": {"p50": round(statistics.median(hold) * 1e6, 2),
                                   "p99": round(statistics.quantiles(hold, n=100)[98] * 1e6, 2)},
         "machine_transition_us": round(t_machine * 1e6, 2),
-        # The same fixed pure-Python work, timed before, between and after the rounds: how much the machine's
-        # own speed moved while they ran (a shared VM's does, by up to ~2x within seconds).
+        # The same fixed work (pure Python, and C beside it), timed before, between and after the rounds: how much
+        # the machine's own speed moved while they ran (a shared VM's does, by 2x and more within seconds).
         **machine.figures(),
         "expiry": expiry_figures(500 if report.quick else 2000, lambda coro: _run(args, coro)),
     })
