@@ -12,6 +12,7 @@ from natpool.aio.tcp import (
     HELLO_PREFIX,
     MAX_QUEUED_FRAMES,
     MUX_HELLO_PREFIX,
+    SIGNAL_RECV_BUFFER,
     IncomingChannel,
     TcpChannel,
     TcpSignalling,
@@ -46,6 +47,34 @@ def test_frames_round_trip_and_hello_names_the_peer() -> None:
             await ch.close()
             assert ch.closed
         assert seen == [("alice", b"\x00" * 30)]
+
+    run(main())
+
+
+def test_both_ends_read_in_small_chunks_and_a_frame_longer_than_one_read_arrives_whole() -> None:
+    """Each connection reads at most SIGNAL_RECV_BUFFER per recv (not asyncio's 256 KiB: an mmap per read
+    in some processes); a frame longer than that (a large ``max_frame``) comes in several reads and is joined."""
+    big = bytes(range(256)) * 800  # 204,800 bytes: more than three reads' worth
+
+    async def main() -> None:
+        sizes: list[int] = []
+
+        async def handler(ch: IncomingChannel) -> None:
+            assert isinstance(ch, TcpChannel)
+            sizes.append(ch._transport.max_size)  # type: ignore[attr-defined]
+            msg = await ch.recv()
+            await ch.send(len(msg).to_bytes(4, "big") + msg[-16:])
+
+        async with TcpSignallingServer(handler, max_frame=len(big)) as server:
+            ch = await TcpSignalling("alice", {"bob": server.address}, persistent=False,
+                                     max_frame=len(big)).open("bob")
+            assert isinstance(ch, TcpChannel)
+            sizes.append(ch._transport.max_size)  # type: ignore[attr-defined]
+            await ch.send(big)
+            assert await ch.recv() == len(big).to_bytes(4, "big") + big[-16:]
+            await ch.close()
+        assert sizes == [SIGNAL_RECV_BUFFER, SIGNAL_RECV_BUFFER]
+        assert SIGNAL_RECV_BUFFER < len(big) // 3
 
     run(main())
 
