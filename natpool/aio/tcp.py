@@ -281,6 +281,9 @@ class TcpChannel:
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport  # the hot sends write to it directly (what StreamWriter.write does)
+        transport = writer.transport
+        if hasattr(transport, "max_size"):  # a plain asyncio stream's too (ours have it already): SIGNAL_RECV_BUFFER
+            transport.max_size = SIGNAL_RECV_BUFFER
         self._closed = False
         self._buf = bytearray()  # bytes read but not yet a whole frame
         self._frames: deque[bytes] = deque()  # whole frames not yet returned

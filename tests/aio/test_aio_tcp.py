@@ -79,6 +79,31 @@ def test_both_ends_read_in_small_chunks_and_a_frame_longer_than_one_read_arrives
     run(main())
 
 
+def test_a_channel_on_plain_asyncio_streams_reads_in_small_chunks_too() -> None:
+    """A TcpChannel a user builds on asyncio.open_connection's streams (pull mode) sets the same read size."""
+    async def main() -> None:
+        sizes: list[int] = []
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            ch = TcpChannel(reader, writer)
+            sizes.append(writer.transport.max_size)  # type: ignore[attr-defined]
+            await ch.send(await ch.recv())
+            await ch.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        ch = TcpChannel(reader, writer)
+        sizes.append(writer.transport.max_size)  # type: ignore[attr-defined]
+        await ch.send(b"ping")
+        assert await ch.recv() == b"ping"
+        await ch.close()
+        server.close()
+        await server.wait_closed()
+        assert sizes == [SIGNAL_RECV_BUFFER, SIGNAL_RECV_BUFFER]
+
+    run(main())
+
+
 def test_recv_after_peer_closes_raises_channel_broken() -> None:
     async def main() -> None:
         async def handler(ch: IncomingChannel) -> None:
