@@ -173,6 +173,17 @@ class DropLog:
 
 
 
+def small_reads(transport: asyncio.BaseTransport | None) -> None:
+    """Make ``transport`` read at most :data:`SIGNAL_RECV_BUFFER` per ``recv``.
+
+    ``max_size`` is a private attribute of asyncio's selector socket transport, so it is set only where it
+    exists: a TLS transport reads into its own buffer, and uvloop has no such attribute. natpool.aio.pool does
+    the same for UDP.
+    """
+    if transport is not None and hasattr(transport, "max_size"):
+        transport.max_size = SIGNAL_RECV_BUFFER
+
+
 class _FrameProtocol(asyncio.StreamReaderProtocol):
     """asyncio's stream protocol, except that received bytes go to this connection's :class:`TcpChannel`.
 
@@ -200,10 +211,7 @@ class _FrameProtocol(asyncio.StreamReaderProtocol):
             channel._on_lost(self._lost)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Private attribute of asyncio's selector socket transport: set only where it exists (a TLS transport
-        # reads into its own buffer, uvloop has no such attribute), as natpool.aio.pool does for UDP.
-        if hasattr(transport, "max_size"):
-            transport.max_size = SIGNAL_RECV_BUFFER
+        small_reads(transport)  # before the first read (a server's bytes can come before its channel exists)
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -281,9 +289,7 @@ class TcpChannel:
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport  # the hot sends write to it directly (what StreamWriter.write does)
-        transport = writer.transport
-        if hasattr(transport, "max_size"):  # a plain asyncio stream's too (ours have it already): SIGNAL_RECV_BUFFER
-            transport.max_size = SIGNAL_RECV_BUFFER
+        small_reads(writer.transport)  # a plain asyncio stream's too (ours have it already)
         self._closed = False
         self._buf = bytearray()  # bytes read but not yet a whole frame
         self._frames: deque[bytes] = deque()  # whole frames not yet returned

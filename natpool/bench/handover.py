@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 
 from natpool.aio.pool import AsyncPairPool
-from natpool.aio.tcp import TcpSignalling, TcpSignallingServer
-from natpool.bench.raw import echo_server, open_udp, small_reads
+from natpool.aio.tcp import TcpSignalling, TcpSignallingServer, small_reads
+from natpool.bench.raw import echo_server, open_udp
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
 from natpool.signalling import MemoryChannel, MemorySignalling
@@ -150,7 +150,7 @@ async def open_exchange_times(count: int) -> list[float]:
     server = await echo_server(len(_EXCHANGE_MSG))
     host, port = server.sockets[0].getsockname()[:2]
     reader, writer = await asyncio.open_connection(host, port)
-    small_reads(writer)
+    small_reads(writer.transport)
     try:
         return await timed_exchanges(reader, writer, count)
     finally:

@@ -4,7 +4,7 @@ These are the physical references the bench divides natpool's numbers by:
 a bare asyncio ping/pong keepalive with one heap scheduler, a bare UDP
 round trip, a bare TCP signalling exchange, and a bare socket's memory.
 They use the same receive-buffer fix as the driver (``max_size``: the UDP
-endpoints' and, through :func:`small_reads`, the TCP connections'), so the
+endpoints' and, through :func:`natpool.aio.tcp.small_reads`, the TCP connections'), so the
 ratio measures natpool's logic, not asyncio's default buffer.
 """
 
@@ -18,7 +18,7 @@ import time
 from typing import Any, cast
 
 from natpool.aio.pool import RECV_BUFFER, TIMER_SLACK
-from natpool.aio.tcp import SIGNAL_RECV_BUFFER
+from natpool.aio.tcp import small_reads
 
 _FRAME = struct.Struct("!QB")
 
@@ -145,18 +145,11 @@ async def udp_rtts(count: int) -> list[float]:
     return out
 
 
-def small_reads(writer: asyncio.StreamWriter) -> None:
-    """The reference signalling's read size on a plain asyncio stream (:data:`natpool.aio.tcp.SIGNAL_RECV_BUFFER`)."""
-    transport = writer.transport
-    if hasattr(transport, "max_size"):  # private, as in natpool.aio.tcp
-        transport.max_size = SIGNAL_RECV_BUFFER
-
-
 async def echo_server(size: int) -> asyncio.Server:
     """A loopback TCP server echoing every ``size``-byte message back: the far end of the raw baselines."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        small_reads(writer)
+        small_reads(writer.transport)
         try:
             while True:
                 writer.write(await reader.readexactly(size))
@@ -179,7 +172,7 @@ async def tcp_exchange_times(count: int) -> list[float]:
         for _ in range(count):
             t0 = time.perf_counter()
             reader, writer = await asyncio.open_connection(host, port)
-            small_reads(writer)
+            small_reads(writer.transport)
             for _ in range(2):
                 writer.write(msg)
                 await reader.readexactly(34)

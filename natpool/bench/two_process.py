@@ -26,9 +26,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from natpool.aio.pool import AsyncPairPool
-from natpool.aio.tcp import TcpSignalling, TcpSignallingServer
+from natpool.aio.tcp import TcpSignalling, TcpSignallingServer, small_reads
 from natpool.bench.handover import timed_exchanges
-from natpool.bench.raw import echo_server, open_udp, small_reads
+from natpool.bench.raw import echo_server, open_udp
 from natpool.config import PairConfig
 from natpool.endpoints import Endpoint, EndpointPair
 
@@ -174,7 +174,7 @@ async def open_exchange_times_two_process(count: int) -> list[float]:
     with _Peer("echo") as peer:
         port = peer.recv()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        small_reads(writer)
+        small_reads(writer.transport)
         try:
             return await timed_exchanges(reader, writer, count)
         finally:
